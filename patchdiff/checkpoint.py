@@ -1,0 +1,72 @@
+"""Orbax checkpoints of a run: the training state, the EMA denoiser and the config (JSON).
+
+Items per step: `train` (params, optimizer state, step), `ema` (the EMA denoiser's variables,
+enough to sample on its own) and `config`. Converted official weights carry `ema` and `config` only.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def manager(workdir: str, max_to_keep: int | None = 3, async_save: bool = True,
+            create: bool = True) -> ocp.CheckpointManager:
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                         enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def _abstract(tree):
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, *, config: ml_collections.ConfigDict,
+         ema: Any, train: Any | None = None, force: bool = False) -> bool:
+  items = dict(ema=ocp.args.StandardSave(ema), config=ocp.args.JsonSave(config.to_dict()))
+  if train is not None:
+    items["train"] = ocp.args.StandardSave(train)
+  return mgr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def save_weights(workdir: str, ema: Any, config: ml_collections.ConfigDict, step: int = 0):
+  """Writes a sampling-only checkpoint (EMA weights and config), synchronously."""
+  mgr = manager(workdir, max_to_keep=None, async_save=False)
+  save(mgr, step, config=config, ema=ema, force=True)
+  mgr.wait_until_finished()
+  mgr.close()
+
+
+def latest_step(workdir: str) -> int | None:
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return None
+  mgr = manager(workdir, create=False)
+  try:
+    return mgr.latest_step()
+  finally:
+    mgr.close()
+
+
+def restore_config(mgr: ocp.CheckpointManager, step: int) -> dict:
+  return mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def restore(mgr: ocp.CheckpointManager, step: int, *, ema_target: Any,
+            train_target: Any | None = None) -> dict:
+  """Restores `ema` (and `train` when a target is given) into the targets' shapes and shardings."""
+  items = dict(ema=ocp.args.StandardRestore(_abstract(ema_target)))
+  if train_target is not None:
+    if "train" not in (mgr.item_metadata(step) or {}):
+      raise ValueError(f"checkpoint step {step} in {mgr.directory} holds weights only (no "
+                       "training state); it can be sampled from but not resumed")
+    items["train"] = ocp.args.StandardRestore(_abstract(train_target))
+  return mgr.restore(step, args=ocp.args.Composite(**items))

@@ -1,0 +1,134 @@
+"""Experiment-config helpers: defaults shared by every config, validation, and derived objects.
+
+A config is checked here before anything is compiled; every error names the key and the value.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+
+from patchdiff import models, patches
+
+# Keys of the model config that fix the shapes of the weights: a checkpoint must agree on them.
+SHAPE_KEYS = ("arch", "img_resolution", "img_channels", "out_channels", "label_dim", "augment_dim",
+              "model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
+              "attn_resolutions", "embedding_type", "channel_mult_noise", "encoder_type",
+              "decoder_type")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults of every experiment; a config file overrides what it needs."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "twemoji"
+  c.data.resolution = 32
+  c.data.hflip = False
+  c.data.limit = ml_collections.config_dict.placeholder(int)
+
+  c.model = ml_collections.ConfigDict()  # EDM's keyword names; see models.ARCH_DEFAULTS
+
+  c.patch = ml_collections.ConfigDict()
+  c.patch.real_p = 0.5           # probability of a full-size step
+  c.patch.schedule = "stochastic"  # or "progressive" (ablation)
+  c.patch.latent = False         # latent models use sizes [R/2, R]
+  c.patch.sizes = ml_collections.config_dict.placeholder(tuple)  # default [R/4, R/2, R]
+  c.patch.probs = ml_collections.config_dict.placeholder(tuple)  # default from real_p
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 256       # global batch of a full-size step
+  c.train.steps = 1000
+  c.train.lr = 2e-4
+  c.train.lr_rampup_kimg = 10000.0
+  c.train.adam_b1 = 0.9
+  c.train.adam_b2 = 0.999
+  c.train.adam_eps = 1e-8
+  c.train.ema_mimg = 0.5         # EMA half-life in Mimg
+  c.train.ema_rampup = 0.05      # half-life <= ema_rampup * nimg; None disables
+  c.train.log_every = 100
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
+  c.train.sample_every = 0       # EMA sample grid every N steps; 0: only at the end
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_steps = 18
+  c.sample.s_churn = 0.0
+  c.sample.s_min = 0.0
+  c.sample.s_max = float("inf")
+  c.sample.s_noise = 1.0
+  c.sample.guidance = 1.0
+  c.sample.batch_size = 64
+  c.sample.grid_size = 64
+  c.sample.num_images = 64
+  c.sample.seed = 0
+  return c
+
+
+def patch_schedule(cfg: ml_collections.ConfigDict) -> patches.PatchSchedule:
+  r = cfg.model.img_resolution
+  sizes = tuple(cfg.patch.sizes) if cfg.patch.sizes else patches.default_patch_sizes(
+      r, latent=cfg.patch.latent)
+  probs = tuple(cfg.patch.probs) if cfg.patch.probs else patches.default_patch_probs(
+      cfg.patch.real_p, len(sizes))
+  return patches.PatchSchedule(sizes=sizes, probs=probs, resolution=r, seed=cfg.seed,
+                               kind=cfg.patch.schedule, total_steps=cfg.train.steps)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the key and value of the first inconsistency found."""
+  m = models.resolve(cfg.model)
+  r = m["img_resolution"]
+  if cfg.data.resolution != r:
+    raise ValueError(f"data.resolution={cfg.data.resolution} differs from "
+                     f"model.img_resolution={r}")
+  if not cfg.patch.latent and r % 4:
+    raise ValueError(f"model.img_resolution={r} is not divisible by 4: the patch sizes are "
+                     f"R/4, R/2 and R")
+  try:
+    sched = patch_schedule(cfg)
+  except ValueError as e:
+    raise ValueError(f"patch config: {e}") from None
+  try:
+    patches.check_patch_sizes(sched.active_sizes, len(m["channel_mult"]), r)
+  except ValueError as e:
+    raise ValueError(f"patch.sizes={sched.sizes} with model.channel_mult="
+                     f"{list(m['channel_mult'])}: {e}") from None
+  t = cfg.train
+  for key in ("batch_size", "steps", "log_every", "checkpoint_every"):
+    if not isinstance(t[key], int) or t[key] <= 0:
+      raise ValueError(f"train.{key}={t[key]!r} must be a positive integer")
+  if t.batch_size % jax.device_count():
+    raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the "
+                     f"{jax.device_count()} devices")
+  if t.lr <= 0:
+    raise ValueError(f"train.lr={t.lr} must be > 0")
+  if t.ema_mimg < 0:
+    raise ValueError(f"train.ema_mimg={t.ema_mimg} must be >= 0")
+  s = cfg.sample
+  if s.num_steps < 1:
+    raise ValueError(f"sample.num_steps={s.num_steps} must be >= 1")
+  if s.batch_size < 1:
+    raise ValueError(f"sample.batch_size={s.batch_size} must be >= 1")
+  if s.guidance != 1.0 and not m["label_dim"]:
+    raise ValueError(f"sample.guidance={s.guidance} needs a conditional model (label_dim > 0)")
+
+
+def check_compatible(saved: Mapping[str, Any], cfg: ml_collections.ConfigDict, where: str) -> None:
+  """A checkpoint's config must build weights of the same shapes as `cfg`."""
+  try:
+    old = models.resolve(saved["model"])
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"checkpoint {where} has an unreadable model config: {e}") from None
+  new = models.resolve(cfg.model)
+  diffs = [f"model.{k}: checkpoint {old.get(k)!r} vs config {new.get(k)!r}"
+           for k in SHAPE_KEYS if _norm(old.get(k)) != _norm(new.get(k))]
+  if diffs:
+    raise ValueError(f"checkpoint {where} was written by an incompatible model config:\n  "
+                     + "\n  ".join(diffs))
+
+
+def _norm(v):
+  return tuple(v) if isinstance(v, (list, tuple)) else v

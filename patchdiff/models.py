@@ -1,0 +1,141 @@
+"""Builds the preconditioned denoiser from a `model` config (EDM's keyword names) and checks it.
+
+The small name -> class table here is the project's only registry of backbones.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from patchdiff import edm, networks
+
+COORD_CHANNELS = 2
+
+# EDM's defaults per architecture (its train.py and network constructors). A key a config leaves
+# out takes these values.
+_COMMON = dict(label_dim=0, channel_mult_emb=4, dropout=0.13, label_dropout=0.0, augment_dim=0)
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ddpmpp": dict(_COMMON, model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
+                   attn_resolutions=(16,), embedding_type="positional", channel_mult_noise=1,
+                   encoder_type="standard", decoder_type="standard", resample_filter=(1, 1)),
+    "ncsnpp": dict(_COMMON, model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
+                   attn_resolutions=(16,), embedding_type="fourier", channel_mult_noise=2,
+                   encoder_type="residual", decoder_type="standard", resample_filter=(1, 3, 3, 1)),
+    "adm": dict(_COMMON, model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3,
+                attn_resolutions=(32, 16, 8)),
+}
+BACKBONES = {"ddpmpp": networks.SongUNet, "ncsnpp": networks.SongUNet,
+             "adm": networks.DhariwalUNet}
+_TOP_KEYS = ("arch", "img_resolution", "img_channels", "out_channels", "sigma_data", "dtype")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve(model_config: Mapping[str, Any]) -> dict[str, Any]:
+  """The full set of model hyperparameters: the config's values over the arch defaults.
+
+  Raises ValueError naming the key for anything unknown or inconsistent.
+  """
+  cfg = dict(model_config.to_dict() if isinstance(model_config, ml_collections.ConfigDict)
+             else model_config)
+  arch = cfg.get("arch")
+  if arch not in ARCH_DEFAULTS:
+    raise ValueError(f"model.arch={arch!r} is not one of {sorted(ARCH_DEFAULTS)}")
+  for key in ("img_resolution", "img_channels"):
+    if key not in cfg:
+      raise ValueError(f"model.{key} is required")
+  known = set(ARCH_DEFAULTS[arch]) | set(_TOP_KEYS)
+  unknown = sorted(set(cfg) - known)
+  if unknown:
+    raise ValueError(f"unknown model config keys for arch {arch!r}: {unknown}")
+  out = dict(ARCH_DEFAULTS[arch])
+  out.update({k: v for k, v in cfg.items() if v is not None})
+  out.setdefault("out_channels", out["img_channels"])
+  out.setdefault("sigma_data", edm.SIGMA_DATA)
+  out.setdefault("dtype", "float32")
+  for key in ("channel_mult", "attn_resolutions", "resample_filter"):
+    if key in out:
+      out[key] = tuple(out[key])
+  _validate(out)
+  return out
+
+
+def _validate(c: dict[str, Any]) -> None:
+  r = c["img_resolution"]
+  levels = len(c["channel_mult"])
+  if not isinstance(r, int) or r <= 0:
+    raise ValueError(f"model.img_resolution={r!r} must be a positive integer")
+  if r % (1 << (levels - 1)):
+    raise ValueError(f"model.img_resolution={r} is not divisible by 2^(len(channel_mult)-1)="
+                     f"{1 << (levels - 1)}")
+  for key in ("img_channels", "out_channels", "model_channels", "num_blocks", "channel_mult_emb"):
+    if not isinstance(c[key], int) or c[key] <= 0:
+      raise ValueError(f"model.{key}={c[key]!r} must be a positive integer")
+  if c["label_dim"] < 0:
+    raise ValueError(f"model.label_dim={c['label_dim']} must be >= 0")
+  for key in ("dropout", "label_dropout"):
+    if not 0.0 <= c[key] < 1.0:
+      raise ValueError(f"model.{key}={c[key]} must lie in [0, 1)")
+  if c["dtype"] not in DTYPES:
+    raise ValueError(f"model.dtype={c['dtype']!r} is not one of {sorted(DTYPES)}")
+  # GroupNorm needs its channel count divisible by its group count.
+  for mult in c["channel_mult"]:
+    ch = c["model_channels"] * mult
+    groups = min(32, ch // 4)
+    if groups == 0 or ch % groups:
+      raise ValueError(f"model.model_channels={c['model_channels']} x channel_mult {mult} = {ch} "
+                       f"channels cannot be split into GroupNorm's {groups} groups")
+
+
+def _build(c: dict[str, Any], rngs: nnx.Rngs) -> edm.Denoiser:
+  kwargs = {k: c[k] for k in ARCH_DEFAULTS[c["arch"]]}
+  net = BACKBONES[c["arch"]](
+      img_resolution=c["img_resolution"], in_channels=c["img_channels"] + COORD_CHANNELS,
+      out_channels=c["out_channels"], rngs=rngs, dtype=DTYPES[c["dtype"]], **kwargs)
+  return edm.Denoiser(net, label_dim=c["label_dim"], sigma_data=c["sigma_data"],
+                      img_channels=c["img_channels"], img_resolution=c["img_resolution"])
+
+
+def abstract_denoiser(model_config: Mapping[str, Any]) -> edm.Denoiser:
+  """The denoiser with ShapeDtypeStructs in place of arrays: no memory is allocated."""
+  c = resolve(model_config)
+  return nnx.eval_shape(lambda: _build(c, nnx.Rngs(0)))
+
+
+def init_state(model_config: Mapping[str, Any], seed: int = 0, out_shardings=None):
+  """(graphdef, state) of a freshly initialised denoiser, made by one small jitted program.
+
+  The module is built abstractly; every variable carries its EDM init rule (`init_spec`), which
+  `networks.init_variables` applies to two random draws. `out_shardings` places the state.
+  """
+  graphdef, abstract = nnx.split(abstract_denoiser(model_config))
+  leaves, treedef = jax.tree_util.tree_flatten(abstract, is_leaf=_is_variable)
+  specs = [v.get_metadata()["init_spec"] for v in leaves]
+  shapes = [tuple(v.shape) for v in leaves]
+
+  def init():
+    values = networks.init_variables(specs, shapes, jax.random.key(seed))
+    return jax.tree_util.tree_unflatten(
+        treedef, [v.replace(x) for v, x in zip(leaves, values)])
+
+  state = jax.jit(init, out_shardings=out_shardings)()
+  return graphdef, state
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def create_denoiser(model_config: Mapping[str, Any], seed: int = 0) -> edm.Denoiser:
+  """The preconditioned denoiser D(x, sigma, pos, labels) with freshly initialised weights."""
+  return nnx.merge(*init_state(model_config, seed))
+
+
+def count_params(module: nnx.Module) -> int:
+  """Trainable parameters (nnx.Param), not buffers."""
+  state = nnx.state(module, nnx.Param)
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state)))

@@ -1,0 +1,163 @@
+"""Patch geometry of Patch Diffusion: coordinate channels, crop offsets, patch-size schedules.
+
+Everything here is a pure function of its arguments, so every host and every resumed run agrees.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+SCHEDULES = ("stochastic", "progressive")
+
+
+def coord_grid(offset_i, offset_j, size: int, resolution: int, xp=np):
+  """Coordinate channels of square crops, shape (B, size, size, 2), channel order [x, y].
+
+  x is the column (width) index and y the row index of each pixel in the full image, mapped by
+  (v / (R - 1) - 0.5) * 2 so that the full image spans exactly [-1, 1]. Offsets are the crops'
+  top row (i) and left column (j); they may lie outside [0, R - size] for extrapolated canvases.
+  `xp` is numpy or jax.numpy (or anything with the same API).
+  """
+  offset_i = xp.asarray(offset_i)
+  offset_j = xp.asarray(offset_j)
+  r = xp.arange(size, dtype=xp.float32)
+  rows = offset_i.astype(xp.float32)[:, None] + r[None, :]  # (B, size)
+  cols = offset_j.astype(xp.float32)[:, None] + r[None, :]
+  scale = 1.0 / (resolution - 1)
+  y = (rows * scale - 0.5) * 2.0
+  x = (cols * scale - 0.5) * 2.0
+  b = rows.shape[0]
+  xx = xp.broadcast_to(x[:, None, :], (b, size, size))
+  yy = xp.broadcast_to(y[:, :, None], (b, size, size))
+  return xp.stack([xx, yy], axis=-1)
+
+
+def full_grid(batch: int, resolution: int, xp=np):
+  """Coordinates of the whole image (offset 0, size R), as the sampler uses at every step."""
+  zeros = xp.zeros((batch,), dtype=xp.int32)
+  return coord_grid(zeros, zeros, resolution, resolution, xp=xp)
+
+
+def random_offsets(rng: np.random.Generator, batch: int, size: int, resolution: int):
+  """Integer crop offsets (i, j), each uniform in [0, R - size], drawn independently."""
+  hi = resolution - size + 1
+  return rng.integers(0, hi, size=batch), rng.integers(0, hi, size=batch)
+
+
+def batch_mul(size: int, resolution: int) -> int:
+  """How many times more samples a step of patch `size` draws than a full-image step.
+
+  The official code reads this from the table {512:1, 256:2, 128:4, 64:16, 32:32, 16:64}; for
+  the configurations it was used with (R=64 pixels, R=32 latents) the table equals R // size:
+  R=64 -> 16 px: 4, 32 px: 2, 64 px: 1; latent R=32 -> 16: 2, 32: 1. We use that rule for every R
+  (patch sizes are R/4, R/2, R, so the multiplier is 4, 2, 1 at any resolution). The samples of a
+  step then hold (size/R) times the pixels of a full step: patch steps stay cheaper per step.
+  """
+  if resolution % size:
+    raise ValueError(f"patch size {size} does not divide resolution {resolution}")
+  return resolution // size
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchSchedule:
+  """Which patch size each training step uses.
+
+  sizes/probs: the buckets and their probabilities. kind 'stochastic' draws step t's bucket
+  from (seed, t); 'progressive' walks the buckets in order, bucket k for the fraction probs[k]
+  of `total_steps`. Either way `size_at(t)` is a pure function: hosts and restarts agree.
+  """
+  sizes: tuple[int, ...]
+  probs: tuple[float, ...]
+  resolution: int
+  seed: int = 0
+  kind: str = "stochastic"
+  total_steps: int | None = None
+
+  def __post_init__(self):
+    if self.kind not in SCHEDULES:
+      raise ValueError(f"patch schedule kind {self.kind!r} is not one of {SCHEDULES}")
+    if len(self.sizes) != len(self.probs) or not self.sizes:
+      raise ValueError(f"patch sizes {self.sizes} and probabilities {self.probs} differ in length")
+    if any(p < 0 for p in self.probs) or abs(sum(self.probs) - 1.0) > 1e-6:
+      raise ValueError(f"patch probabilities {self.probs} must be >= 0 and sum to 1")
+    for s in self.sizes:
+      batch_mul(s, self.resolution)
+    if self.kind == "progressive" and not self.total_steps:
+      raise ValueError("a progressive patch schedule needs total_steps")
+
+  @property
+  def active_sizes(self) -> tuple[int, ...]:
+    """The buckets that can occur (probability > 0), smallest first."""
+    return tuple(sorted(s for s, p in zip(self.sizes, self.probs) if p > 0))
+
+  @property
+  def mean_batch_mul(self) -> float:
+    return float(sum(p * batch_mul(s, self.resolution) for s, p in zip(self.sizes, self.probs)))
+
+  def sizes_at(self, steps) -> np.ndarray:
+    """Patch sizes for an array of step indices (vectorised)."""
+    steps = np.asarray(steps, dtype=np.int64)
+    if self.kind == "stochastic":
+      u = uniform_from_counter(self.seed, steps)
+    else:
+      u = (steps.astype(np.float64) + 0.5) / float(self.total_steps)
+    edges = np.cumsum(np.asarray(self.probs, dtype=np.float64))
+    edges[-1] = np.inf  # fractions past the end of training stay in the last bucket
+    idx = np.searchsorted(edges, u, side="right")
+    # A bucket with probability 0 has an empty interval, so searchsorted never lands in it.
+    return np.asarray(self.sizes, dtype=np.int64)[idx]
+
+  def size_at(self, step: int) -> int:
+    return int(self.sizes_at(np.asarray([step]))[0])
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+  """SplitMix64 finaliser: a bijective, well-mixing map of uint64."""
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return z ^ (z >> np.uint64(31))
+
+
+def uniform_from_counter(seed: int, counters) -> np.ndarray:
+  """Uniform floats in [0, 1) as a pure function of (seed, counter), same on every platform."""
+  c = np.asarray(counters, dtype=np.int64).astype(np.uint64)
+  with np.errstate(over="ignore"):
+    key = _mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0x9E3779B97F4A7C15))
+    z = _mix64(key ^ (c * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019)))
+  return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def default_patch_sizes(resolution: int, latent: bool = False) -> tuple[int, ...]:
+  """[R/4, R/2, R] for pixel models, [R/2, R] (16, 32 at R=32) for latent models."""
+  if latent:
+    if resolution % 2:
+      raise ValueError(f"latent resolution {resolution} is not divisible by 2")
+    return (resolution // 2, resolution)
+  if resolution % 4:
+    raise ValueError(f"resolution {resolution} is not divisible by 4 (patch sizes are R/4, R/2, R)")
+  return (resolution // 4, resolution // 2, resolution)
+
+
+def default_patch_probs(real_p: float, num_sizes: int) -> tuple[float, ...]:
+  """[(1-p)*2/5, (1-p)*3/5, p] for three buckets, [1-p, p] for two."""
+  if not 0.0 <= real_p <= 1.0:
+    raise ValueError(f"real_p={real_p} must lie in [0, 1]")
+  if num_sizes == 3:
+    return ((1 - real_p) * 2 / 5, (1 - real_p) * 3 / 5, real_p)
+  if num_sizes == 2:
+    return (1 - real_p, real_p)
+  raise ValueError(f"no default probabilities for {num_sizes} patch sizes")
+
+
+def check_patch_sizes(sizes: Sequence[int], num_levels: int, resolution: int) -> None:
+  """Every patch size must survive the UNet's num_levels - 1 halvings exactly."""
+  factor = 1 << (num_levels - 1)
+  for s in sizes:
+    if s <= 0 or s > resolution:
+      raise ValueError(f"patch size {s} is outside (0, img_resolution={resolution}]")
+    if s % factor:
+      raise ValueError(
+          f"patch size {s} is not divisible by {factor}, which the UNet's {num_levels} levels "
+          f"(len(channel_mult)) need: {s} px would not survive {num_levels - 1} downsamplings")

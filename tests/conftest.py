@@ -1,0 +1,34 @@
+"""Shared test setup: where the reference fixtures live, and small configs."""
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def reference_dir() -> pathlib.Path:
+  """$PATCHDIFF_REFERENCE, default ../shared/reference (relative to the repository root)."""
+  path = pathlib.Path(os.environ.get("PATCHDIFF_REFERENCE", "../shared/reference"))
+  return path if path.is_absolute() else (REPO / path).resolve()
+
+
+@pytest.fixture(scope="session")
+def reference():
+  """The reference folder; skips the test where it is absent, except under CI where that fails."""
+  path = reference_dir()
+  if not (path / "parity").is_dir():
+    msg = (f"reference fixtures not found at {path} (set PATCHDIFF_REFERENCE to the folder "
+           "holding parity/ and the *_state_dict.txt files)")
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(msg)
+    pytest.skip(msg)
+  return path
+
+
+# The configs of the two parity fixtures (see reference/README.md).
+DDPMPP_TINY = dict(arch="ddpmpp", img_resolution=16, img_channels=3, model_channels=16,
+                   channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0)
+ADM_TINY = dict(arch="adm", img_resolution=16, img_channels=3, model_channels=32,
+                channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0, label_dim=5)
+FIXTURES = {"ddpmpp_tiny": DDPMPP_TINY, "adm_tiny_cond": ADM_TINY}

@@ -1,0 +1,272 @@
+"""Tests of patchdiff.data: Twemoji loading and the tf.data patch pipeline."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from patchdiff import data
+from patchdiff.patches import PatchSchedule, batch_mul, coord_grid, uniform_from_counter
+
+N, R, BATCH = 10, 16, 3
+SIZES, PROBS = (4, 8, 16), (0.2, 0.3, 0.5)
+
+
+def synthetic_images(n: int = N, res: int = R) -> np.ndarray:
+  """uint8 images where every pixel spells out where it came from.
+
+  channel 0: row * R + col (unique per pixel for R = 16), channel 1: image index,
+  channel 2: 255 - image index.
+  """
+  rows, cols = np.meshgrid(np.arange(res), np.arange(res), indexing="ij")
+  img = np.zeros((n, res, res, 3), dtype=np.uint8)
+  img[..., 0] = (rows * res + cols).astype(np.uint8)
+  img[..., 1] = np.arange(n, dtype=np.uint8)[:, None, None]
+  img[..., 2] = (255 - np.arange(n)).astype(np.uint8)[:, None, None]
+  return img
+
+
+def schedule(seed: int = 1, kind: str = "stochastic", total_steps=None) -> PatchSchedule:
+  return PatchSchedule(SIZES, PROBS, R, seed=seed, kind=kind, total_steps=total_steps)
+
+
+def collect(*args, **kwargs) -> list[dict[str, np.ndarray]]:
+  return list(data.patch_batches(*args, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def images():
+  return synthetic_images()
+
+
+@pytest.fixture(scope="module")
+def labels():
+  return (np.arange(N) * 7) % 5
+
+
+@pytest.fixture(scope="module")
+def flipped_run(images, labels):
+  return collect(images, schedule(), BATCH, 16, seed=5, labels=labels, label_dim=5, hflip=True)
+
+
+@pytest.fixture(scope="module")
+def plain_run(images):
+  return collect(images, schedule(), BATCH, 16, seed=5)
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+
+
+def test_shapes_and_dtypes_per_bucket(flipped_run):
+  sched = schedule()
+  assert [int(b["step"]) for b in flipped_run] == list(range(16))
+  seen = set()
+  for b in flipped_run:
+    s = sched.size_at(int(b["step"]))
+    n = BATCH * (R // s)
+    assert n == BATCH * batch_mul(s, R)
+    seen.add(s)
+    assert b["image"].shape == (n, s, s, 3) and b["image"].dtype == np.float32
+    assert b["pos"].shape == (n, s, s, 2) and b["pos"].dtype == np.float32
+    assert b["label"].shape == (n, 5) and b["label"].dtype == np.float32
+    assert b["step"].shape == () and b["step"].dtype == np.int64
+    assert b["offset_i"].shape == (n,) and b["offset_i"].dtype == np.int32
+    assert b["offset_j"].shape == (n,) and b["offset_j"].dtype == np.int32
+    assert b["index"].shape == (n,) and b["index"].dtype == np.int64
+    assert b["image"].min() >= -1.0 and b["image"].max() <= 1.0
+  assert seen == set(SIZES), "16 steps of this seed should visit every bucket"
+
+
+@pytest.mark.parametrize("run_name", ["plain_run", "flipped_run"])
+def test_pixels_pos_offsets_labels(run_name, request, images, labels):
+  run = request.getfixturevalue(run_name)
+  any_flip = False
+  for b in run:
+    n, s = b["image"].shape[:2]
+    oi, oj, idx = b["offset_i"], b["offset_j"], b["index"]
+    assert ((0 <= idx) & (idx < N)).all()
+    assert ((0 <= oi) & (oi <= R - s)).all() and ((0 <= oj) & (oj <= R - s)).all()
+    if s == R:
+      assert (oi == 0).all() and (oj == 0).all()
+    flips = b["flip"]
+    if run_name == "plain_run":
+      assert not flips.any()
+    any_flip |= bool(flips.any())
+    for m in range(n):
+      src = images[idx[m]]
+      if flips[m]:
+        src = src[:, ::-1]
+      want = src[oi[m]:oi[m] + s, oj[m]:oj[m] + s]
+      got = b["image"][m]
+      np.testing.assert_array_equal(np.rint((got + 1.0) * 127.5).astype(np.uint8), want)
+      np.testing.assert_allclose(got, want.astype(np.float32) / 127.5 - 1.0, rtol=0, atol=1e-6)
+    # Coordinates: exactly patches.coord_grid of the (unflipped) crop offsets.
+    np.testing.assert_allclose(b["pos"], coord_grid(oi, oj, s, R), rtol=0, atol=1e-6)
+    if "label" in b:
+      np.testing.assert_array_equal(b["label"], np.eye(5, dtype=np.float32)[labels[idx]])
+  if run_name == "flipped_run":
+    assert any_flip
+
+
+def test_offsets_and_flips_match_numpy_reference(flipped_run):
+  """The draws are a pure function of (seed, k) that numpy reproduces bit for bit."""
+  sizes, counts, starts = data.step_plan(schedule(), BATCH, 16)
+  for b in flipped_run:
+    t = int(b["step"])
+    k = starts[t] + np.arange(counts[t])
+    oi, oj = data.reference_offsets(5, k, int(sizes[t]), R)
+    np.testing.assert_array_equal(b["offset_i"], oi)
+    np.testing.assert_array_equal(b["offset_j"], oj)
+    np.testing.assert_array_equal(b["flip"], data.reference_flips(5, k))
+
+
+def test_offsets_cover_range():
+  """Over many samples every legal offset occurs, roughly uniformly."""
+  k = np.arange(20000)
+  oi, oj = data.reference_offsets(0, k, 4, R)
+  for o in (oi, oj):
+    counts = np.bincount(o, minlength=R - 4 + 1)
+    assert len(counts) == R - 4 + 1 and counts.min() > 0.8 * len(k) / len(counts)
+  assert abs(np.corrcoef(oi, oj)[0, 1]) < 0.05
+
+
+def test_tf_hash_matches_uniform_from_counter():
+  import tensorflow as tf
+  c = np.array([0, 1, 2, 12345, 2**40 + 3, 2**62], dtype=np.int64)
+  for seed in (0, 7, 2**64 - 5):
+    got = data._tf_uniform_from_counter(tf, seed, tf.constant(c)).numpy()
+    np.testing.assert_array_equal(got, uniform_from_counter(seed, c))
+
+
+def test_step_plan_counters():
+  sizes, counts, starts = data.step_plan(schedule(), 4, 50)
+  np.testing.assert_array_equal(sizes, schedule().sizes_at(np.arange(50)))
+  np.testing.assert_array_equal(counts, 4 * (R // sizes))
+  assert starts.dtype == np.int64 and starts[0] == 0
+  np.testing.assert_array_equal(starts[1:], np.cumsum(counts)[:-1])
+
+
+def test_resume_gives_identical_batches(images, labels):
+  kw = dict(seed=9, labels=labels, label_dim=5, hflip=True)
+  full = collect(images, schedule(), BATCH, 12, **kw)
+  resumed = collect(images, schedule(), BATCH, 12, start_step=5, **kw)
+  assert [int(b["step"]) for b in resumed] == list(range(5, 12))
+  for a, b in zip(full[5:], resumed):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  assert collect(images, schedule(), BATCH, 12, start_step=12, **kw) == []
+
+
+def test_every_image_once_per_epoch(images):
+  run = collect(images, schedule(seed=2), BATCH, 30, seed=4)
+  order = np.concatenate([b["index"] for b in run])  # counter order
+  assert len(order) >= 5 * N
+  epochs = [order[e * N:(e + 1) * N] for e in range(len(order) // N)]
+  for e, idx in enumerate(epochs):
+    np.testing.assert_array_equal(np.sort(idx), np.arange(N), err_msg=f"epoch {e}")
+  assert len({tuple(e) for e in epochs}) > 1, "each epoch should use its own permutation"
+  other = np.concatenate([b["index"] for b in collect(images, schedule(seed=2), BATCH, 30, seed=5)])
+  assert not np.array_equal(order[:len(other)], other[:len(order)]), "seed must change the order"
+
+
+def test_float_images_pass_through(images):
+  floats = images.astype(np.float32) / 127.5 - 1.0
+  a = collect(images, schedule(), BATCH, 4, seed=1)
+  b = collect(floats, schedule(), BATCH, 4, seed=1)
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(x["image"], y["image"], rtol=0, atol=1e-6)
+
+
+def test_progressive_schedule_and_dataset_object(images):
+  import tensorflow as tf
+  sched = schedule(kind="progressive", total_steps=10)
+  ds = data.make_patch_dataset(images, sched, 2, 10)
+  assert isinstance(ds, tf.data.Dataset)
+  sizes = [b["image"].shape[1] for b in ds.as_numpy_iterator()]
+  assert sizes == [4, 4, 8, 8, 8, 16, 16, 16, 16, 16]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(images=np.zeros((3, R, R + 2, 3), np.uint8)), "square"),
+    (dict(images=np.zeros((3, 32, 32, 3), np.uint8)), "resolution 32 does not match"),
+    (dict(images=np.zeros((0, R, R, 3), np.uint8)), "empty"),
+    (dict(images=np.zeros((3, R, R), np.uint8)), "shape"),
+    (dict(images=np.zeros((3, R, R, 3), np.int64)), "dtype"),
+    (dict(labels=np.zeros(N - 1, np.int64), label_dim=5), "labels must have shape"),
+    (dict(labels=np.full(N, 5), label_dim=5), "out of range for label_dim=5"),
+    (dict(labels=np.full(N, -1), label_dim=5), ">= 0"),
+    (dict(labels=np.zeros(N, np.int64)), "label_dim is 0"),
+    (dict(label_dim=3), "no labels"),
+    (dict(start_step=11), "start_step 11 is past total_steps 10"),
+    (dict(start_step=-1), "start_step must be >= 0"),
+    (dict(batch_size=0), "batch_size"),
+])
+def test_bad_inputs(kwargs, match, images):
+  args = dict(images=images, schedule=schedule(), batch_size=2, total_steps=10)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    data.make_patch_dataset(**args)
+  with pytest.raises(ValueError, match=match):
+    data.patch_batches(**args)
+
+
+# --- Twemoji -----------------------------------------------------------------------------------
+
+
+def test_load_twemoji_and_cache(tmp_path, monkeypatch):
+  imgs = data.load_twemoji(16, limit=20, cache_dir=tmp_path)
+  assert imgs.shape == (20, 16, 16, 3) and imgs.dtype == np.uint8
+  corners = imgs[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # (20, 4, 3)
+  # 1f004 (mahjong tile) and 1f0cf (joker) have transparent corners; the square buttons after
+  # them fill theirs (their rounded corners blend to grey at 16 px).
+  assert (corners[:2] == 255).all(), "transparent corners must come out white"
+  assert imgs.std() > 10, "images should not be blank"
+  files = list(tmp_path.glob("*.npz"))
+  assert len(files) == 1 and "16px" in files[0].name
+  assert not list(tmp_path.glob("*.tmp"))
+
+  def fail(*a, **k):
+    raise AssertionError("decoded again instead of reading the cache")
+
+  monkeypatch.setattr(data, "_decode_twemoji", fail)
+  again = data.load_twemoji(16, limit=20, cache_dir=tmp_path)
+  np.testing.assert_array_equal(again, imgs)
+  # Deterministic order: the same files in sorted order.
+  names = [p.name for p in data.twemoji_files(20)]
+  assert names == sorted(names)
+
+
+def test_twemoji_alpha_blend_on_white(tmp_path):
+  """At 72 px (no resize) fully transparent pixels are exactly white, opaque ones unchanged."""
+  from PIL import Image
+  imgs = data.load_twemoji(72, limit=3, cache_dir=tmp_path)
+  for img, path in zip(imgs, data.twemoji_files(3)):
+    with Image.open(path) as im:
+      rgba = np.asarray(im.convert("RGBA"))
+    clear, opaque = rgba[..., 3] == 0, rgba[..., 3] == 255
+    assert clear.any() and opaque.any()
+    assert (img[clear] == 255).all()
+    np.testing.assert_array_equal(img[opaque], rgba[..., :3][opaque])
+
+
+def test_twemoji_cache_dir_from_env(tmp_path, monkeypatch):
+  monkeypatch.setenv("PATCHDIFF_CACHE", str(tmp_path / "env_cache"))
+  imgs = data.load_twemoji(8, limit=3)
+  assert imgs.shape == (3, 8, 8, 3)
+  assert len(list((tmp_path / "env_cache").glob("*.npz"))) == 1
+  # A full-set cache serves any limit without decoding.
+  full_name = [p for p in (tmp_path / "env_cache").glob("*.npz")][0].name.replace("_first3", "")
+  fake = np.arange(5 * 8 * 8 * 3, dtype=np.uint8).reshape(5, 8, 8, 3)
+  np.savez(tmp_path / "env_cache" / full_name, images=fake)
+  np.testing.assert_array_equal(data.load_twemoji(8, limit=2), fake[:2])
+  assert data.load_twemoji(8).shape == (5, 8, 8, 3)
+  assert os.environ["PATCHDIFF_CACHE"].endswith("env_cache")
+
+
+def test_twemoji_bad_args(tmp_path):
+  with pytest.raises(ValueError, match="resolution"):
+    data.load_twemoji(0, limit=1, cache_dir=tmp_path)
+  with pytest.raises(ValueError, match="limit"):
+    data.load_twemoji(8, limit=0, cache_dir=tmp_path)

@@ -1,0 +1,169 @@
+"""The networks are the official functions: parity with the PyTorch fixtures, exact sizes."""
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from conftest import ADM_TINY, DDPMPP_TINY, FIXTURES
+from patchdiff import convert, models, networks, patches
+
+
+def nhwc(a):
+  return np.transpose(a, (0, 2, 3, 1))
+
+
+def rel_l2(a, b):
+  return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module", params=sorted(FIXTURES))
+def fixture(request, reference):
+  name = request.param
+  parity = reference / "parity"
+  sd = convert.read_state_dict(str(parity / f"{name}_weights.npz"))
+  denoiser = convert.load_torch_state_dict(sd, FIXTURES[name])
+  with np.load(parity / f"{name}_io.npz") as f:
+    io = {k: f[k] for k in f.files}
+  return name, denoiser, io, sd
+
+
+@pytest.mark.parametrize("size", [16, 8, 4])
+def test_denoiser_matches_official(fixture, size):
+  _, denoiser, io, _ = fixture
+  labels = io.get(f"labels_{size}")
+  out = denoiser(jnp.asarray(nhwc(io[f"x_{size}"])), jnp.asarray(io[f"sigma_{size}"]),
+                 jnp.asarray(nhwc(io[f"pos_{size}"])),
+                 None if labels is None else jnp.asarray(labels))
+  assert out.shape == (3, size, size, 3)
+  assert rel_l2(out, nhwc(io[f"D_{size}"])) < 1e-4
+
+
+@pytest.mark.parametrize("size", [16, 8, 4])
+def test_fixture_coordinates_follow_the_formula(fixture, size):
+  _, _, io, _ = fixture
+  pos = patches.coord_grid(io[f"offset_i_{size}"], io[f"offset_j_{size}"], size, 16)
+  np.testing.assert_allclose(pos, nhwc(io[f"pos_{size}"]), atol=1e-6)
+
+
+def test_parameter_counts_match_the_paper_configs():
+  ddpmpp = dict(arch="ddpmpp", img_resolution=64, img_channels=3, channel_mult=(1, 2, 2, 2),
+                dropout=0.05)
+  adm = dict(arch="adm", img_resolution=32, img_channels=4, dropout=0.1)
+  assert models.count_params(models.abstract_denoiser(ddpmpp)) == 61_806_723
+  assert models.count_params(models.abstract_denoiser(dict(adm, label_dim=1000))) == 280_399_108
+  assert models.count_params(models.abstract_denoiser(adm)) == 279_631_108
+
+
+def _reference_names(path):
+  out = {}
+  for line in path.read_text().splitlines():
+    if line.startswith("#") or not line.strip():
+      continue
+    name, shape = line.split("\t")
+    out[name] = tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
+  return out
+
+
+@pytest.mark.parametrize("txt,cfg", [
+    ("ddpmpp_ffhq64_state_dict.txt", dict(arch="ddpmpp", img_resolution=64, img_channels=3,
+                                          channel_mult=(1, 2, 2, 2))),
+    ("adm_imagenet256_latent_cond_state_dict.txt", dict(arch="adm", img_resolution=32,
+                                                        img_channels=4, label_dim=1000)),
+])
+def test_tensor_names_and_shapes_match_official_modules(reference, txt, cfg):
+  expected = {k: v for k, v in _reference_names(reference / txt).items()
+              if not k.endswith("resample_filter")}
+  ours = {name: convert._ours_to_torch_shape(kind, var.shape)
+          for name, (var, kind) in convert._variables(models.abstract_denoiser(cfg)).items()}
+  assert ours == expected
+
+
+def test_load_reports_unknown_missing_and_misshaped_tensors(reference):
+  sd = convert.read_state_dict(str(reference / "parity" / "ddpmpp_tiny_weights.npz"))
+  bad = dict(sd)
+  del bad["model.map_layer0.bias"]
+  bad["model.enc.extra.weight"] = np.zeros((2, 2), np.float32)
+  bad["model.map_layer1.weight"] = np.zeros((3, 64), np.float32)
+  with pytest.raises(ValueError) as e:
+    convert.load_torch_state_dict(bad, DDPMPP_TINY)
+  msg = str(e.value)
+  assert "missing tensor model.map_layer0.bias (64,)" in msg
+  assert "unknown tensor model.enc.extra.weight" in msg
+  assert "model.map_layer1.weight: shape (3, 64) does not match the config's (64, 64)" in msg
+
+
+def test_load_rejects_a_resample_filter_of_another_config(reference):
+  sd = convert.read_state_dict(str(reference / "parity" / "ddpmpp_tiny_weights.npz"))
+  with pytest.raises(ValueError, match="resample filter"):
+    convert.load_torch_state_dict(sd, dict(DDPMPP_TINY, resample_filter=(1, 3, 3, 1)))
+
+
+def test_attention_level_is_fixed_by_full_resolution():
+  # In a 4 px patch of a 16 px model, the "8" attention level runs at 2x2 and still attends.
+  d = models.create_denoiser(DDPMPP_TINY)
+  blk = d.model.enc["8x8_block0"]
+  assert blk.num_heads == 1
+  x = jnp.ones((2, 4, 4, 5))
+  out = d.model(x, jnp.zeros((2,)))
+  assert out.shape == (2, 4, 4, 3)
+
+
+def test_fresh_init_follows_edm_scheme():
+  d = models.create_denoiser(dict(DDPMPP_TINY, model_channels=32), seed=1)
+  w = np.asarray(d.model.enc["16x16_block0"].conv0.weight[...])  # xavier_uniform, 3x3 32->32
+  bound = np.sqrt(6 / (32 * 9 + 32 * 9))
+  assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
+  out_w = np.asarray(d.model.dec["16x16_aux_conv"].weight[...])  # init_weight 1e-5
+  assert 0 < np.abs(out_w).max() < 1e-5 * np.sqrt(6 / (32 * 9 + 3 * 9)) * 1.0001
+  adm = models.create_denoiser(ADM_TINY)
+  assert not np.any(np.asarray(adm.model.out_conv.weight[...]))  # ADM: zero-initialised output
+  # Same seed, same weights; another seed, other weights.
+  a = jax.tree_util.tree_leaves(nnx.state(models.create_denoiser(DDPMPP_TINY, seed=3)))
+  b = jax.tree_util.tree_leaves(nnx.state(models.create_denoiser(DDPMPP_TINY, seed=3)))
+  c = jax.tree_util.tree_leaves(nnx.state(models.create_denoiser(DDPMPP_TINY, seed=4)))
+  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_label_dropout_zeroes_the_expected_fraction():
+  labels = jnp.ones((20000, 5))
+  dropped = networks._drop_labels(labels, 0.1, jax.random.key(0), train=True)
+  rows_zero = np.mean(np.all(np.asarray(dropped) == 0, axis=1))
+  assert abs(rows_zero - 0.1) < 0.01
+  assert np.array_equal(networks._drop_labels(labels, 0.1, jax.random.key(0), train=False), labels)
+
+
+def test_dropout_is_active_only_in_training():
+  d = models.create_denoiser(dict(DDPMPP_TINY, dropout=0.5))
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  sigma = jnp.array([0.5, 1.0])
+  pos = patches.full_grid(2, 16, xp=jnp)
+  e1, e2 = d(x, sigma, pos), d(x, sigma, pos)
+  np.testing.assert_array_equal(e1, e2)
+  t1 = d(x, sigma, pos, train=True, key=jax.random.key(1))
+  t2 = d(x, sigma, pos, train=True, key=jax.random.key(2))
+  assert not np.allclose(t1, t2)
+
+
+def test_ncsnpp_variant_builds_and_runs():
+  cfg = dict(arch="ncsnpp", img_resolution=16, img_channels=3, model_channels=16,
+             channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0)
+  d = models.create_denoiser(cfg)
+  assert "8x8_aux_residual" in d.model.enc_names
+  assert d.model.map_noise.freqs.shape == (16,)  # Fourier, channel_mult_noise 2: 32 / 2
+  out = d(jnp.zeros((2, 8, 8, 3)), jnp.ones((2,)), patches.full_grid(2, 8, xp=jnp))
+  assert out.shape == (2, 8, 8, 3) and np.all(np.isfinite(out))
+
+
+def test_resampling_matches_explicit_convolutions():
+  x = jax.random.normal(jax.random.key(0), (1, 8, 8, 2))
+  # [1,1]: average pooling and nearest upsampling.
+  np.testing.assert_allclose(networks.downsample(x, (1, 1)),
+                             x.reshape(1, 4, 2, 4, 2, 2).mean((2, 4)), atol=1e-6)
+  np.testing.assert_allclose(networks.upsample(x, (1, 1))[:, ::2, ::2], x, atol=1e-6)
+  # [1,3,3,1]: a filtered resample keeps a constant image constant away from the border.
+  ones = jnp.ones((1, 8, 8, 1))
+  np.testing.assert_allclose(networks.downsample(ones, (1, 3, 3, 1))[:, 1:-1, 1:-1], 1, atol=1e-6)
+  np.testing.assert_allclose(networks.upsample(ones, (1, 3, 3, 1))[:, 2:-2, 2:-2], 1, atol=1e-6)
+  assert networks.upsample(ones, (1, 3, 3, 1)).shape == (1, 16, 16, 1)
