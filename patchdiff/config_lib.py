@@ -42,6 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 256       # global batch of a full-size step
   c.train.steps = 1000
   c.train.lr = 2e-4
+  c.train.p_mean = -1.2          # training noise levels: ln(sigma) ~ N(p_mean, p_std^2) (EDM)
+  c.train.p_std = 1.2
   c.train.lr_rampup_kimg = 10000.0
   c.train.adam_b1 = 0.9
   c.train.adam_b2 = 0.999

@@ -135,8 +135,8 @@ def main(argv):
   cfg = flags.FLAGS.config
   sd = read_state_dict(flags.FLAGS.input)
   denoiser = load_torch_state_dict(sd, cfg.model)
-  params = nnx.state(denoiser)
-  checkpoint.save_weights(flags.FLAGS.output, params, cfg, step=0)
+  _, params, buffers = nnx.split(denoiser, nnx.Param, ...)
+  checkpoint.save_weights(flags.FLAGS.output, dict(params=params, buffers=buffers), cfg, step=0)
   print(f"wrote {models.count_params(denoiser):,} parameters to {flags.FLAGS.output}")
 
 

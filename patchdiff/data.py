@@ -5,6 +5,19 @@ counter k (samples are numbered in the order the steps consume them), and everyt
 sample k (which image, where the crop sits, whether it is flipped) is drawn statelessly from
 (seed, k). A run resumed at `start_step` therefore sees exactly the batches an uninterrupted run
 would have seen, and so does every host that builds the same dataset.
+
+Multi-host design (issue 3): the global-counter design, sliced per host. Step t's global batch is
+the b_t samples with counters [c_t, c_t + b_t); host p of P yields the contiguous slice
+[c_t + p * b_t / P, c_t + (p + 1) * b_t / P). Chosen over disjoint per-host example shards with
+per-host permutations because it makes the hosts together see *exactly* what one host with the
+global batch sees: the data order is independent of the number of hosts (a run can resume on a
+different topology and get the same samples), every epoch still visits every example once, and no
+per-host state exists that could drift. The cost is that every host can reach every example (the
+decoded array, the encoded bytes, or a memory-mapped latent file); each decodes only its own
+b_t / P samples per step. Every bucket's b_t must be divisible by P (ValueError otherwise).
+
+Sources other than an in-memory array (folders, zips, TFDS, latents) live in `patchdiff.sources`,
+which reuses `build_patch_pipeline` here with its own pixel `fetch`.
 """
 from __future__ import annotations
 
@@ -17,7 +30,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from patchdiff.patches import PatchSchedule, _mix64, batch_mul, uniform_from_counter
+from patchdiff.patches import PatchSchedule, _mix64, batch_mul, coord_grid, uniform_from_counter
 
 # ---------------------------------------------------------------------------------------------
 # Twemoji
@@ -262,65 +275,134 @@ def step_plan(schedule: PatchSchedule, batch_size: int, total_steps: int):
   return sizes, counts, starts
 
 
-def make_patch_dataset(images: np.ndarray,
-                       schedule: PatchSchedule,
-                       batch_size: int,
-                       total_steps: int,
-                       start_step: int = 0,
-                       seed: int = 0,
-                       labels: np.ndarray | None = None,
-                       label_dim: int = 0,
-                       hflip: bool = False):
-  """A tf.data.Dataset of patch batches, one element per training step in [start_step, total_steps).
+def check_process_split(schedule: PatchSchedule, batch_size: int, process_index: int,
+                        process_count: int) -> None:
+  """Every bucket's global batch must split evenly over the hosts (ValueError otherwise)."""
+  process_index, process_count = int(process_index), int(process_count)
+  if process_count < 1:
+    raise ValueError(f"process_count must be >= 1, got {process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count})")
+  for s in schedule.active_sizes:
+    b = int(batch_size) * batch_mul(s, schedule.resolution)
+    if b % process_count:
+      raise ValueError(
+          f"the global batch of the {s} px bucket ({b} samples = batch_size {batch_size} x "
+          f"batch_mul {batch_mul(s, schedule.resolution)}) is not divisible by "
+          f"process_count {process_count}: every host must get the same number of samples")
 
-  Step t uses patch size s_t = schedule.sizes_at(t) and carries b_t = batch_size *
-  batch_mul(s_t, R) samples, numbered by the global counter k in [c_t, c_t + b_t),
-  c_t = sum_{u<t} b_u. Sample k takes image perm_e[k % N] with e = k // N, where perm_e is a
-  stateless permutation of range(N) seeded by (seed, e) (so each epoch visits every image once
-  and a step may straddle two epochs); crop offsets i (row) and j (column) are independent
-  uniform integers in [0, R - s_t] drawn from (seed, k) (0 for full-size patches); with `hflip`
-  the image is mirrored left-right with probability 1/2, drawn from (seed, k), before cropping.
-  Coordinates are those of the crop in the unflipped frame (`patches.coord_grid`).
 
-  Elements are dicts:
-    image    (b_t, s, s, C) float32 in [-1, 1] (uint8 x -> x / 127.5 - 1; float input as is)
-    pos      (b_t, s, s, 2) float32, channels [x, y] (patches.coord_grid of the offsets)
-    label    (b_t, label_dim) float32 one-hot (only when labels are given)
-    step     () int64
-    offset_i, offset_j (b_t,) int32;  index (b_t,) int64 image indices;  flip (b_t,) bool
+def host_plan(schedule: PatchSchedule, batch_size: int, total_steps: int, process_index: int = 0,
+              process_count: int = 1):
+  """Like `step_plan`, for one host: (sizes, local counts b_t / P, first local counters).
+
+  Host p of P takes the contiguous slice [c_t + p * b_t / P, c_t + (p + 1) * b_t / P) of step t's
+  global counters, so the hosts' batches, concatenated in process order, are the global batch.
+  """
+  check_process_split(schedule, batch_size, process_index, process_count)
+  sizes, counts, starts = step_plan(schedule, batch_size, total_steps)
+  local = counts // int(process_count)
+  return sizes, local, starts + int(process_index) * local
+
+
+def _crop_boxes(tf, oi, oj, flip, s, res):
+  """Boxes for `tf.image.crop_and_resize(method='nearest')` that copy whole pixels exactly.
+
+  The crop of sample m covers rows oi..oi+s-1 and, in the (optionally) mirrored image, columns
+  oj..oj+s-1, i.e. source columns R-1-oj-c when flipped. Each box is shrunk by a quarter pixel
+  at both ends: the sampling positions then lie within +-0.25 of the wanted integer pixels (so
+  nearest rounding picks exactly them) and strictly inside the image (no extrapolation value).
+  """
+  denom = float(max(res - 1, 1))
+  s_f = tf.cast(s, tf.float32)
+  q = tf.constant(0.25, tf.float32)
+  y1 = tf.cast(oi, tf.float32) + q
+  y2 = tf.cast(oi, tf.float32) + s_f - 1.0 - q
+  x1 = tf.cast(oj, tf.float32) + q
+  x2 = tf.cast(oj, tf.float32) + s_f - 1.0 - q
+  fx1 = tf.where(flip, float(res - 1) - x1, x1)
+  fx2 = tf.where(flip, float(res - 1) - x2, x2)
+  plain = tf.stack([y1, x1, y2, x2], axis=1) / denom
+  mirrored = tf.stack([y1, fx1, y2, fx2], axis=1) / denom
+  return plain, mirrored
+
+
+def crop_patches(tf, source, box_ind, oi, oj, flip, s, res):
+  """(b, s, s, C) float32 crops of `source` (M, R, R, C) rows `box_ind`, mirrored where `flip`."""
+  _, mirrored = _crop_boxes(tf, oi, oj, flip, s, res)
+  return tf.image.crop_and_resize(source, mirrored, tf.cast(box_ind, tf.int32),
+                                  tf.stack([s, s]), method="nearest")
+
+
+def host_tensor(tf, array: np.ndarray):
+  """A large array as a host-memory (CPU) tf.Variable for tf.data functions to capture.
+
+  A captured eager *constant* is serialized into the dataset graph when the iterator is created
+  (tf.data's graph rewrites): seconds per GB and another copy in memory. A captured variable is
+  passed by handle. The functions that capture it keep it alive.
+  """
+  with tf.device("/CPU:0"):
+    return tf.Variable(array, trainable=False)
+
+
+class SampleDraws:
+  """What the pipeline draws for the samples of one step (graph tensors), for `fetch` functions."""
+
+  def __init__(self, step, size, counters, index, offset_i, offset_j, flip):
+    self.step, self.size, self.k = step, size, counters
+    self.index, self.offset_i, self.offset_j, self.flip = index, offset_i, offset_j, flip
+
+
+def build_patch_pipeline(fetch,
+                         num_examples: int,
+                         resolution: int,
+                         is_uint8: bool,
+                         schedule: PatchSchedule,
+                         batch_size: int,
+                         total_steps: int,
+                         start_step: int = 0,
+                         seed: int = 0,
+                         labels: np.ndarray | None = None,
+                         label_dim: int = 0,
+                         hflip: bool = False,
+                         process_index: int = 0,
+                         process_count: int = 1,
+                         num_parallel_calls=None):
+  """The patch pipeline around `fetch(draws) -> (b, s, s, C) float32 crops` (unscaled values).
+
+  Everything but the pixels is decided here: the steps' buckets and sample counters (this host's
+  slice), which image each sample takes, its crop offsets and flip, coordinates and labels.
+  `fetch` turns those draws into pixel crops (from an in-memory array, from encoded bytes decoded
+  in the graph, or from memory-mapped latents; see `patchdiff.sources`). uint8 sources are mapped
+  x -> x / 127.5 - 1 afterwards (`is_uint8`).
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-  images, labels = _validate(images, schedule, batch_size, total_steps, start_step, labels,
-                             label_dim)
-  n, res, _, channels = images.shape
+  n, res = int(num_examples), int(resolution)
   start_step, total_steps, seed = int(start_step), int(total_steps), int(seed)
-
-  sizes, counts, starts = step_plan(schedule, batch_size, total_steps)
+  sizes, counts, starts = host_plan(schedule, batch_size, total_steps, process_index,
+                                    process_count)
   sizes_t = tf.constant(sizes[start_step:].astype(np.int32))
   counts_t = tf.constant(counts[start_step:])
   starts_t = tf.constant(starts[start_step:])
-
-  if images.dtype == np.uint8:
-    flat = tf.constant(images.reshape(n * res, res, channels))
-  else:
-    flat = tf.constant(images.reshape(n * res, res, channels).astype(np.float32))
-  is_uint8 = images.dtype == np.uint8
-  labels_t = tf.constant(labels.astype(np.int32)) if labels is not None else None
+  labels_t = tf.constant(np.asarray(labels).astype(np.int32)) if labels is not None else None
 
   shuffle_key = stream_seed(seed, _STREAM_SHUFFLE)
   shuffle_seed = (_signed64(shuffle_key), _signed64(shuffle_key >> 32 ^ 0xA5A5A5A5))
   seed_i = stream_seed(seed, _STREAM_OFFSET_I)
   seed_j = stream_seed(seed, _STREAM_OFFSET_J)
   seed_f = stream_seed(seed, _STREAM_FLIP)
-  scale = np.float32(1.0 / (res - 1)) if res > 1 else np.float32(0.0)
   n64 = tf.constant(n, tf.int64)
+  # Coordinate values of every pixel of the full image ([x, y], patches.coord_grid); a patch's
+  # coordinates are an exact nearest-neighbour crop of it.
+  grid = tf.constant(coord_grid(np.zeros(1, np.int32), np.zeros(1, np.int32), res, res)
+                     .astype(np.float32))
 
   def fn(step):
     t = step - start_step
     s = sizes_t[t]
     b = counts_t[t]
-    k = starts_t[t] + tf.range(b, dtype=tf.int64)  # global sample counters (b,)
+    k = starts_t[t] + tf.range(b, dtype=tf.int64)  # global sample counters of this host (b,)
 
     # Which image: position k % N of the permutation of epoch k // N.
     epoch = k // n64
@@ -337,34 +419,78 @@ def make_patch_dataset(images: np.ndarray,
     else:
       flip = tf.zeros([b], tf.bool)
 
-    # Crop by two batched gathers: rows of the flattened (N*R, R, C) array, then columns.
-    r = tf.range(s, dtype=tf.int32)
-    rows = oi[:, None] + r[None, :]  # (b, s) in the image
-    cols = oj[:, None] + r[None, :]
-    src_cols = tf.where(flip[:, None], res - 1 - cols, cols)  # flip the image, not the coords
-    flat_rows = index[:, None] * res + tf.cast(rows, tf.int64)  # int64: N * R may exceed 2**31
-    x = tf.gather(flat, flat_rows)  # (b, s, R, C)
-    x = tf.gather(x, src_cols, axis=2, batch_dims=1)  # (b, s, s, C)
+    x = fetch(SampleDraws(step, s, k, index, oi, oj, flip))
     if is_uint8:
-      x = tf.cast(x, tf.float32) / 127.5 - 1.0
+      x = x / 127.5 - 1.0
 
-    # Coordinate channels, exactly patches.coord_grid: (v / (R - 1) - 0.5) * 2, order [x, y].
-    yv = (tf.cast(rows, tf.float32) * scale - 0.5) * 2.0
-    xv = (tf.cast(cols, tf.float32) * scale - 0.5) * 2.0
-    shape = tf.stack([b, tf.cast(s, tf.int64), tf.cast(s, tf.int64)])
-    xx = tf.broadcast_to(xv[:, None, :], shape)
-    yy = tf.broadcast_to(yv[:, :, None], shape)
-    pos = tf.stack([xx, yy], axis=-1)
+    # Coordinate channels, exactly patches.coord_grid of the unflipped crop, order [x, y].
+    plain, _ = _crop_boxes(tf, oi, oj, flip, s, res)
+    pos = tf.image.crop_and_resize(grid, plain, tf.zeros([b], tf.int32), tf.stack([s, s]),
+                                   method="nearest")
 
     out = {"image": x, "pos": pos, "step": step, "offset_i": oi, "offset_j": oj,
-           "index": index, "flip": flip}
+           "index": index, "flip": flip, "counter": k}
     if labels_t is not None:
       out["label"] = tf.one_hot(tf.gather(labels_t, index), int(label_dim), dtype=tf.float32)
     return out
 
+  if num_parallel_calls is None:
+    num_parallel_calls = tf.data.AUTOTUNE
   ds = tf.data.Dataset.range(start_step, total_steps)
-  ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(fn, num_parallel_calls=num_parallel_calls, deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def make_patch_dataset(images: np.ndarray,
+                       schedule: PatchSchedule,
+                       batch_size: int,
+                       total_steps: int,
+                       start_step: int = 0,
+                       seed: int = 0,
+                       labels: np.ndarray | None = None,
+                       label_dim: int = 0,
+                       hflip: bool = False,
+                       process_index: int = 0,
+                       process_count: int = 1):
+  """A tf.data.Dataset of patch batches, one element per training step in [start_step, total_steps).
+
+  Step t uses patch size s_t = schedule.sizes_at(t) and carries b_t = batch_size *
+  batch_mul(s_t, R) samples, numbered by the global counter k in [c_t, c_t + b_t),
+  c_t = sum_{u<t} b_u. Sample k takes image perm_e[k % N] with e = k // N, where perm_e is a
+  stateless permutation of range(N) seeded by (seed, e) (so each epoch visits every image once
+  and a step may straddle two epochs); crop offsets i (row) and j (column) are independent
+  uniform integers in [0, R - s_t] drawn from (seed, k) (0 for full-size patches); with `hflip`
+  the image is mirrored left-right with probability 1/2, drawn from (seed, k), before cropping.
+  Coordinates are those of the crop in the unflipped frame (`patches.coord_grid`).
+
+  Multi-host: host `process_index` of `process_count` yields the contiguous slice
+  [c_t + p * b_t / P, c_t + (p + 1) * b_t / P) of step t's samples (b_t / P of them); every b_t
+  must be divisible by P (ValueError otherwise). With P = 1 this is the whole global batch.
+
+  Elements are dicts (b = b_t / P):
+    image    (b, s, s, C) float32 in [-1, 1] (uint8 x -> x / 127.5 - 1; float input as is)
+    pos      (b, s, s, 2) float32, channels [x, y] (patches.coord_grid of the offsets)
+    label    (b, label_dim) float32 one-hot (only when labels are given)
+    step     () int64
+    offset_i, offset_j (b,) int32;  index (b,) int64 image indices;  flip (b,) bool
+    counter  (b,) int64 global sample counters k (what every draw of the sample is keyed by)
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  images, labels = _validate(images, schedule, batch_size, total_steps, start_step, labels,
+                             label_dim)
+  check_process_split(schedule, batch_size, process_index, process_count)
+  n, res = images.shape[0], images.shape[1]
+  is_uint8 = images.dtype == np.uint8
+  source = host_tensor(tf, images if is_uint8 else images.astype(np.float32))
+
+  def fetch(d: SampleDraws):
+    return crop_patches(tf, source, d.index, d.offset_i, d.offset_j, d.flip, d.size, res)
+
+  return build_patch_pipeline(fetch, n, res, is_uint8, schedule, batch_size, total_steps,
+                              start_step=start_step, seed=seed, labels=labels,
+                              label_dim=label_dim, hflip=hflip, process_index=process_index,
+                              process_count=process_count)
 
 
 def patch_batches(images: np.ndarray,
@@ -375,8 +501,21 @@ def patch_batches(images: np.ndarray,
                   seed: int = 0,
                   labels: np.ndarray | None = None,
                   label_dim: int = 0,
-                  hflip: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                  hflip: bool = False,
+                  process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """`make_patch_dataset(...)` as an iterator of dicts of numpy arrays."""
   ds = make_patch_dataset(images, schedule, batch_size, total_steps, start_step=start_step,
-                          seed=seed, labels=labels, label_dim=label_dim, hflip=hflip)
+                          seed=seed, labels=labels, label_dim=label_dim, hflip=hflip,
+                          process_index=process_index, process_count=process_count)
   return ds.as_numpy_iterator()
+
+
+def build_input(data_cfg, schedule: PatchSchedule, batch_size: int, total_steps: int,
+                start_step: int = 0, seed: int = 0, process_index: int = 0,
+                process_count: int = 1, label_dim: int = 0):
+  """The trainer's input: see `patchdiff.sources.build_input`."""
+  from patchdiff import sources  # pylint: disable=import-outside-toplevel
+  return sources.build_input(data_cfg, schedule, batch_size, total_steps, start_step=start_step,
+                             seed=seed, process_index=process_index,
+                             process_count=process_count, label_dim=label_dim)

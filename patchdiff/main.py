@@ -6,6 +6,7 @@ Any config value can be overridden: --config.train.steps=50.
 """
 from __future__ import annotations
 
+import logging as pylogging
 import os
 import time
 
@@ -49,9 +50,17 @@ def sample_from_checkpoint(cfg, workdir: str, step: int | None = None) -> tuple[
   return outdir, images
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drops the INFO chatter of orbax (several lines per save); warnings and errors pass."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   cfg = _CONFIG.value
   workdir = _WORKDIR.value
   logging.info("JAX %s on %d %s device(s)", jax.__version__, jax.device_count(),

@@ -69,7 +69,7 @@ def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state["buffers"])
       per_sample = edm.denoising_loss(model, batch["image"], batch["pos"], batch.get("label"),
-                                      key, train=True)
+                                      key, train=True, p_mean=tcfg.p_mean, p_std=tcfg.p_std)
       return per_sample.mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
@@ -79,7 +79,7 @@ def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
     beta = ema_beta(state["step"], tcfg.ema_mimg, tcfg.ema_rampup, images_per_step)
     ema = jax.tree_util.tree_map(lambda e, p: p + beta * (e - p), state["ema"], params)
     new_state = dict(state, params=params, ema=ema, opt_state=opt_state, step=state["step"] + 1)
-    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), ema_beta=beta)
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), ema_beta=beta)
     return new_state, metrics
 
   return train_step

@@ -270,3 +270,44 @@ def test_twemoji_bad_args(tmp_path):
     data.load_twemoji(0, limit=1, cache_dir=tmp_path)
   with pytest.raises(ValueError, match="limit"):
     data.load_twemoji(8, limit=0, cache_dir=tmp_path)
+
+
+# --- hosts and exact crops ---------------------------------------------------------------------
+
+
+def test_two_hosts_slice_the_global_batch(images, labels):
+  kw = dict(seed=3, labels=labels, label_dim=5, hflip=True)
+  one = collect(images, schedule(), 4, 6, **kw)
+  hosts = [collect(images, schedule(), 4, 6, process_index=p, process_count=2, **kw)
+           for p in (0, 1)]
+  sizes, counts, starts = data.step_plan(schedule(), 4, 6)
+  for t, (g, h0, h1) in enumerate(zip(one, *hosts)):
+    np.testing.assert_array_equal(g["counter"], starts[t] + np.arange(counts[t]))
+    assert not set(h0["counter"]) & set(h1["counter"])
+    for key in g:
+      if key != "step":
+        np.testing.assert_array_equal(np.concatenate([h0[key], h1[key]]), g[key], err_msg=key)
+  with pytest.raises(ValueError, match=r"16 px bucket \(3 samples = batch_size 3 x batch_mul 1\)"
+                     r" is not divisible by process_count 2"):
+    data.make_patch_dataset(images, schedule(), 3, 4, process_index=1, process_count=2)
+  with pytest.raises(ValueError, match="process_count must be >= 1"):
+    data.make_patch_dataset(images, schedule(), 4, 4, process_count=0)
+
+
+def test_crops_exact_at_large_resolution():
+  """Nearest-neighbour crop boxes copy whole pixels exactly, also far from R = 16."""
+  res = 512
+  rng = np.random.default_rng(0)
+  imgs = rng.integers(0, 256, (2, res, res, 3), dtype=np.uint8)
+  sched = PatchSchedule((128, 256, 512), (0.4, 0.4, 0.2), res, seed=0)
+  run = collect(imgs, sched, 1, 6, seed=2, hflip=True)
+  for b in run:
+    n, s = b["image"].shape[:2]
+    for m in range(n):
+      src = imgs[b["index"][m]]
+      src = src[:, ::-1] if b["flip"][m] else src
+      oi, oj = b["offset_i"][m], b["offset_j"][m]
+      want = src[oi:oi + s, oj:oj + s].astype(np.float32) / 127.5 - 1.0
+      np.testing.assert_array_equal(b["image"][m], want)
+    np.testing.assert_allclose(b["pos"], coord_grid(b["offset_i"], b["offset_j"], s, res),
+                               rtol=0, atol=1e-6)

@@ -1,0 +1,129 @@
+"""Throughput of the patch input pipeline on a dataset_tool-style zip of 64 px PNGs.
+
+Writes a temporary zip of N synthetic but photo-like 64x64 PNGs (smooth random colour fields
+plus fine grain, so they compress like real 64 px photos rather than flat colours), then times
+`sources.build_input` per bucket (16, 32, 64 px alone) and for the p=0.5 mix, with the decoded
+images cached in memory and straight from the zip (decoded in the tf.data graph every step).
+
+  python benchmarks/input_pipeline.py [--num_images 4000] [--batch_size 256] [--seconds 5]
+                                      [--repeats 2]
+
+Prints samples/s (patches per second) and full images/s (samples * (s/R)^2) per row, the best
+of `repeats` timings (other processes on the machine only ever slow a timing down), and, as a
+baseline, the rate of PNG decoding alone.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from patchdiff import sources  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff.patches import PatchSchedule  # noqa: E402  pylint: disable=wrong-import-position
+
+R = 64
+
+
+def synthetic_image(rng: np.random.Generator, res: int = R) -> np.ndarray:
+  """A smooth random colour field (bicubic-upsampled 6x6 noise) plus +-4 grain."""
+  small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+  img = np.asarray(Image.fromarray(small).resize((res, res), Image.Resampling.BICUBIC), np.int16)
+  img = img + rng.integers(-4, 5, img.shape)
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_zip(path: str, num: int, seed: int = 0) -> float:
+  """dataset_tool layout: 00000/img00000000.png, ..., dataset.json {"labels": null}."""
+  rng = np.random.default_rng(seed)
+  total = 0
+  with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+    for i in range(num):
+      buf = io.BytesIO()
+      Image.fromarray(synthetic_image(rng)).save(buf, format="PNG")
+      total += buf.tell()
+      zf.writestr(f"{i // 1000:05d}/img{i:08d}.png", buf.getvalue())
+    zf.writestr("dataset.json", json.dumps({"labels": None}))
+  return total / num
+
+
+def measure(cfg: dict, sched: PatchSchedule, batch_size: int, seconds: float, repeats: int):
+  """Best of `repeats` timings of `seconds` each: (samples/s, full images/s)."""
+  it = sources.build_input(cfg, sched, batch_size, 10**7, seed=0)
+  for _ in range(3):  # warm up
+    next(it)
+  best = (0.0, 0.0)
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    samples = pixels = 0
+    while time.perf_counter() - t0 < seconds:
+      b = next(it)
+      n, s = b["image"].shape[:2]
+      samples += n
+      pixels += n * s * s
+    dt = time.perf_counter() - t0
+    best = max(best, (samples / dt, pixels / (R * R) / dt))
+  return best
+
+
+def decode_only(path: str, seconds: float, repeats: int) -> float:
+  """Baseline: PNG decoding alone (tf.io.decode_png in a parallel tf.data map), images/s."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  with zipfile.ZipFile(path) as zf:
+    blobs = [zf.read(n) for n in sorted(zf.namelist()) if n.endswith(".png")]
+  ds = tf.data.Dataset.from_tensor_slices(np.asarray(blobs, dtype=object)).repeat()
+  ds = ds.map(lambda b: tf.io.decode_png(b, channels=3), num_parallel_calls=tf.data.AUTOTUNE)
+  it = iter(ds.batch(256).prefetch(2))
+  for _ in range(3):
+    next(it)
+  best = 0.0
+  for _ in range(repeats):
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+      n += int(next(it).shape[0])
+    best = max(best, n / (time.perf_counter() - t0))
+  return best
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--num_images", type=int, default=4000)
+  ap.add_argument("--batch_size", type=int, default=256, help="full-image batch (global)")
+  ap.add_argument("--seconds", type=float, default=5.0, help="timed seconds per row")
+  ap.add_argument("--real_p", type=float, default=0.5)
+  ap.add_argument("--repeats", type=int, default=2, help="timings per row; the best is shown")
+  args = ap.parse_args(argv)
+
+  print("command: python benchmarks/input_pipeline.py " + " ".join(
+      f"--{k} {v}" for k, v in vars(args).items()))
+  print(f"cpu cores: {os.cpu_count()}")
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "dataset.zip")
+    avg = write_zip(path, args.num_images)
+    print(f"zip: {args.num_images} PNGs of {R}x{R}, {avg / 1024:.1f} KiB each on average")
+    p = args.real_p
+    rows = [("16 px", (16,), (1.0,)), ("32 px", (32,), (1.0,)), ("64 px", (64,), (1.0,)),
+            (f"mix p={p}", (16, 32, 64), ((1 - p) * 2 / 5, (1 - p) * 3 / 5, p))]
+    print(f"PNG decode alone (tf.data, parallel): {decode_only(path, args.seconds, args.repeats):,.0f}"
+          " images/s")
+    print(f"\n{'bucket':<12} {'source':<14} {'samples/s':>12} {'images/s':>12}")
+    for cache in (True, False):
+      cfg = dict(source="zip", path=path, resolution=R, cache=cache)
+      for name, sizes, probs in rows:
+        sched = PatchSchedule(sizes, probs, R, seed=0)
+        sps, ips = measure(cfg, sched, args.batch_size, args.seconds, args.repeats)
+        label = "zip, cached" if cache else "zip, no cache"
+        print(f"{name:<12} {label:<14} {sps:>12,.0f} {ips:>12,.0f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
