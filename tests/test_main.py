@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import REPO
@@ -25,9 +26,16 @@ def run_main(*args, check=True):
   return proc
 
 
-def test_train_checkpoint_restore_sample(tmp_path):
-  workdir = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A workdir trained for 6 steps with checkpoints at 3 and 6 (shared: training compiles)."""
+  workdir = str(tmp_path_factory.mktemp("main") / "run")
   run_main(f"--workdir={workdir}", *TINY)
+  return workdir
+
+
+def test_train_checkpoint_restore_sample(trained):
+  workdir = trained
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert steps == [3, 6]
   assert os.path.exists(os.path.join(workdir, "samples_00000006.png"))
@@ -47,10 +55,19 @@ def test_train_checkpoint_restore_sample(tmp_path):
   assert bad.returncode != 0 and "no checkpoint at step 4" in bad.stderr
 
 
-def test_sampling_with_a_mismatched_config_is_refused(tmp_path):
-  workdir = str(tmp_path / "run")
-  run_main(f"--workdir={workdir}", *TINY, "--config.train.steps=3")
-  bad = run_main(f"--workdir={workdir}", "--mode=sample", *TINY, "--config.model.model_channels=32",
+def test_sampling_with_a_mismatched_config_is_refused(trained):
+  bad = run_main(f"--workdir={trained}", "--mode=sample", *TINY, "--config.model.model_channels=32",
                  check=False)
   assert bad.returncode != 0
   assert "model.model_channels: checkpoint 16 vs config 32" in bad.stderr
+
+
+def test_an_existing_workdir_resumes_from_its_latest_checkpoint(trained, tmp_path):
+  import shutil
+  workdir = str(tmp_path / "resumed")
+  shutil.copytree(trained, workdir)
+  proc = run_main(f"--workdir={workdir}", *TINY, "--config.train.steps=9")
+  assert "resumed from step 6" in proc.stderr
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert steps[-1] == 9
+  assert "[9]" in proc.stderr and "[3]" not in proc.stderr  # logged steps 7..9 only
