@@ -20,7 +20,30 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "what to do")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step to sample from (default: latest)")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "join a multi-process JAX job: 'on' calls jax.distributed.initialize() (it detects SLURM, "
+    "Cloud TPU and GKE by itself), 'auto' does so when SLURM_NTASKS > 1 or a coordinator flag "
+    "is given, 'off' never")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for clusters JAX does not detect")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "with --coordinator_address")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "with --coordinator_address")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def init_distributed() -> None:
+  """Joins the job's other processes through JAX's own runtime, before any device is used."""
+  if _DISTRIBUTED.value == "off":
+    return
+  if _COORDINATOR.value:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  elif _DISTRIBUTED.value == "on" or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
 
 
 def sample_from_checkpoint(cfg, workdir: str, step: int | None = None) -> tuple[str, np.ndarray]:
@@ -61,9 +84,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  init_distributed()
   cfg = _CONFIG.value
   workdir = _WORKDIR.value
-  logging.info("JAX %s on %d %s device(s)", jax.__version__, jax.device_count(),
+  logging.info("JAX %s, process %d of %d, %d %s device(s) in all", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
   if _MODE.value == "train":
     from patchdiff import train  # pylint: disable=import-outside-toplevel

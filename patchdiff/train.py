@@ -5,6 +5,8 @@ One program per patch-size bucket is compiled ahead of time at start-up; the loo
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -173,6 +175,32 @@ class Run:
     return np.concatenate(out)
 
 
+class PreemptionWatch:
+  """Asks the loop to save and stop at the next step boundary on SIGTERM (or, with several
+  processes, at JAX's preemption sync point, which every host reaches at the same step)."""
+
+  def __init__(self):
+    self._flag = False
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary")
+    self._flag = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    return self._flag
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics.
@@ -218,6 +246,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   # ---- Loop.
   pending, last = [], dict(loss=float("nan"))
   t_log, step = time.perf_counter(), start
+  watch = PreemptionWatch()
   for step in range(start, tcfg.steps):
     batch = next(batches)
     size = int(batch["image"].shape[1])
@@ -239,14 +268,22 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       last.update({f"loss_{s}px": float(np.mean(v)) for s, v in losses.items()})
       writer.write_scalars(done, last)
       pending, t_log = [], time.perf_counter()
+    if watch.should_stop(done):
+      _save(mgr, done, cfg, state)
+      logging.warning("stopped at step %d on a preemption notice; the checkpoint is saved, "
+                      "run the same command again to resume", done)
+      break
     if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
       _save(mgr, done, cfg, state)
-    if (tcfg.sample_every and done % tcfg.sample_every == 0) or done == tcfg.steps:
+    # Sample grids need every host's devices; sharded multi-host sampling is still to come.
+    if jax.process_count() == 1 and (
+        (tcfg.sample_every and done % tcfg.sample_every == 0) or done == tcfg.steps):
       grid = run.sample(run.denoiser(state["ema"], state["buffers"]), cfg.sample.grid_size,
                         cfg.sample.seed)
       path = os.path.join(workdir, f"samples_{done:08d}.png")
       images_io.save_grid(grid, path)
       writer.write_images(done, {"ema_samples": images_io.make_grid(grid)[None]})
+  watch.close()
   mgr.wait_until_finished()
   mgr.close()
   writer.flush()

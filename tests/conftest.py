@@ -32,3 +32,17 @@ DDPMPP_TINY = dict(arch="ddpmpp", img_resolution=16, img_channels=3, model_chann
 ADM_TINY = dict(arch="adm", img_resolution=16, img_channels=3, model_channels=32,
                 channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0, label_dim=5)
 FIXTURES = {"ddpmpp_tiny": DDPMPP_TINY, "adm_tiny_cond": ADM_TINY}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent XLA cache for the session, shared with the subprocesses the tests start:
+  the end-to-end runs compile the same programs again and again (XLA on CPU takes ~20 s each)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path

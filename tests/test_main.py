@@ -62,12 +62,29 @@ def test_sampling_with_a_mismatched_config_is_refused(trained):
   assert "model.model_channels: checkpoint 16 vs config 32" in bad.stderr
 
 
-def test_an_existing_workdir_resumes_from_its_latest_checkpoint(trained, tmp_path):
-  import shutil
-  workdir = str(tmp_path / "resumed")
-  shutil.copytree(trained, workdir)
-  proc = run_main(f"--workdir={workdir}", *TINY, "--config.train.steps=9")
-  assert "resumed from step 6" in proc.stderr
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
+  import signal
+  import time
+  workdir = str(tmp_path / "preempted")
+  args = [sys.executable, "-m", "patchdiff.main", "--config=configs/demo.py",
+          f"--workdir={workdir}", *TINY, "--config.train.steps=100000",
+          "--config.train.checkpoint_every=100000", "--config.train.log_every=1"]
+  log = open(tmp_path / "log.txt", "w+")
+  proc = subprocess.Popen(args, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          stdout=log, stderr=subprocess.STDOUT)
+  deadline = time.time() + 300
+  while "[2] " not in open(tmp_path / "log.txt").read():  # two steps done: the loop runs
+    assert proc.poll() is None and time.time() < deadline, open(tmp_path / "log.txt").read()[-3000:]
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0
+  text = open(tmp_path / "log.txt").read()
+  assert "stopped at step" in text
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-  assert steps[-1] == 9
-  assert "[9]" in proc.stderr and "[3]" not in proc.stderr  # logged steps 7..9 only
+  assert len(steps) == 1 and steps[0] >= 2  # saved at the step boundary after the signal
+
+  # The same command resumes from there (here with a reachable end).
+  done = run_main(f"--workdir={workdir}", *TINY, f"--config.train.steps={steps[0] + 2}",
+                  "--config.train.checkpoint_every=100000", "--config.train.log_every=1")
+  assert f"resumed from step {steps[0]}" in done.stderr
+  assert f"[{steps[0] + 2}]" in done.stderr and f"[{steps[0]}] " not in done.stderr

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# N processes of one JAX job on this machine, joined on 127.0.0.1 (how the tests run multi-host).
+#   launch/local.sh N CONFIG WORKDIR [more flags for patchdiff.main ...]
+# Each process gets DEVICES_PER_PROCESS fake CPU devices (default 1) unless JAX_PLATFORMS says
+# otherwise; PORT picks the coordinator port (default 12355). Logs go to WORKDIR/process_I.log.
+set -euo pipefail
+n=${1:?number of processes}; config=${2:?config file}; workdir=${3:?workdir}; shift 3
+port=${PORT:-12355}
+mkdir -p "$workdir"
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}"
+pids=()
+for ((i = 0; i < n; i++)); do
+  python -m patchdiff.main --config="$config" --workdir="$workdir" \
+    --coordinator_address="127.0.0.1:$port" --num_processes="$n" --process_id="$i" "$@" \
+    >"$workdir/process_$i.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
