@@ -45,17 +45,6 @@ def save_weights(workdir: str, ema: Any, config: ml_collections.ConfigDict, step
   mgr.close()
 
 
-def latest_step(workdir: str) -> int | None:
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    return None
-  mgr = manager(workdir, create=False)
-  try:
-    return mgr.latest_step()
-  finally:
-    mgr.close()
-
-
 def restore_config(mgr: ocp.CheckpointManager, step: int) -> dict:
   return mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 

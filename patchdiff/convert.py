@@ -10,12 +10,11 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from patchdiff import models, networks
+from patchdiff import edm, models, networks
 
 # Buffers of the official modules that we recompute instead of storing.
 _DERIVED_SUFFIXES = (".resample_filter",)
@@ -67,7 +66,7 @@ def _check_derived(name: str, array: np.ndarray, denoiser: nnx.Module, problems:
                     f"config's resample_filter {list(node.resample_filter)}")
 
 
-def load_torch_state_dict(state_dict: Mapping[str, Any], model_config) -> "edm.Denoiser":
+def load_torch_state_dict(state_dict: Mapping[str, Any], model_config) -> edm.Denoiser:
   """The preconditioned denoiser of `model_config` holding the official weights `state_dict`.
 
   `state_dict` maps official tensor names (`model.enc.64x64_conv.weight`, ...) to arrays in

@@ -493,22 +493,9 @@ def make_patch_dataset(images: np.ndarray,
                               process_count=process_count)
 
 
-def patch_batches(images: np.ndarray,
-                  schedule: PatchSchedule,
-                  batch_size: int,
-                  total_steps: int,
-                  start_step: int = 0,
-                  seed: int = 0,
-                  labels: np.ndarray | None = None,
-                  label_dim: int = 0,
-                  hflip: bool = False,
-                  process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """`make_patch_dataset(...)` as an iterator of dicts of numpy arrays."""
-  ds = make_patch_dataset(images, schedule, batch_size, total_steps, start_step=start_step,
-                          seed=seed, labels=labels, label_dim=label_dim, hflip=hflip,
-                          process_index=process_index, process_count=process_count)
-  return ds.as_numpy_iterator()
+def patch_batches(*args, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+  """`make_patch_dataset(*args, **kwargs)` as an iterator of dicts of numpy arrays."""
+  return make_patch_dataset(*args, **kwargs).as_numpy_iterator()
 
 
 def build_input(data_cfg, schedule: PatchSchedule, batch_size: int, total_steps: int,

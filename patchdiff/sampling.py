@@ -71,7 +71,6 @@ def heun_loop(denoise: Callable, latents, pos, labels, t_steps: np.ndarray, gamm
   stochastic = bool(np.any(gammas > 0))
   if stochastic and key is None:
     raise ValueError("a stochastic sampler (S_churn > 0) needs a PRNG key")
-  t_cur_a = jnp.asarray(t_steps[:-1], jnp.float32)
   t_next_a = jnp.asarray(t_steps[1:], jnp.float32)
   t_hat_a = jnp.asarray(t_hats, jnp.float32)
   # sqrt(t_hat^2 - t_cur^2) * S_noise, from float64
