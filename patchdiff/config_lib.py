@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import jax
 import ml_collections
 
 from patchdiff import models, patches
@@ -43,6 +42,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.latent_layout = "NCHW"  # layout of latent arrays on disk: NCHW or NHWC
 
   c.model = ml_collections.ConfigDict()  # EDM's keyword names; see models.ARCH_DEFAULTS
+  # The compute precision: float32, bfloat16 (A100/H100/TPU) or float16 (V100-class GPUs, with
+  # train.loss_scale); parameters and optimizer state stay float32, softmax and norms too.
+  c.model.dtype = "float32"
+
+  c.mesh = ml_collections.ConfigDict()  # see patchdiff/sharding.py
+  c.mesh.data = -1               # devices along the data axis; -1: all the others
+  c.mesh.fsdp = 1                # devices along the fsdp axis
+  c.mesh.param_sharding = "replicated"  # or "fsdp": params, optimizer state, EMA split on fsdp
 
   c.patch = ml_collections.ConfigDict()
   c.patch.real_p = 0.5           # probability of a full-size step
@@ -63,6 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.adam_eps = 1e-8
   c.train.ema_mimg = 0.5         # EMA half-life in Mimg
   c.train.ema_rampup = 0.05      # half-life <= ema_rampup * nimg; None disables
+  c.train.loss_scaling = "static"  # or "dynamic" (halve on overflow, double after a period)
+  c.train.loss_scale = 1.0       # static scale, as the official --ls; dynamic: the initial one
+  c.train.loss_scale_period = 2000  # dynamic: finite steps before the scale doubles
+  c.train.max_nonfinite_steps = 1000  # stop after this many consecutive non-finite losses; 0: never
+  c.train.transfer_guard = "disallow"  # implicit host-to-device transfers in the loop: an error
+  c.train.compilation_cache_dir = placeholder(str)  # persistent XLA cache across runs
   c.train.log_every = 100
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
@@ -80,6 +93,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.num_images = 64
   c.sample.seed = 0
   return c
+
+
+def override(cfg: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys in place ({"train.steps": 50}) and returns `cfg`; a missing key is an error."""
+  for key, value in values.items():
+    node = cfg
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    if last not in node:
+      raise KeyError(f"config has no key {key!r}")
+    node[last] = value
+  return cfg
 
 
 def patch_schedule(cfg: ml_collections.ConfigDict) -> patches.PatchSchedule:
@@ -115,9 +141,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for key in ("batch_size", "steps", "log_every", "checkpoint_every"):
     if not isinstance(t[key], int) or t[key] <= 0:
       raise ValueError(f"train.{key}={t[key]!r} must be a positive integer")
-  if t.batch_size % jax.device_count():
-    raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the "
-                     f"{jax.device_count()} devices")
+  if t.loss_scaling not in ("static", "dynamic"):
+    raise ValueError(f"train.loss_scaling={t.loss_scaling!r} is not 'static' or 'dynamic'")
+  if not t.loss_scale > 0:
+    raise ValueError(f"train.loss_scale={t.loss_scale} must be > 0")
+  if not isinstance(t.loss_scale_period, int) or t.loss_scale_period < 1:
+    raise ValueError(f"train.loss_scale_period={t.loss_scale_period!r} must be a positive integer")
+  if not isinstance(t.max_nonfinite_steps, int) or t.max_nonfinite_steps < 0:
+    raise ValueError(f"train.max_nonfinite_steps={t.max_nonfinite_steps!r} must be an "
+                     "integer >= 0")
+  if t.transfer_guard not in ("allow", "log", "disallow"):
+    raise ValueError(f"train.transfer_guard={t.transfer_guard!r} is not allow, log or disallow")
   if t.lr <= 0:
     raise ValueError(f"train.lr={t.lr} must be > 0")
   if t.ema_mimg < 0:

@@ -48,8 +48,7 @@ def init_distributed() -> None:
 
 def sample_from_checkpoint(cfg, workdir: str, step: int | None = None) -> tuple[str, np.ndarray]:
   """Restores EMA weights from `workdir` and writes cfg.sample.num_images PNGs and a grid."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from patchdiff import checkpoint, config_lib, images_io, models, train  # pylint: disable=import-outside-toplevel
+  from patchdiff import checkpoint, config_lib, images_io, train  # pylint: disable=import-outside-toplevel
   run = train.Run(cfg)
   mgr = checkpoint.manager(workdir, create=False)
   step = mgr.latest_step() if step is None else step
@@ -58,8 +57,7 @@ def sample_from_checkpoint(cfg, workdir: str, step: int | None = None) -> tuple[
                             f"{mgr.directory}; available: {list(mgr.all_steps())}")
   config_lib.check_compatible(checkpoint.restore_config(mgr, step), cfg,
                               where=f"{mgr.directory}/{step}")
-  _, params, buffers = nnx.split(models.abstract_denoiser(run.model_cfg), nnx.Param, ...)
-  restored = checkpoint.restore(mgr, step, ema_target=dict(params=params, buffers=buffers))
+  restored = checkpoint.restore(mgr, step, ema_target=run.abstract_ema())
   mgr.close()
   denoiser = run.denoiser(restored["ema"]["params"], restored["ema"]["buffers"])
   n, seed = cfg.sample.num_images, cfg.sample.seed

@@ -106,11 +106,11 @@ def abstract_denoiser(model_config: Mapping[str, Any]) -> edm.Denoiser:
   return nnx.eval_shape(lambda: _build(c, nnx.Rngs(0)))
 
 
-def init_state(model_config: Mapping[str, Any], seed: int = 0, out_shardings=None):
-  """(graphdef, state) of a freshly initialised denoiser, made by one small jitted program.
+def initializer(model_config: Mapping[str, Any], seed: int = 0):
+  """(graphdef, init) where init() draws a fresh denoiser state; trace it inside a jit.
 
   The module is built abstractly; every variable carries its EDM init rule (`init_spec`), which
-  `networks.init_variables` applies to two random draws. `out_shardings` places the state.
+  `networks.init_variables` applies to two random draws.
   """
   graphdef, abstract = nnx.split(abstract_denoiser(model_config))
   leaves, treedef = jax.tree_util.tree_flatten(abstract, is_leaf=_is_variable)
@@ -121,9 +121,14 @@ def init_state(model_config: Mapping[str, Any], seed: int = 0, out_shardings=Non
     values = networks.init_variables(specs, shapes, jax.random.key(seed))
     return jax.tree_util.tree_unflatten(
         treedef, [v.replace(x) for v, x in zip(leaves, values)])
+  return graphdef, init
 
-  state = jax.jit(init, out_shardings=out_shardings)()
-  return graphdef, state
+
+def init_state(model_config: Mapping[str, Any], seed: int = 0, out_shardings=None):
+  """(graphdef, state) of a freshly initialised denoiser, made by one small jitted program;
+  `out_shardings` places the state."""
+  graphdef, init = initializer(model_config, seed)
+  return graphdef, jax.jit(init, out_shardings=out_shardings)()
 
 
 def _is_variable(x) -> bool:

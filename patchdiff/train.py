@@ -4,6 +4,8 @@ One program per patch-size bucket is compiled ahead of time at start-up; the loo
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import threading
@@ -19,7 +21,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from patchdiff import checkpoint, config_lib, data, edm, images_io, models, patches, sampling
+from patchdiff import checkpoint, config_lib, edm, images_io, models, patches, sampling, sharding
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces: learning rate, EMA, the step.
@@ -53,35 +55,78 @@ def sanitize_grads(grads):
                                 grads)
 
 
-def init_train_state(graphdef, variables, optimizer) -> dict[str, Any]:
+def init_train_state(graphdef, variables, optimizer, loss_scale: float = 1.0) -> dict[str, Any]:
   model = nnx.merge(graphdef, variables)
   _, params, buffers = nnx.split(model, nnx.Param, ...)
   return dict(params=params, buffers=buffers, ema=jax.tree_util.tree_map(jnp.copy, params),
-              opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+              opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
+              loss_scale=jnp.asarray(loss_scale, jnp.float32),
+              good_steps=jnp.zeros((), jnp.int32),      # finite steps since the scale changed
+              nonfinite_streak=jnp.zeros((), jnp.int32),  # consecutive non-finite losses
+              nonfinite_total=jnp.zeros((), jnp.int32))
+
+
+# The parts of the state a checkpoint's `train` item holds (EMA and buffers go to `ema`).
+TRAIN_KEYS = ("params", "opt_state", "step", "loss_scale", "good_steps", "nonfinite_streak",
+              "nonfinite_total")
+
+
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
 
 
 def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
-                    images_per_step: float, seed: int) -> Callable:
-  """train_step(state, batch) -> (state, metrics); the step's key is folded from (seed, step)."""
+                    images_per_step: float, seed: int, lr_fn: Callable | None = None) -> Callable:
+  """train_step(state, batch) -> (state, metrics); the step's key is folded from (seed, step).
+
+  The loss is multiplied by `state["loss_scale"]` before differentiation and the gradients are
+  divided by it again (EDM's --ls leaves them scaled; Adam barely notices either way). Static
+  scaling then applies EDM's guard (NaN -> 0, inf -> 1e5); dynamic scaling skips a step whose
+  gradients overflowed, halves the scale, and doubles it after `loss_scale_period` finite steps.
+  """
   base_key = jax.random.key(seed)
+  dynamic = tcfg.loss_scaling == "dynamic"
 
   def train_step(state, batch):
     key = jax.random.fold_in(base_key, state["step"])
+    scale = state["loss_scale"]
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state["buffers"])
       per_sample = edm.denoising_loss(model, batch["image"], batch["pos"], batch.get("label"),
                                       key, train=True, p_mean=tcfg.p_mean, p_std=tcfg.p_std)
-      return per_sample.mean()
+      loss = per_sample.mean()
+      return loss * scale, loss
 
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
+    grads_finite = _all_finite(grads)
     grads = sanitize_grads(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     beta = ema_beta(state["step"], tcfg.ema_mimg, tcfg.ema_rampup, images_per_step)
     ema = jax.tree_util.tree_map(lambda e, p: p + beta * (e - p), state["ema"], params)
-    new_state = dict(state, params=params, ema=ema, opt_state=opt_state, step=state["step"] + 1)
-    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), ema_beta=beta)
+    new = dict(params=params, ema=ema, opt_state=opt_state)
+    good_steps = state["good_steps"]
+    if dynamic:
+      keep = lambda a, b: jax.tree_util.tree_map(  # noqa: E731
+          lambda x, y: jnp.where(grads_finite, x, y), a, b)
+      new = keep(new, dict(params=state["params"], ema=state["ema"],
+                           opt_state=state["opt_state"]))
+      grow = grads_finite & (good_steps + 1 >= tcfg.loss_scale_period)
+      scale = jnp.where(grads_finite, jnp.where(grow, scale * 2, scale),
+                        jnp.maximum(scale / 2, 1.0))
+      good_steps = jnp.where(grads_finite & ~grow, good_steps + 1, 0)
+    loss_finite = jnp.isfinite(loss)
+    streak = jnp.where(loss_finite, 0, state["nonfinite_streak"] + 1)
+    new_state = dict(state, **new, step=state["step"] + 1, loss_scale=scale,
+                     good_steps=good_steps, nonfinite_streak=streak,
+                     nonfinite_total=state["nonfinite_total"] + (~loss_finite).astype(jnp.int32))
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), ema_beta=beta,
+                   loss_scale=state["loss_scale"], overflow=~grads_finite,
+                   nonfinite_streak=streak, nonfinite_total=new_state["nonfinite_total"])
+    if lr_fn is not None:
+      metrics["lr"] = lr_fn(state["step"])
     return new_state, metrics
 
   return train_step
@@ -92,62 +137,92 @@ def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
 
 
 class Run:
-  """Everything derived from the config that the loop, sampling and the tests need."""
+  """Everything derived from the config that the loop, sampling and the tests need.
 
-  def __init__(self, cfg: ml_collections.ConfigDict):
+  `devices` (default: all) is the set the mesh spans; the tests use subsets to compare layouts.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, devices=None):
     config_lib.validate(cfg)
     self.cfg = cfg
     self.model_cfg = models.resolve(cfg.model)
     self.schedule = config_lib.patch_schedule(cfg)
     self.images_per_step = cfg.train.batch_size * self.schedule.mean_batch_mul
-    # Auto axes: XLA propagates shardings (make_mesh defaults to Explicit axes in new JAX).
-    self.mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                              axis_types=(jax.sharding.AxisType.Auto,))
+    self.mesh = sharding.make_mesh(cfg.mesh, devices)
+    sharding.check_batch(cfg.train.batch_size, self.mesh, jax.process_count(),
+                         "train.batch_size")
     self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    self.batch_sharding = NamedSharding(self.mesh, sharding.BATCH)
     self.lr_fn = learning_rate_fn(cfg.train.lr, cfg.train.lr_rampup_kimg, self.images_per_step)
     self.optimizer = make_optimizer(cfg.train, self.lr_fn)
+    self._init_graphdef, self._init_fn = models.initializer(self.model_cfg, seed=cfg.seed)
     # The step's graphdef splits trainable params from buffers (constants such as Fourier freqs).
     self.graphdef = nnx.split(models.abstract_denoiser(self.model_cfg), nnx.Param, ...)[0]
+    shapes = jax.eval_shape(self._fresh_state)
+    self.state_shardings = sharding.state_shardings(self.mesh, shapes, cfg.mesh.param_sharding)
+    self.abstract_state = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+        self.state_shardings)
+
+  def _fresh_state(self):
+    return init_train_state(self._init_graphdef, self._init_fn(), self.optimizer,
+                            self.cfg.train.loss_scale)
 
   def init_state(self):
-    graphdef, variables = models.init_state(self.model_cfg, seed=self.cfg.seed,
-                                            out_shardings=self.replicated)
-    state = jax.jit(lambda v: init_train_state(graphdef, v, self.optimizer),
-                    out_shardings=self.replicated)(variables)
-    return state
+    """A freshly initialised training state, laid out on the mesh."""
+    return jax.jit(self._fresh_state, out_shardings=self.state_shardings)()
 
   def batch_spec(self, size: int) -> dict[str, jax.ShapeDtypeStruct]:
     b = self.cfg.train.batch_size * patches.batch_mul(size, self.schedule.resolution)
     c = self.model_cfg["img_channels"]
-    spec = dict(image=jax.ShapeDtypeStruct((b, size, size, c), jnp.float32, sharding=self.batch_sharding),
-                pos=jax.ShapeDtypeStruct((b, size, size, 2), jnp.float32, sharding=self.batch_sharding))
+    shard = self.batch_sharding
+    spec = dict(image=jax.ShapeDtypeStruct((b, size, size, c), jnp.float32, sharding=shard),
+                pos=jax.ShapeDtypeStruct((b, size, size, 2), jnp.float32, sharding=shard))
     if self.model_cfg["label_dim"]:
       spec["label"] = jax.ShapeDtypeStruct((b, self.model_cfg["label_dim"]), jnp.float32,
-                                           sharding=self.batch_sharding)
+                                           sharding=shard)
     return spec
 
-  def compile_steps(self, state) -> dict[int, Any]:
-    """One ahead-of-time compiled program per bucket; the loop never compiles again."""
-    step_fn = make_train_step(self.graphdef, self.optimizer, self.cfg.train,
-                              self.images_per_step, self.cfg.seed)
-    jitted = jax.jit(step_fn, donate_argnums=0,
-                     out_shardings=(self.replicated, self.replicated))
-    abstract_state = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    compiled = {}
+  def train_step_fn(self) -> Callable:
+    return make_train_step(self.graphdef, self.optimizer, self.cfg.train, self.images_per_step,
+                           self.cfg.seed, lr_fn=self.lr_fn)
+
+  def lower_step(self, size: int):
+    """The train step for `size` px patches, lowered for the mesh (state donated)."""
+    jitted = jax.jit(self.train_step_fn(), donate_argnums=0,
+                     out_shardings=(self.state_shardings, self.replicated))
+    return jitted.lower(self.abstract_state, self.batch_spec(size))
+
+  def compile_steps(self) -> tuple[dict[int, Any], dict[int, dict[str, float]]]:
+    """One ahead-of-time compiled program per bucket (the loop never compiles again), and each
+    program's compile time, XLA FLOPs per step and memory (bytes)."""
+    compiled, stats = {}, {}
     for size in self.schedule.active_sizes:
       t0 = time.perf_counter()
-      compiled[size] = jitted.lower(abstract_state, self.batch_spec(size)).compile()
-      logging.info("compiled the %dpx step (batch %d) in %.1f s", size,
-                   self.batch_spec(size)["image"].shape[0], time.perf_counter() - t0)
-    return compiled
+      lowered = self.lower_step(size)
+      compiled[size] = lowered.compile()
+      stats[size] = dict(compile_seconds=time.perf_counter() - t0,
+                         **program_stats(compiled[size], lowered))
+      s = stats[size]
+      logging.info("compiled the %dpx step (batch %d) in %.1f s: %.3g GFLOP per step; memory "
+                   "per device: arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB",
+                   size, self.batch_spec(size)["image"].shape[0], s["compile_seconds"],
+                   s["flops"] / 1e9, s["argument_bytes"] / 2**20, s["output_bytes"] / 2**20,
+                   s["temp_bytes"] / 2**20)
+    return compiled, stats
 
   def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This host's slice of the step's batch -> global arrays sharded over the mesh."""
     keys = ("image", "pos", "label") if self.model_cfg["label_dim"] else ("image", "pos")
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, batch[k])
             for k in keys}
+
+  def abstract_ema(self) -> dict[str, Any]:
+    """Restore target of a checkpoint's `ema` item, in this run's layout."""
+    return dict(params=self.abstract_state["ema"], buffers=self.abstract_state["buffers"])
+
+  def abstract_train(self) -> dict[str, Any]:
+    return {k: self.abstract_state[k] for k in TRAIN_KEYS}
 
   def denoiser(self, ema, buffers) -> nnx.Module:
     return nnx.merge(self.graphdef, ema, buffers)
@@ -173,6 +248,56 @@ class Run:
                                key=jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys))
       out.append(images_io.to_uint8(np.asarray(x)))
     return np.concatenate(out)
+
+
+def model_flops(fn: Callable, *args) -> float:
+  """FLOPs of the convolutions and matrix products in `fn`'s jaxpr (2 per multiply-add), the
+  forward and backward passes included: the count that MFU is defined with, the same on every
+  platform (XLA's own counts skip the cuDNN calls on GPU)."""
+  from jax.extend import core as jcore  # pylint: disable=import-outside-toplevel
+
+  def count(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+      name = eqn.primitive.name
+      if name in ("dot_general", "conv_general_dilated"):
+        out = float(np.prod(eqn.outvars[0].aval.shape))
+        if name == "dot_general":
+          (lc, _), _ = eqn.params["dimension_numbers"]
+          shape = eqn.invars[0].aval.shape
+          total += 2 * out * float(np.prod([shape[d] for d in lc]))
+        else:
+          rhs = eqn.invars[1].aval.shape
+          out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+          total += 2 * out * float(np.prod(rhs)) / rhs[out_dim]
+      times = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
+      for value in eqn.params.values():
+        subs = value if isinstance(value, (tuple, list)) else (value,)
+        found = [count(v.jaxpr if isinstance(v, jcore.ClosedJaxpr) else v) for v in subs
+                 if isinstance(v, (jcore.ClosedJaxpr, jcore.Jaxpr))]
+        if found:
+          total += times * (max(found) if name == "cond" else sum(found))
+    return total
+  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def program_stats(compiled, lowered=None) -> dict[str, float]:
+  """XLA's cost analysis (FLOPs per call) and memory analysis (bytes per device) of a program.
+
+  FLOPs come from the program as lowered (the model's own operations) when `lowered` is given:
+  after compilation for GPU, convolutions are cuDNN custom calls that XLA's cost analysis counts
+  as zero (it reported 712 GFLOP for a 38 TFLOP step of the FFHQ-64 model on an H100).
+  """
+  cost = (lowered if lowered is not None else compiled).cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+    cost = cost[0] if cost else {}
+  mem = compiled.memory_analysis()
+  get = lambda name: float(getattr(mem, name, 0) or 0) if mem is not None else 0.0  # noqa: E731
+  return dict(flops=float((cost or {}).get("flops", 0.0)),
+              argument_bytes=get("argument_size_in_bytes"),
+              output_bytes=get("output_size_in_bytes"),
+              temp_bytes=get("temp_size_in_bytes"),
+              alias_bytes=get("alias_size_in_bytes"))
 
 
 class PreemptionWatch:
@@ -201,97 +326,184 @@ class PreemptionWatch:
       self._previous = None
 
 
+def _schedule_digest(cfg: ml_collections.ConfigDict, sizes: np.ndarray) -> str:
+  blob = json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode() + sizes.tobytes()
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _check_processes_agree(digest: str) -> None:
+  """Every process must run the same config and bucket sequence, or the collectives hang."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  multihost_utils.assert_equal(
+      np.frombuffer(bytes.fromhex(digest), np.uint32),
+      f"the processes disagree on the config or the patch schedule (this is process "
+      f"{jax.process_index()}, digest {digest}): start them with the same config and flags")
+
+
+def _fmt_duration(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "?"
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
-                       on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                       on_step: Callable[[int, int], None] | None = None,
+                       devices=None) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics.
 
-  `on_step(step, patch_size)` is called after each step is dispatched (tests use it).
+  `on_step(step, patch_size)` is called after each step is dispatched (tests use it);
+  `devices` restricts the mesh to a subset of the devices.
   """
-  run = Run(cfg)
   tcfg = cfg.train
+  if tcfg.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", tcfg.compilation_cache_dir)
+  run = Run(cfg, devices)
   os.makedirs(workdir, exist_ok=True)
   from clu import metric_writers  # pylint: disable=import-outside-toplevel
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
-  # ---- Where we start: the latest checkpoint of the workdir, if any.
+  # ---- Where we start: the latest complete checkpoint of the workdir, if any.
   mgr = checkpoint.manager(workdir, max_to_keep=tcfg.keep_checkpoints)
   start = mgr.latest_step()
   if start is not None:
     config_lib.check_compatible(checkpoint.restore_config(mgr, start), cfg,
                                 where=f"{mgr.directory}/{start}")
+  first = start or 0
+  sizes = run.schedule.sizes_at(np.arange(first, tcfg.steps))
+  digest = _schedule_digest(cfg, sizes)
+  _check_processes_agree(digest)
+  counts = {int(s): int((sizes == s).sum()) for s in run.schedule.active_sizes}
+  logging.info("steps %d..%d, per bucket %s, schedule digest %s", first, tcfg.steps, counts,
+               digest)
 
   # ---- Input from that step; a bad dataset fails here, before anything is compiled.
+  from patchdiff import data  # pylint: disable=import-outside-toplevel
   batches = data.build_input(cfg.data, run.schedule, tcfg.batch_size, tcfg.steps,
-                             start_step=start or 0, seed=cfg.seed,
+                             start_step=first, seed=cfg.seed,
                              process_index=jax.process_index(),
                              process_count=jax.process_count(),
                              label_dim=run.model_cfg["label_dim"])
 
-  # ---- State: fresh, or restored.
-  state = run.init_state()
-  if start is not None:
-    restored = checkpoint.restore(mgr, start, ema_target=dict(params=state["ema"],
-                                                              buffers=state["buffers"]),
-                                  train_target=dict(params=state["params"],
-                                                    opt_state=state["opt_state"],
-                                                    step=state["step"]))
+  # ---- State: fresh, or restored into this run's layout (whatever layout wrote it).
+  if start is None:
+    state = run.init_state()
+  else:
+    restored = checkpoint.restore(mgr, start, ema_target=run.abstract_ema(),
+                                  train_target=run.abstract_train())
+    progress = restored.get("progress") or {}
+    if progress.get("data_position", start) != start:
+      raise ValueError(f"checkpoint {mgr.directory}/{start} is inconsistent: its data position "
+                       f"is {progress['data_position']}, its step {start}")
     state = dict(restored["train"], ema=restored["ema"]["params"],
                  buffers=restored["ema"]["buffers"])
-    logging.info("resumed from step %d", start)
-  start = start or 0
+    logging.info("resumed from step %d (%.1f kimg)", start,
+                 progress.get("nimg", start * run.images_per_step) / 1000)
 
   # ---- Programs, one per bucket.
-  compiled = run.compile_steps(state)
+  compiled, stats = run.compile_steps()
+  scalars = {}
+  for size, st in stats.items():
+    scalars.update({f"compile_seconds_{size}px": st["compile_seconds"],
+                    f"gflop_per_step_{size}px": st["flops"] / 1e9,
+                    f"temp_mib_{size}px": st["temp_bytes"] / 2**20})
+  writer.write_scalars(first, scalars)
 
-  # ---- Loop.
+  # ---- Loop. Nothing here waits for the device except the metrics fetched every log_every.
   pending, last = [], dict(loss=float("nan"))
-  t_log, step = time.perf_counter(), start
+  t_log = t_loop = time.perf_counter()
+  step = first
   watch = PreemptionWatch()
-  for step in range(start, tcfg.steps):
-    batch = next(batches)
-    size = int(batch["image"].shape[1])
-    state, metrics = compiled[size](state, run.to_device(batch))
-    pending.append((size, metrics))
-    if on_step is not None:
-      on_step(step, size)
-    done = step + 1
-    if done % tcfg.log_every == 0 or done == tcfg.steps:
-      fetched = jax.device_get([m for _, m in pending])
-      losses = {}
-      for (s, _), m in zip(pending, fetched):
-        losses.setdefault(s, []).append(float(m["loss"]))
-      dt = time.perf_counter() - t_log
-      last = dict(loss=float(np.mean([float(m["loss"]) for m in fetched])),
-                  steps_per_sec=len(pending) / dt,
-                  kimg=done * run.images_per_step / 1000,
-                  lr=float(run.lr_fn(done - 1)))
-      last.update({f"loss_{s}px": float(np.mean(v)) for s, v in losses.items()})
-      writer.write_scalars(done, last)
-      pending, t_log = [], time.perf_counter()
-    if watch.should_stop(done):
-      _save(mgr, done, cfg, state)
-      logging.warning("stopped at step %d on a preemption notice; the checkpoint is saved, "
-                      "run the same command again to resume", done)
-      break
-    if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
-      _save(mgr, done, cfg, state)
-    # Sample grids need every host's devices; sharded multi-host sampling is still to come.
-    if jax.process_count() == 1 and (
-        (tcfg.sample_every and done % tcfg.sample_every == 0) or done == tcfg.steps):
-      grid = run.sample(run.denoiser(state["ema"], state["buffers"]), cfg.sample.grid_size,
-                        cfg.sample.seed)
-      path = os.path.join(workdir, f"samples_{done:08d}.png")
-      images_io.save_grid(grid, path)
-      writer.write_images(done, {"ema_samples": images_io.make_grid(grid)[None]})
-  watch.close()
-  mgr.wait_until_finished()
-  mgr.close()
-  writer.flush()
+  try:
+    for step in range(first, tcfg.steps):
+      batch = next(batches)
+      size = int(batch["image"].shape[1])
+      arrays = run.to_device(batch)  # the loop's one (explicit) host-to-device transfer
+      with jax.transfer_guard(tcfg.transfer_guard):
+        state, metrics = compiled[size](state, arrays)
+      pending.append((size, metrics))
+      if on_step is not None:
+        on_step(step, size)
+      done = step + 1
+      if done % tcfg.log_every == 0 or done == tcfg.steps:
+        last = _log(run, writer, pending, done, first, time.perf_counter() - t_log,
+                    time.perf_counter() - t_loop, mgr)
+        pending, t_log = [], time.perf_counter()
+      if watch.should_stop(done):
+        _save(mgr, done, run, state)
+        logging.warning("stopped at step %d on a preemption notice; the checkpoint is saved, "
+                        "run the same command again to resume", done)
+        break
+      if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
+        _save(mgr, done, run, state)
+      # Sample grids need every host's devices; sharded multi-host sampling is still to come.
+      if jax.process_count() == 1 and cfg.sample.grid_size and (
+          (tcfg.sample_every and done % tcfg.sample_every == 0) or done == tcfg.steps):
+        grid = run.sample(run.denoiser(state["ema"], state["buffers"]), cfg.sample.grid_size,
+                          cfg.sample.seed)
+        path = os.path.join(workdir, f"samples_{done:08d}.png")
+        images_io.save_grid(grid, path)
+        writer.write_images(done, {"ema_samples": images_io.make_grid(grid)[None]})
+  finally:
+    watch.close()
+    mgr.wait_until_finished()
+    mgr.close()
+    writer.flush()
   return last
 
 
-def _save(mgr, step: int, cfg, state) -> None:
-  checkpoint.save(mgr, step, config=cfg,
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def _log(run: Run, writer, pending, done: int, first: int, dt: float, elapsed: float,
+         mgr) -> dict[str, Any]:
+  """Fetches the pending steps' metrics (the loop's only wait), writes them, checks for NaNs."""
+  tcfg = run.cfg.train
+  fetched = jax.device_get([m for _, m in pending])
+  losses, samples = {}, 0
+  for (size, _), m in zip(pending, fetched):
+    losses.setdefault(size, []).append(float(m["loss"]))
+    samples += tcfg.batch_size * patches.batch_mul(size, run.schedule.resolution)
+  n = len(pending)
+  rate = (done - first) / max(elapsed, 1e-9)
+  end = fetched[-1]
+  out = dict(loss=float(np.mean([float(m["loss"]) for m in fetched])),
+             lr=float(end["lr"]), grad_norm=float(np.mean([m["grad_norm"] for m in fetched])),
+             kimg=done * run.images_per_step / 1000, steps_per_sec=n / dt,
+             images_per_sec=n * run.images_per_step / dt, samples_per_sec=samples / dt,
+             eta_seconds=(tcfg.steps - done) / rate if rate > 0 else float("inf"),
+             nonfinite_losses=int(end["nonfinite_total"]))
+  if tcfg.loss_scaling == "dynamic":
+    out.update(loss_scale=float(end["loss_scale"]),
+               overflow_steps=int(sum(bool(m["overflow"]) for m in fetched)))
+  out.update({f"loss_{s}px": float(np.mean(v)) for s, v in sorted(losses.items())})
+  writer.write_scalars(done, out)
+  logging.info("step %d/%d (%.1f%%)  %.1f kimg  loss %.4f  lr %.3g  %.2f steps/s  %.0f img/s  "
+               "ETA %s", done, tcfg.steps, 100 * done / tcfg.steps, out["kimg"], out["loss"],
+               out["lr"], out["steps_per_sec"], out["images_per_sec"],
+               _fmt_duration(out["eta_seconds"]))
+  bad = sum(not np.isfinite(float(m["loss"])) for m in fetched)
+  if bad:
+    logging.warning("%d of the last %d steps had a non-finite loss (%d in all)", bad, n,
+                    out["nonfinite_losses"])
+  streak = max(int(m["nonfinite_streak"]) for m in fetched)
+  if tcfg.max_nonfinite_steps and streak >= tcfg.max_nonfinite_steps:
+    raise NonFiniteLossError(
+        f"{streak} consecutive steps up to step {done} had a non-finite loss "
+        f"(train.max_nonfinite_steps={tcfg.max_nonfinite_steps}); stopping without saving. The "
+        f"last checkpoint is step {mgr.latest_step()}: lower train.lr, use float32 or "
+        f"dynamic loss scaling, and resume from it")
+  return out
+
+
+def _save(mgr, step: int, run: Run, state) -> None:
+  checkpoint.save(mgr, step, config=run.cfg,
                   ema=dict(params=state["ema"], buffers=state["buffers"]),
-                  train=dict(params=state["params"], opt_state=state["opt_state"],
-                             step=state["step"]))
+                  train={k: state[k] for k in TRAIN_KEYS},
+                  progress=dict(step=step, nimg=step * run.images_per_step, data_position=step,
+                                process_count=jax.process_count(),
+                                mesh=dict(run.mesh.shape)))

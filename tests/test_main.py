@@ -87,4 +87,4 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
   done = run_main(f"--workdir={workdir}", *TINY, f"--config.train.steps={steps[0] + 2}",
                   "--config.train.checkpoint_every=100000", "--config.train.log_every=1")
   assert f"resumed from step {steps[0]}" in done.stderr
-  assert f"[{steps[0] + 2}]" in done.stderr and f"[{steps[0]}] " not in done.stderr
+  assert f"step {steps[0] + 2}/" in done.stderr and f"step {steps[0]}/" not in done.stderr

@@ -1,11 +1,13 @@
 """Training: schedules of lr and EMA, the gradient guard, config checks, one program per bucket."""
+import os
+
 import numpy as np
 import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from patchdiff import config_lib, train
+from patchdiff import config_lib, patches, train
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
@@ -31,13 +33,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   c.sample.batch_size = 4
   c.sample.grid_size = 4
   c.sample.num_images = 4
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return config_lib.override(c, overrides)
 
 
 def test_learning_rate_ramps_up_linearly_from_zero():
@@ -74,6 +70,10 @@ def test_gradient_guard():
     ("model.arch", "unet", "model.arch='unet'"),
     ("patch.schedule", "random", "'random'"),
     ("sample.guidance", 1.3, "needs a conditional model"),
+    ("mesh.data", 3, r"mesh.data=3 x mesh.fsdp=1 (does not divide|= 3 devices, but there are)"),
+    ("mesh.param_sharding", "zero3", "mesh.param_sharding='zero3'"),
+    ("train.loss_scaling", "auto", "train.loss_scaling='auto'"),
+    ("model.dtype", "float8", "model.dtype='float8'"),
 ])
 def test_bad_configs_fail_before_compiling_with_the_key_named(key, value, match):
   cfg = tiny_config(**{key: value})
@@ -101,7 +101,7 @@ def test_one_compilation_per_bucket_and_none_in_the_loop(tmp_path):
     seen.append(size)
     counts.append(len(compiles))
 
-  cfg = tiny_config(**{"train.steps": 40})
+  cfg = tiny_config(**{"train.steps": 40, "sample.grid_size": 0})
   metrics = train.train_and_evaluate(cfg, str(tmp_path), on_step=on_step)
   # Each bucket visited many times, and nothing compiled once the loop was running.
   assert {s: seen.count(s) >= 5 for s in (4, 8, 16)} == {4: True, 8: True, 16: True}
@@ -109,4 +109,165 @@ def test_one_compilation_per_bucket_and_none_in_the_loop(tmp_path):
   expected = train.Run(cfg).schedule.sizes_at(np.arange(40)).tolist()
   assert seen == expected
   assert np.isfinite(metrics["loss"])
-  assert (tmp_path / "samples_00000040.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The step's bookkeeping on a one-parameter stand-in for the network (compiles in a second).
+
+from flax import nnx  # noqa: E402
+
+
+class _Scale(nnx.Module):
+  """D(x) = w x: enough for the loss, the gradient and the optimizer to be real."""
+
+  def __init__(self):
+    self.w = nnx.Param(jnp.full((4,), 0.5))
+    self.sigma_data = 0.5
+
+  def __call__(self, x, sigma, pos, labels=None, *, train=False, key=None):  # pylint: disable=unused-argument
+    return x * self.w[...].mean()
+
+
+def _toy_step(**overrides):
+  tcfg = tiny_config(**{f"train.{k}": v for k, v in overrides.items()}).train
+  lr_fn = train.learning_rate_fn(1e-2, 0.0, 4.0)
+  opt = train.make_optimizer(tcfg, lr_fn)
+  model = _Scale()
+  graphdef, variables = nnx.split(model)
+  state = train.init_train_state(graphdef, variables, opt, tcfg.loss_scale)
+  step = jax.jit(train.make_train_step(nnx.split(model, nnx.Param, ...)[0], opt, tcfg, 4.0, 0,
+                                       lr_fn=lr_fn))
+  return state, step
+
+
+def _batch(value=0.3):
+  return dict(image=jnp.full((4, 2, 2, 3), value), pos=jnp.zeros((4, 2, 2, 2)))
+
+
+def test_nonfinite_losses_are_counted_and_the_streak_resets():
+  state, step = _toy_step()
+  state, m = step(state, _batch())
+  assert bool(jnp.isfinite(m["loss"])) and int(m["nonfinite_streak"]) == 0
+  for k in (1, 2):
+    state, m = step(state, _batch(jnp.nan))
+    assert int(m["nonfinite_streak"]) == k and int(m["nonfinite_total"]) == k
+  assert np.isfinite(np.asarray(state["params"]["w"][...])).all()  # the guard zeroed NaN grads
+  state, m = step(state, _batch())
+  assert int(m["nonfinite_streak"]) == 0 and int(m["nonfinite_total"]) == 2
+
+
+def test_static_loss_scale_leaves_the_update_unchanged():
+  s1, step1 = _toy_step()
+  s2, step2 = _toy_step(loss_scale=1024.0)
+  for _ in range(3):
+    s1, _ = step1(s1, _batch())
+    s2, _ = step2(s2, _batch())
+  np.testing.assert_allclose(s1["params"]["w"][...], s2["params"]["w"][...], rtol=1e-6)
+
+
+def test_dynamic_loss_scale_skips_overflow_halves_then_grows():
+  state, step = _toy_step(loss_scaling="dynamic", loss_scale=8.0, loss_scale_period=2)
+  w0 = np.asarray(state["params"]["w"][...])
+  state, m = step(state, _batch(jnp.inf))  # non-finite gradients: step skipped, scale halved
+  assert bool(m["overflow"]) and float(state["loss_scale"]) == 4.0
+  np.testing.assert_array_equal(state["params"]["w"][...], w0)
+  np.testing.assert_array_equal(state["ema"]["w"][...], w0)
+  assert int(state["step"]) == 1  # the schedule and the data still move on
+  scales = []
+  for _ in range(3):
+    state, m = step(state, _batch())
+    assert not bool(m["overflow"])
+    scales.append(float(state["loss_scale"]))
+  assert scales == [4.0, 8.0, 8.0]  # doubled after 2 finite steps
+  assert not np.array_equal(np.asarray(state["params"]["w"][...]), w0)
+
+
+def test_the_run_stops_after_too_many_nonfinite_steps(tmp_path):
+  run = train.Run(tiny_config(**{"train.max_nonfinite_steps": 3}))
+
+  class Mgr:
+    def latest_step(self):
+      return 20
+
+  class Writer:
+    def write_scalars(self, *a):
+      pass
+  nan = float("nan")
+  metric = lambda loss, streak: dict(loss=np.float32(loss), lr=np.float32(1e-3),  # noqa: E731
+                                     grad_norm=np.float32(1), nonfinite_streak=np.int32(streak),
+                                     nonfinite_total=np.int32(streak))
+  ok = [(16, metric(1.0, 0)), (8, metric(nan, 1)), (8, metric(nan, 2))]
+  out = train._log(run, Writer(), ok, 23, 20, 1.0, 1.0, Mgr())  # pylint: disable=protected-access
+  assert out["nonfinite_losses"] == 2 and out["kimg"] == pytest.approx(23 * run.images_per_step / 1e3)
+  bad = ok + [(4, metric(nan, 3))]
+  with pytest.raises(train.NonFiniteLossError, match=r"3 consecutive steps up to step 24 .*"
+                     r"max_nonfinite_steps=3.*last checkpoint is step 20"):
+    train._log(run, Writer(), bad, 24, 20, 1.0, 1.0, Mgr())  # pylint: disable=protected-access
+
+
+def _restore_train(workdir, cfg, step):
+  from patchdiff import checkpoint  # pylint: disable=import-outside-toplevel
+  run = train.Run(cfg)
+  mgr = checkpoint.manager(str(workdir), create=False)
+  out = checkpoint.restore(mgr, step, ema_target=run.abstract_ema(),
+                           train_target=run.abstract_train())
+  steps = list(mgr.all_steps())
+  mgr.close()
+  return jax.device_get({k: out[k] for k in out.keys()}), steps
+
+
+def test_interrupted_and_resumed_run_is_the_same_run(tmp_path):
+  """Preempted at step 3 (SIGTERM), then killed while saving step 5 (only orbax's temporary
+  directory exists), then resumed: the result equals the uninterrupted run's."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(**{"train.steps": 8, "train.log_every": 4, "train.checkpoint_every": 100,
+                       "sample.grid_size": 0})
+  train.train_and_evaluate(cfg, str(tmp_path / "straight"))
+
+  def preempt(step, size):  # pylint: disable=unused-argument
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+  resumed = tmp_path / "resumed"
+  train.train_and_evaluate(cfg, str(resumed), on_step=preempt)
+  _, steps = _restore_train(resumed, cfg, 3)
+  assert steps == [3]  # saved at the boundary after the signal
+  partial = resumed / "checkpoints" / "5.orbax-checkpoint-tmp-1234567890"
+  shutil.copytree(resumed / "checkpoints" / "3", partial)
+  shutil.rmtree(partial / "train")  # cut off mid-write
+  train.train_and_evaluate(cfg, str(resumed))
+
+  a, _ = _restore_train(tmp_path / "straight", cfg, 8)
+  b, steps = _restore_train(resumed, cfg, 8)
+  assert steps == [3, 8] and not partial.exists()
+  assert b["progress"] == dict(a["progress"]) and b["progress"]["data_position"] == 8
+  for item, key in (("train", "params"), ("train", "opt_state"), ("ema", "params")):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6),
+                           a[item][key], b[item][key])
+
+
+def test_implicit_host_to_device_transfers_are_refused_in_the_loop(tmp_path, monkeypatch):
+  """The default run (guard on) trains in the tests above; feeding host arrays trips the guard."""
+  cfg = tiny_config(**{"train.steps": 2, "sample.grid_size": 0})
+  assert cfg.train.transfer_guard == "disallow"
+  monkeypatch.setattr(train.Run, "to_device", lambda self, batch: {k: batch[k]
+                                                                   for k in ("image", "pos")})
+  with pytest.raises(Exception, match="(?i)disallowed host-to-device transfer"):
+    train.train_and_evaluate(cfg, str(tmp_path))
+
+
+def test_bfloat16_compute_keeps_float32_weights_and_tracks_float32():
+  from patchdiff import models  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config().model.to_dict()
+  ref = models.create_denoiser(cfg, seed=3)
+  half = models.create_denoiser(dict(cfg, dtype="bfloat16"), seed=3)
+  dtypes = {x.dtype for x in jax.tree_util.tree_leaves(nnx.state(half, nnx.Param))}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 16, 16, 3)), jnp.float32)
+  pos = jnp.asarray(patches.full_grid(2, 16), jnp.float32)
+  sigma = jnp.array([0.5, 3.0])
+  a, b = ref(x, sigma, pos), half(x, sigma, pos)
+  assert b.dtype == jnp.float32
+  err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+  assert 0 < err < 2e-2, err  # bf16 has an 8-bit mantissa: different, but close
