@@ -9,8 +9,9 @@ from PIL import Image
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-  """(..., C) floats in [-1, 1] -> uint8, as EDM writes images: round(x * 127.5 + 128) clipped."""
-  return np.clip(np.rint(np.asarray(x, np.float32) * 127.5 + 128), 0, 255).astype(np.uint8)
+  """(..., C) floats in [-1, 1] -> uint8 exactly as EDM writes images: (x * 127.5 + 128) clipped
+  to [0, 255] and truncated, so an image read as v / 127.5 - 1 comes back as v."""
+  return np.floor(np.clip(np.asarray(x, np.float32) * 127.5 + 128, 0, 255)).astype(np.uint8)
 
 
 def make_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:

@@ -18,8 +18,25 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "what to do")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
+                          "train; sample from a checkpoint; eval: sample --seeds and measure them "
+                          "against as many training images (multi-scale SWD)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step to sample from (default: latest)")
+_SEEDS = flags.DEFINE_string("seeds", None, "sample: seeds such as 0-49999 or 0,3,10-19 (default: "
+                             "config.sample.seed .. + config.sample.num_images - 1)")
+_BATCH = flags.DEFINE_integer("batch", None, "sample: global batch (default config.sample.batch_size)")
+_CLASS = flags.DEFINE_integer("class_idx", None, "sample: this class for every seed (default: "
+                              "drawn per seed) for conditional models")
+_FORMAT = flags.DEFINE_enum("format", "png", ["png", "npz"], "sample: PNG files in folders of "
+                            "1,000 seeds, or one .npz (uint8 images and their seeds)")
+_OUTDIR = flags.DEFINE_string("outdir", None, "sample: where to write (default WORKDIR/samples/step_N)")
+_CANVAS = flags.DEFINE_integer("canvas", None, "sample: canvas size in pixels, larger than the "
+                               "training resolution to extrapolate (coordinates continue past "
+                               "[-1, 1] at the same spacing)")
+_OUTPAINT = flags.DEFINE_string("outpaint", None, "sample: an image held fixed in the centre of "
+                                "the canvas while the rest is generated")
+_INPAINT = flags.DEFINE_string("inpaint", None, "sample: an image to inpaint; with --mask")
+_MASK = flags.DEFINE_string("mask", None, "sample: with --inpaint, a grayscale image, white = keep")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "join a multi-process JAX job: 'on' calls jax.distributed.initialize() (it detects SLURM, "
@@ -46,10 +63,52 @@ def init_distributed() -> None:
     jax.distributed.initialize()
 
 
-def sample_from_checkpoint(cfg, workdir: str, step: int | None = None) -> tuple[str, np.ndarray]:
-  """Restores EMA weights from `workdir` and writes cfg.sample.num_images PNGs and a grid."""
-  from patchdiff import checkpoint, config_lib, images_io, train  # pylint: disable=import-outside-toplevel
+def _load_image(path: str, size: int, channels: int) -> np.ndarray:
+  """An image file as (size, size, channels) in [-1, 1] (RGBA composited on white)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  try:
+    img = Image.open(path)
+    img.load()
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read image {path}: {e}") from None
+  if img.mode in ("RGBA", "LA", "P"):
+    img = img.convert("RGBA")
+    white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+    img = Image.alpha_composite(white, img)
+  img = img.convert("L" if channels == 1 else "RGB")
+  if img.size != (size, size):
+    img = img.resize((size, size), Image.Resampling.LANCZOS)
+  arr = np.asarray(img, np.float32).reshape(size, size, -1)
+  return arr / 127.5 - 1
+
+
+def sample_from_checkpoint(cfg, workdir: str, step: int | None = None, seeds=None,
+                           batch: int | None = None, class_idx: int | None = None,
+                           fmt: str = "png", outdir: str | None = None,
+                           canvas: int | None = None, outpaint: str | None = None,
+                           inpaint: str | None = None, mask: str | None = None) -> tuple[str, np.ndarray | None]:
+  """Restores EMA weights from `workdir` and writes samples (PNGs and a grid, or one .npz).
+
+  Every argument is checked before the checkpoint is read or anything is compiled.
+  """
+  from patchdiff import checkpoint, config_lib, generate, images_io, train  # pylint: disable=import-outside-toplevel
   run = train.Run(cfg)
+  seeds = (list(range(cfg.sample.seed, cfg.sample.seed + cfg.sample.num_images)) if seeds is None
+           else generate.parse_seeds(seeds))
+  r, c = run.model_cfg["img_resolution"], run.model_cfg["img_channels"]
+  if (inpaint is None) != (mask is None):
+    raise app.UsageError("--inpaint and --mask go together")
+  if outpaint and inpaint:
+    raise app.UsageError("--outpaint and --inpaint exclude each other")
+  known = None
+  if outpaint:
+    known = generate.Known.centred(_load_image(outpaint, r, c), canvas or r)
+  elif inpaint:
+    size = canvas or r
+    m = _load_image(mask, size, 1) > 0
+    known = generate.Known(_load_image(inpaint, size, c), m.astype(np.float32))
+  if canvas is not None:
+    generate.canvas_grid(1, canvas, r)  # validates
   mgr = checkpoint.manager(workdir, create=False)
   step = mgr.latest_step() if step is None else step
   if step is None or step not in mgr.all_steps():
@@ -60,15 +119,56 @@ def sample_from_checkpoint(cfg, workdir: str, step: int | None = None) -> tuple[
   restored = checkpoint.restore(mgr, step, ema_target=run.abstract_ema())
   mgr.close()
   denoiser = run.denoiser(restored["ema"]["params"], restored["ema"]["buffers"])
-  n, seed = cfg.sample.num_images, cfg.sample.seed
+  sampler = generate.Sampler(denoiser, run.model_cfg, cfg.sample, mesh=run.mesh)
+  outdir = outdir or os.path.join(workdir, "samples", f"step_{step:08d}")
+  writer = jax.process_index() == 0
+  kept: list[np.ndarray] = []
   t0 = time.perf_counter()
-  images = run.sample(denoiser, n, seed)
+
+  def on_batch(batch_seeds, images):
+    images = images_io.to_uint8(images)
+    if fmt == "png" and writer:
+      images_io.save_pngs(images, batch_seeds, outdir)
+    if fmt == "npz" or sum(len(k) for k in kept) < cfg.sample.grid_size:
+      kept.append(images)
+  sampler.sample(seeds, batch_size=batch, class_idx=class_idx, canvas=canvas, known=known,
+                 on_batch=on_batch)
   dt = time.perf_counter() - t0
-  outdir = os.path.join(workdir, "samples", f"step_{step:08d}")
-  images_io.save_pngs(images, range(seed, seed + n), outdir)
-  images_io.save_grid(images[:cfg.sample.grid_size], os.path.join(outdir, "grid.png"))
-  logging.info("wrote %d samples to %s (%.2f images/s)", n, outdir, n / dt)
+  images = np.concatenate(kept)
+  if writer:
+    os.makedirs(outdir, exist_ok=True)
+    if fmt == "npz":
+      np.savez(os.path.join(outdir, "samples.npz"), images=images, seeds=np.asarray(seeds))
+    if cfg.sample.grid_size:
+      images_io.save_grid(images[:cfg.sample.grid_size], os.path.join(outdir, "grid.png"))
+  logging.info("wrote %d samples to %s (%.2f images/s)", len(seeds), outdir, len(seeds) / dt)
   return outdir, images
+
+
+def reference_images(cfg, n: int) -> np.ndarray:
+  """`n` full-size training images (uint8) drawn by the input pipeline, with its preprocessing."""
+  from patchdiff import data, images_io, models, patches  # pylint: disable=import-outside-toplevel
+  r = cfg.model.img_resolution
+  schedule = patches.PatchSchedule(sizes=(r,), probs=(1.0,), resolution=r, seed=cfg.seed)
+  batch = min(n, 256)
+  batches = data.build_input(cfg.data, schedule, batch, -(-n // batch), seed=cfg.seed + 1,
+                             label_dim=models.resolve(cfg.model)["label_dim"])
+  out = [images_io.to_uint8(next(batches)["image"]) for _ in range(-(-n // batch))]
+  return np.concatenate(out)[:n]
+
+
+def evaluate(cfg, workdir: str, step: int | None = None, seeds=None, batch=None) -> dict:
+  """Samples `seeds` from a checkpoint and reports their multi-scale SWD to the training data."""
+  import json  # pylint: disable=import-outside-toplevel
+  from patchdiff import metrics  # pylint: disable=import-outside-toplevel
+  outdir, images = sample_from_checkpoint(cfg, workdir, step, seeds=seeds, batch=batch, fmt="npz")
+  reference = reference_images(cfg, len(images))
+  result = dict(num_images=len(images), **metrics.sliced_wasserstein(
+      images, reference, min_resolution=min(16, images.shape[1])))
+  with open(os.path.join(outdir, "eval.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  logging.info("eval of %s: %s", outdir, result)
+  return result
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -91,8 +191,15 @@ def main(argv):
   if _MODE.value == "train":
     from patchdiff import train  # pylint: disable=import-outside-toplevel
     train.train_and_evaluate(cfg, workdir)
+  elif _MODE.value == "eval":
+    result = evaluate(cfg, workdir, _STEP.value, seeds=_SEEDS.value, batch=_BATCH.value)
+    print("SWD x1e3 (lower is better): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in result.items() if k.startswith("swd")))
   else:
-    outdir, _ = sample_from_checkpoint(cfg, workdir, _STEP.value)
+    outdir, _ = sample_from_checkpoint(
+        cfg, workdir, _STEP.value, seeds=_SEEDS.value, batch=_BATCH.value,
+        class_idx=_CLASS.value, fmt=_FORMAT.value, outdir=_OUTDIR.value, canvas=_CANVAS.value,
+        outpaint=_OUTPAINT.value, inpaint=_INPAINT.value, mask=_MASK.value)
     print(f"samples written to {outdir}")
 
 

@@ -62,15 +62,36 @@ def _normal_like(key, x, i):
   return jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(keys)
 
 
+_KNOWN_NOISE = 1 << 20  # folded into the key for the noise of the known region (see heun_loop)
+
+
 def heun_loop(denoise: Callable, latents, pos, labels, t_steps: np.ndarray, gammas: np.ndarray,
-              s_noise: float = 1.0, key=None):
-  """The sampler as a traceable function of D(x, sigma, pos, labels). NFE = 2N - 1."""
+              s_noise: float = 1.0, key=None, known=None, mask=None):
+  """The sampler as a traceable function of D(x, sigma, pos, labels). NFE = 2N - 1.
+
+  Inpainting and outpainting: where `mask` (broadcastable to the latents, 1 = known) is set, the
+  state is replaced by `known` noised to the current level before every step (at the start with
+  the latents themselves, later with fresh per-step noise), and by `known` itself at the end, so
+  the known pixels come out exactly and the rest is generated around them.
+  """
   n = len(t_steps) - 1
   b = latents.shape[0]
   t_hats = t_steps[:-1] * (1 + gammas)
   stochastic = bool(np.any(gammas > 0))
   if stochastic and key is None:
     raise ValueError("a stochastic sampler (S_churn > 0) needs a PRNG key")
+  if (known is None) != (mask is None):
+    raise ValueError("inpainting needs both `known` and `mask`")
+  if known is not None and key is None:
+    raise ValueError("inpainting needs a PRNG key (the known region is re-noised every step)")
+  t_cur_a = jnp.asarray(t_steps[:-1], jnp.float32)
+
+  def impose(i, x):
+    """x with its known region replaced by the known image at noise level t_i (i >= 1)."""
+    if known is None:
+      return x
+    noised = known + t_cur_a[i] * _normal_like(key, x, _KNOWN_NOISE + i)
+    return mask * noised + (1 - mask) * x
   t_next_a = jnp.asarray(t_steps[1:], jnp.float32)
   t_hat_a = jnp.asarray(t_hats, jnp.float32)
   # sqrt(t_hat^2 - t_cur^2) * S_noise, from float64
@@ -87,6 +108,7 @@ def heun_loop(denoise: Callable, latents, pos, labels, t_steps: np.ndarray, gamm
     return x_hat, d_cur, x_hat + (t_next_a[i] - t_hat) * d_cur
 
   def heun_step(i, x_cur):
+    x_cur = jax.lax.cond(i > 0, impose, lambda _, x: x, i, x_cur) if known is not None else x_cur
     x_hat, d_cur, x_next = euler(i, x_cur)
     t_next = t_next_a[i]
     denoised = denoise(x_next, jnp.full((b,), t_next), pos, labels)
@@ -94,27 +116,38 @@ def heun_loop(denoise: Callable, latents, pos, labels, t_steps: np.ndarray, gamm
     return x_hat + (t_next - t_hat_a[i]) * (0.5 * d_cur + 0.5 * d_prime)
 
   x = latents.astype(jnp.float32) * jnp.float32(t_steps[0])
+  if known is not None:
+    known = known.astype(jnp.float32)
+    mask = mask.astype(jnp.float32)
+    x = mask * (known + x) + (1 - mask) * x  # level t_0 with the latents as its noise
   x = jax.lax.fori_loop(0, n - 1, heun_step, x)
-  return euler(n - 1, x)[2]  # the last step is Euler: t_N = 0
+  if known is not None and n > 1:
+    x = impose(n - 1, x)
+  x = euler(n - 1, x)[2]  # the last step is Euler: t_N = 0
+  return x if known is None else mask * known + (1 - mask) * x
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "t_steps", "gammas", "s_noise",
                                              "guidance"))
-def _heun_jit(graphdef, state, latents, pos, labels, key, *, t_steps, gammas, s_noise, guidance):
+def _heun_jit(graphdef, state, latents, pos, labels, key, known, mask, *, t_steps, gammas,
+              s_noise, guidance):
   denoiser = nnx.merge(graphdef, state)
   d = guided(lambda x, s, p, l: denoiser(x, s, p, l), guidance)
-  return heun_loop(d, latents, pos, labels, np.asarray(t_steps), np.asarray(gammas), s_noise, key)
+  return heun_loop(d, latents, pos, labels, np.asarray(t_steps), np.asarray(gammas), s_noise, key,
+                   known=known, mask=mask)
 
 
 def heun_sample(denoiser: nnx.Module, latents, *, num_steps: int = 18, sigma_min: float = 0.002,
                 sigma_max: float = 80.0, rho: float = 7.0, s_churn: float = 0.0,
                 s_min: float = 0.0, s_max: float = float("inf"), s_noise: float = 1.0,
-                labels=None, guidance: float = 1.0, pos=None, key=None):
+                labels=None, guidance: float = 1.0, pos=None, key=None, known=None,
+                mask=None):
   """Samples from standard-normal `latents` (B,H,W,C) with EDM's Heun sampler, jitted.
 
   `pos` defaults to the full-image grid of an H x W canvas (offset 0, size R = H), attached at
   every evaluation. `labels` (B, label_dim) one-hot or None; `guidance` is the CFG scale w.
-  `key` (one key, or one per sample) drives the churn noise when s_churn > 0.
+  `key` (one key, or one per sample) drives the churn noise when s_churn > 0 and the noise of
+  the known region when `known` (B,H,W,C) and `mask` (1 = known) are given (see heun_loop).
   """
   b, h, w, _ = latents.shape
   if h != w:
@@ -126,5 +159,6 @@ def heun_sample(denoiser: nnx.Module, latents, *, num_steps: int = 18, sigma_min
   graphdef, state = nnx.split(denoiser)
   return _heun_jit(graphdef, state, jnp.asarray(latents), jnp.asarray(pos),
                    None if labels is None else jnp.asarray(labels, jnp.float32), key,
-                   t_steps=tuple(t_steps.tolist()), gammas=tuple(gammas.tolist()),
+                   None if known is None else jnp.asarray(known),
+                   None if mask is None else jnp.asarray(mask), t_steps=tuple(t_steps.tolist()), gammas=tuple(gammas.tolist()),
                    s_noise=float(s_noise), guidance=float(guidance))

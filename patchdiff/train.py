@@ -21,7 +21,8 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from patchdiff import checkpoint, config_lib, edm, images_io, models, patches, sampling, sharding
+from patchdiff import (checkpoint, config_lib, edm, generate, images_io, metrics, models,
+                       patches, sharding)
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces: learning rate, EMA, the step.
@@ -228,26 +229,9 @@ class Run:
     return nnx.merge(self.graphdef, ema, buffers)
 
   def sample(self, denoiser, num: int, seed: int) -> np.ndarray:
-    """`num` images from seeds seed..seed+num-1 as uint8 (num, R, R, C)."""
-    scfg = self.cfg.sample
-    r = self.model_cfg["img_resolution"]
-    c = self.model_cfg["img_channels"]
-    out = []
-    for start in range(0, num, scfg.batch_size):
-      seeds = np.arange(seed + start, seed + min(start + scfg.batch_size, num))
-      keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-      latents = jax.vmap(lambda k: jax.random.normal(k, (r, r, c)))(keys)
-      labels = None
-      if self.model_cfg["label_dim"]:
-        cls = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 0,
-                                                    self.model_cfg["label_dim"]))(keys)
-        labels = jax.nn.one_hot(cls, self.model_cfg["label_dim"])
-      x = sampling.heun_sample(denoiser, latents, num_steps=scfg.num_steps,
-                               s_churn=scfg.s_churn, s_min=scfg.s_min, s_max=scfg.s_max,
-                               s_noise=scfg.s_noise, labels=labels, guidance=scfg.guidance,
-                               key=jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys))
-      out.append(images_io.to_uint8(np.asarray(x)))
-    return np.concatenate(out)
+    """`num` images from seeds seed..seed+num-1 as uint8 (num, R, R, C), sharded over the mesh."""
+    sampler = generate.Sampler(denoiser, self.model_cfg, self.cfg.sample, mesh=self.mesh)
+    return images_io.to_uint8(sampler.sample(list(range(seed, seed + num))))
 
 
 def model_flops(fn: Callable, *args) -> float:
@@ -414,6 +398,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
 
   # ---- Loop. Nothing here waits for the device except the metrics fetched every log_every.
   pending, last = [], dict(loss=float("nan"))
+  reference: list[np.ndarray] = []  # full-size training images, for SWD of the sample grids
+  want_reference = jax.process_count() == 1 and cfg.sample.grid_size >= 2
   t_log = t_loop = time.perf_counter()
   step = first
   watch = PreemptionWatch()
@@ -421,6 +407,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     for step in range(first, tcfg.steps):
       batch = next(batches)
       size = int(batch["image"].shape[1])
+      if (want_reference and size == run.schedule.resolution
+          and sum(len(r) for r in reference) < cfg.sample.grid_size):
+        reference.append(images_io.to_uint8(batch["image"]))
       arrays = run.to_device(batch)  # the loop's one (explicit) host-to-device transfer
       with jax.transfer_guard(tcfg.transfer_guard):
         state, metrics = compiled[size](state, arrays)
@@ -447,12 +436,29 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
         path = os.path.join(workdir, f"samples_{done:08d}.png")
         images_io.save_grid(grid, path)
         writer.write_images(done, {"ema_samples": images_io.make_grid(grid)[None]})
+        if reference:
+          _log_swd(writer, done, grid, np.concatenate(reference))
   finally:
     watch.close()
     mgr.wait_until_finished()
     mgr.close()
     writer.flush()
   return last
+
+
+def _log_swd(writer, step: int, samples: np.ndarray, reference: np.ndarray) -> None:
+  """Sliced Wasserstein distance of the EMA grid to as many training images: a rough, offline
+  quality signal (small sets are noisy; `--mode=eval` measures on thousands)."""
+  n = min(len(samples), len(reference))
+  try:
+    swd = metrics.sliced_wasserstein(samples[:n], reference[:n],
+                                     min_resolution=min(16, samples.shape[1]))
+  except ValueError as e:
+    logging.warning("no SWD for the sample grid: %s", e)
+    return
+  writer.write_scalars(step, {f"grid_{k}": v for k, v in swd.items()})
+  logging.info("SWD of %d EMA samples to %d training images: %s", n, n,
+               ", ".join(f"{k} {v:.1f}" for k, v in swd.items()))
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -89,3 +89,8 @@ def test_checkpoint_of_fsdp_layout_restores_on_other_topologies(eight_devices, t
   assert r[f"{target}_devices"] == devices
   assert r[f"{target}_progress"]["data_position"] == 3
   assert r[f"{target}_progress"]["mesh"] == {"data": 2, "fsdp": 4}
+
+
+def test_sharded_sampling_matches_one_device(eight_devices):
+  assert eight_devices["sample_8_vs_1_max_abs"] < 1e-4
+  assert eight_devices["sample_distinct_seeds"] > 0.01

@@ -1,0 +1,148 @@
+"""Drawing samples: seed ranges, batches sharded over every device, canvases and known regions.
+
+Each image depends on its seed alone (its latents, churn noise and drawn class come from
+`jax.random.key(seed)`), not on the batch size, the device count or the host count.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from patchdiff import patches, sampling
+
+
+def parse_seeds(spec: str) -> list[int]:
+  """'0-49999', '7', '0,5,10-12' -> the seeds in order; empty or reversed ranges are errors."""
+  seeds: list[int] = []
+  for part in str(spec).split(","):
+    part = part.strip()
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+    if not m:
+      raise ValueError(f"seeds {spec!r}: {part!r} is not N or N-M with non-negative integers")
+    lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+    if hi < lo:
+      raise ValueError(f"seeds {spec!r}: the range {part!r} is reversed")
+    seeds.extend(range(lo, hi + 1))
+  if not seeds:
+    raise ValueError(f"seeds {spec!r} is empty")
+  if max(seeds) >= 2 ** 32:
+    raise ValueError(f"seeds {spec!r}: seeds must be below 2^32")
+  return seeds
+
+
+def canvas_grid(batch: int, canvas: int, resolution: int) -> np.ndarray:
+  """Coordinates of a `canvas` x `canvas` image centred on the training canvas: the grid of
+  [-1, 1] continued beyond it at the same pixel spacing (extrapolation, paper section 4.5)."""
+  if canvas < resolution or (canvas - resolution) % 2:
+    raise ValueError(f"canvas {canvas} must be >= the resolution {resolution} and differ from "
+                     "it by an even number of pixels")
+  off = -((canvas - resolution) // 2)
+  return patches.coord_grid(np.full(batch, off), np.full(batch, off), canvas, resolution)
+
+
+@dataclass
+class Known:
+  """An image held fixed where `mask` is 1 (inpainting; outpainting is a centred known region)."""
+  image: np.ndarray  # (H, W, C) in [-1, 1]
+  mask: np.ndarray   # (H, W, 1) in {0, 1}
+
+  @classmethod
+  def centred(cls, image: np.ndarray, canvas: int) -> "Known":
+    """Outpainting: `image` (R, R, C) in the middle of a `canvas` square, the border unknown."""
+    r, c = image.shape[0], image.shape[-1]
+    if canvas < r or (canvas - r) % 2:
+      raise ValueError(f"canvas {canvas} must be >= the image size {r} and differ by an even "
+                       "number of pixels")
+    o = (canvas - r) // 2
+    full = np.zeros((canvas, canvas, c), np.float32)
+    mask = np.zeros((canvas, canvas, 1), np.float32)
+    full[o:o + r, o:o + r] = image
+    mask[o:o + r, o:o + r] = 1
+    return cls(full, mask)
+
+
+class Sampler:
+  """Samples seeds in batches sharded over `mesh`'s devices (all of them by default)."""
+
+  def __init__(self, denoiser: nnx.Module, model_cfg: dict, sample_cfg, mesh: Mesh | None = None):
+    self.denoiser = denoiser
+    self.model_cfg = model_cfg
+    self.scfg = sample_cfg
+    self.mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",),
+                                      axis_types=(jax.sharding.AxisType.Auto,))
+    self.devices = self.mesh.devices.size
+    self.sharding = NamedSharding(self.mesh, P(self.mesh.axis_names))
+
+  def batches(self, seeds: Sequence[int], batch_size: int) -> Iterator[tuple[list[int], int]]:
+    """(seeds of the batch padded to a multiple of the device count, number of real seeds)."""
+    b = -(-batch_size // self.devices) * self.devices
+    for start in range(0, len(seeds), b):
+      chunk = list(seeds[start:start + b])
+      yield chunk + [chunk[-1]] * (b - len(chunk)), len(chunk)
+
+  def sample(self, seeds: Sequence[int], *, batch_size: int | None = None,
+             class_idx: int | None = None, canvas: int | None = None,
+             known: Known | None = None,
+             on_batch: Callable[[list[int], np.ndarray], None] | None = None) -> np.ndarray | None:
+    """Images in [-1, 1] for `seeds` (N, S, S, C), S the canvas (default: the resolution).
+
+    `on_batch(seeds, images)` receives each batch as it is done (then nothing is returned, so
+    50,000 samples never sit in memory together).
+    """
+    r, c = self.model_cfg["img_resolution"], self.model_cfg["img_channels"]
+    label_dim = self.model_cfg["label_dim"]
+    size = canvas or (known.image.shape[0] if known is not None else r)
+    if class_idx is not None and not 0 <= class_idx < max(label_dim, 1):
+      raise ValueError(f"class {class_idx} is outside [0, label_dim={label_dim})")
+    if class_idx is not None and not label_dim:
+      raise ValueError("a class was given, but the model is unconditional (label_dim = 0)")
+    scfg = self.scfg
+    out, done, t0 = [], 0, time.perf_counter()
+    for batch, n in self.batches(seeds, batch_size or scfg.batch_size):
+      seed_arr = jax.device_put(np.asarray(batch, np.uint32), self.sharding)
+      keys = jax.vmap(jax.random.key)(seed_arr)
+      latents = jax.vmap(lambda k: jax.random.normal(k, (size, size, c)))(keys)
+      labels = None
+      if label_dim:
+        cls = (jnp.full((len(batch),), class_idx) if class_idx is not None else
+               jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 0,
+                                                     label_dim))(keys))
+        labels = jax.nn.one_hot(cls, label_dim)
+      pos = jax.device_put(canvas_grid(len(batch), size, r), self.sharding)
+      kw = {}
+      if known is not None:
+        kw = dict(known=jax.device_put(np.broadcast_to(known.image, (len(batch), *known.image.shape)),
+                                       self.sharding),
+                  mask=jax.device_put(np.broadcast_to(known.mask, (len(batch), *known.mask.shape)),
+                                      self.sharding))
+      x = sampling.heun_sample(self.denoiser, latents, num_steps=scfg.num_steps,
+                               s_churn=scfg.s_churn, s_min=scfg.s_min, s_max=scfg.s_max,
+                               s_noise=scfg.s_noise, labels=labels, guidance=scfg.guidance,
+                               pos=pos, key=jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys),
+                               **kw)
+      images = _gather(x)[:n]
+      done += n
+      if on_batch is not None:
+        on_batch(list(batch[:n]), images)
+      else:
+        out.append(images)
+      dt = time.perf_counter() - t0
+      logging.info("sampled %d/%d images (%.2f images/s)", done, len(seeds), done / dt)
+    return np.concatenate(out) if out else None
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  """The whole global array on this host (every process holds a copy after a multi-host run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
