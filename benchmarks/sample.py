@@ -1,0 +1,50 @@
+"""Sampling throughput: images/s of the Heun sampler for a config, sharded over every device.
+
+  python benchmarks/sample.py --config=configs/demo.py --num=256 --batch=64
+  python benchmarks/sample.py --config=configs/ffhq64.py --num=2048 --batch=512 \
+      --config.sample.num_steps=40 --config.model.dtype=bfloat16
+
+Uses freshly initialised weights (speed does not depend on them). Prints the compile time (the
+first batch) and the images/s of the batches after it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from patchdiff import generate, models, train  # noqa: E402  pylint: disable=wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
+_NUM = flags.DEFINE_integer("num", 256, "images to draw after the first (compiling) batch")
+_BATCH = flags.DEFINE_integer("batch", 64, "global batch")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  run = train.Run(cfg)
+  denoiser = models.create_denoiser(run.model_cfg, seed=cfg.seed)
+  sampler = generate.Sampler(denoiser, run.model_cfg, cfg.sample, mesh=run.mesh)
+  b = _BATCH.value
+  t0 = time.perf_counter()
+  sampler.sample(list(range(b)), batch_size=b)
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  sampler.sample(list(range(b, b + _NUM.value)), batch_size=b)
+  dt = time.perf_counter() - t0
+  nfe = 2 * cfg.sample.num_steps - 1
+  print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}, "
+        f"{run.model_cfg['img_resolution']} px, {cfg.sample.num_steps} steps ({nfe} network "
+        f"evaluations), batch {b}: first batch (with compile) {first:.1f} s; then {_NUM.value} "
+        f"images in {dt:.1f} s = {_NUM.value / dt:.1f} images/s")
+
+
+if __name__ == "__main__":
+  app.run(main)
