@@ -6,7 +6,7 @@ plus fine grain, so they compress like real 64 px photos rather than flat colour
 images cached in memory and straight from the zip (decoded in the tf.data graph every step).
 
   python benchmarks/input_pipeline.py [--num_images 4000] [--batch_size 256] [--seconds 5]
-                                      [--repeats 2]
+                                      [--repeats 2] [--decoders]
 
 Prints samples/s (patches per second) and full images/s (samples * (s/R)^2) per row, the best
 of `repeats` timings (other processes on the machine only ever slow a timing down), samples per
@@ -101,6 +101,35 @@ def decode_only(path: str, seconds: float, repeats: int) -> float:
   return best
 
 
+def other_decoders(path: str, repeats: int) -> None:
+  """Single-process PNG decoders for comparison: PIL on one thread, and pyspng (if installed)
+  on one and two threads (it holds the GIL, so two threads show what a thread pool can get)."""
+  import threading  # pylint: disable=import-outside-toplevel
+  with zipfile.ZipFile(path) as zf:
+    blobs = [zf.read(n) for n in sorted(zf.namelist()) if n.endswith(".png")]
+  decoders = {"PIL": lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))}
+  try:
+    import pyspng  # pylint: disable=import-outside-toplevel
+    decoders["pyspng"] = pyspng.load
+  except ImportError:
+    print("pyspng not installed: skipped")
+  for name, fn in decoders.items():
+    for threads in ((1, 2) if name == "pyspng" else (1,)):
+      best = 0.0
+      for _ in range(repeats):
+        parts = [blobs[i::threads] for i in range(threads)]
+        workers = [threading.Thread(target=lambda part: [fn(b) for b in part], args=(part,))
+                   for part in parts]
+        t0 = time.perf_counter()
+        for w in workers:
+          w.start()
+        for w in workers:
+          w.join()
+        best = max(best, len(blobs) / (time.perf_counter() - t0))
+      print(f"PNG decode alone ({name}, {threads} thread{'s' * (threads > 1)}): {best:,.0f} "
+            "images/s")
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--num_images", type=int, default=4000)
@@ -108,6 +137,8 @@ def main(argv=None):
   ap.add_argument("--seconds", type=float, default=5.0, help="timed seconds per row")
   ap.add_argument("--real_p", type=float, default=0.5)
   ap.add_argument("--repeats", type=int, default=2, help="timings per row; the best is shown")
+  ap.add_argument("--decoders", action="store_true",
+                  help="also time PIL and pyspng (if installed) decoding the same PNGs")
   args = ap.parse_args(argv)
 
   print("command: python benchmarks/input_pipeline.py " + " ".join(
@@ -123,6 +154,8 @@ def main(argv=None):
     dec, dec_cpu = decode_only(path, args.seconds, args.repeats)
     print(f"PNG decode alone (tf.data, parallel): {dec:,.0f} images/s, {dec_cpu:,.0f} images "
           "per CPU-second")
+    if args.decoders:
+      other_decoders(path, args.repeats)
     print(f"\n{'bucket':<12} {'source':<14} {'samples/s':>12} {'images/s':>12} "
           f"{'samples/CPU-s':>14}")
     for cache in (True, False):
