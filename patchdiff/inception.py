@@ -230,8 +230,26 @@ class InceptionV3(nnx.Module):
 
 
 def create(seed: int = 0) -> InceptionV3:
-  """A randomly initialised network (for tests and shapes; load real weights for FID)."""
-  return InceptionV3(rngs=nnx.Rngs(seed))
+  """A randomly initialised network (for tests and shapes; load real weights for FID).
+
+  Built cheaply: the structure is traced abstractly (`nnx.eval_shape`) and the tensors drawn with
+  NumPy (conv kernels ~ N(0, 2 / fan_in), He scaling, so activations stay of order one through
+  the ReLUs; batch norm at identity), which avoids compiling one XLA random-number program per
+  kernel shape.
+  """
+  model = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, BasicConv2d):
+      shape = node.conv.kernel.shape
+      std = np.sqrt(2.0 / np.prod(shape[:3]))
+      node.conv.kernel.set_value(
+          jnp.asarray(rng.standard_normal(shape, np.float32) * np.float32(std)))
+      channels = shape[-1]
+      for var, fill in ((node.bn.scale, 1.0), (node.bn.bias, 0.0), (node.bn.mean, 0.0),
+                        (node.bn.var, 1.0)):
+        var.set_value(jnp.full((channels,), fill, jnp.float32))
+  return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +337,7 @@ def state_dict(model: InceptionV3) -> dict[str, np.ndarray]:
   """The network's tensors as a PyTorch state dict (names and OIHW layout), without `fc`."""
   out = {}
   for name, (var, is_conv) in _variables(model).items():
-    value = np.asarray(var.value)
+    value = np.asarray(var.get_value())
     out[name] = np.transpose(value, (3, 2, 0, 1)) if is_conv else value
   return out
 
@@ -341,7 +359,7 @@ def load_state_dict(model: InceptionV3, state: dict[str, Any]) -> None:
   mis_shaped = []
   for name, (var, is_conv) in targets.items():
     if name in state:
-      expected = _torch_shape(var.value.shape, is_conv)
+      expected = _torch_shape(tuple(var.shape), is_conv)
       got = tuple(np.shape(state[name]))
       if got != expected:
         mis_shaped.append(f"{name} (expected {expected}, got {got})")
@@ -358,14 +376,14 @@ def load_state_dict(model: InceptionV3, state: dict[str, Any]) -> None:
     value = np.asarray(state[name], np.float32)
     if is_conv:
       value = np.transpose(value, (2, 3, 1, 0))
-    var.value = jnp.asarray(value)
+    var.set_value(jnp.asarray(value))
 
 
 def load_weights(path: str | os.PathLike) -> InceptionV3:
   """A network with the weights of `path`: `.npz` (arrays keyed by state-dict name) or `.pth`/`.pt`.
 
-  A `.pth` file is read with `torch.load(map_location="cpu")`, so needs torch. Without torch,
-  convert it once to `.npz` where torch is available:
+  A `.pth` file is read with `torch.load(map_location="cpu", weights_only=True)`, so it needs
+  torch. Without torch, convert it once to `.npz` where torch is available:
 
     python -c "import numpy as np, torch; sd = torch.load('pt_inception-2015-12-05-6726825d.pth',
     map_location='cpu'); np.savez('pt_inception-2015-12-05.npz',
@@ -387,7 +405,7 @@ def load_weights(path: str | os.PathLike) -> InceptionV3:
       raise ImportError(
           f"reading {path} needs torch, which is not installed; convert the file to .npz where "
           "torch is available (see the docstring of patchdiff.inception.load_weights)") from e
-    loaded = torch.load(path, map_location="cpu")
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
     state = {k: v.detach().cpu().numpy() for k, v in loaded.items() if hasattr(v, "numpy")}
   else:
     raise ValueError(f"unsupported Inception weight file {path}: expected .npz, .pth or .pt")

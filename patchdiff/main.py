@@ -18,9 +18,11 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "fid_ref"],
                           "train; sample from a checkpoint; eval: sample --seeds and measure them "
-                          "against as many training images (multi-scale SWD)")
+                          "(multi-scale SWD against as many training images; FID and KID with "
+                          "--inception and --ref); fid_ref: Inception statistics of the whole "
+                          "training set into --ref")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step to sample from (default: latest)")
 _SEEDS = flags.DEFINE_string("seeds", None, "sample: seeds such as 0-49999 or 0,3,10-19 (default: "
                              "config.sample.seed .. + config.sample.num_images - 1)")
@@ -37,6 +39,12 @@ _OUTPAINT = flags.DEFINE_string("outpaint", None, "sample: an image held fixed i
                                 "the canvas while the rest is generated")
 _INPAINT = flags.DEFINE_string("inpaint", None, "sample: an image to inpaint; with --mask")
 _MASK = flags.DEFINE_string("mask", None, "sample: with --inpaint, a grayscale image, white = keep")
+_INCEPTION = flags.DEFINE_string("inception", None, "eval/fid_ref: FID Inception-v3 weights "
+                                 "(.npz, or .pth with torch installed; see patchdiff/inception.py)")
+_REF = flags.DEFINE_string("ref", None, "eval: reference statistics (.npz with mu, sigma, as EDM's "
+                           "files); fid_ref: where to write them")
+_FID_SETS = flags.DEFINE_integer("fid_sets", 1, "eval: seed sets to score (each shifted by the "
+                                 "range's length); FID is the minimum, as EDM reports it")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "join a multi-process JAX job: 'on' calls jax.distributed.initialize() (it detects SLURM, "
@@ -145,26 +153,77 @@ def sample_from_checkpoint(cfg, workdir: str, step: int | None = None, seeds=Non
   return outdir, images
 
 
-def reference_images(cfg, n: int) -> np.ndarray:
-  """`n` full-size training images (uint8) drawn by the input pipeline, with its preprocessing."""
+def reference_images(cfg, n: int | None = None) -> np.ndarray:
+  """`n` full-size training images (uint8; default: every example once, in one epoch's order),
+  drawn by the input pipeline with its preprocessing."""
   from patchdiff import data, images_io, models, patches  # pylint: disable=import-outside-toplevel
   r = cfg.model.img_resolution
   schedule = patches.PatchSchedule(sizes=(r,), probs=(1.0,), resolution=r, seed=cfg.seed)
+  label_dim = models.resolve(cfg.model)["label_dim"]
+  if n is None:
+    n = data.build_input(cfg.data, schedule, 1, 1, seed=cfg.seed + 1,
+                         label_dim=label_dim).num_examples
   batch = min(n, 256)
   batches = data.build_input(cfg.data, schedule, batch, -(-n // batch), seed=cfg.seed + 1,
-                             label_dim=models.resolve(cfg.model)["label_dim"])
+                             label_dim=label_dim)
   out = [images_io.to_uint8(next(batches)["image"]) for _ in range(-(-n // batch))]
   return np.concatenate(out)[:n]
 
 
-def evaluate(cfg, workdir: str, step: int | None = None, seeds=None, batch=None) -> dict:
-  """Samples `seeds` from a checkpoint and reports their multi-scale SWD to the training data."""
+def _inception(path: str | None):
+  if path is None:
+    return None
+  from patchdiff import inception  # pylint: disable=import-outside-toplevel
+  return inception.load_weights(path)
+
+
+def fid_reference(cfg, inception_path: str | None, out: str | None) -> str:
+  """Inception mean and covariance over every training image (no flips), as EDM's ref files."""
+  from patchdiff import inception, metrics  # pylint: disable=import-outside-toplevel
+  if not inception_path or not out:
+    raise app.UsageError("--mode=fid_ref needs --inception and --ref")
+  model = _inception(inception_path)
+  cfg = cfg.copy_and_resolve_references()
+  cfg.data.hflip = False
+  images = reference_images(cfg)
+  mu, sigma = metrics.feature_statistics(inception.features(model, images))
+  metrics.save_statistics(out, mu, sigma)
+  logging.info("wrote Inception statistics of %d training images to %s", len(images), out)
+  return out
+
+
+def evaluate(cfg, workdir: str, step: int | None = None, seeds=None, batch=None,
+             inception_path: str | None = None, ref: str | None = None, fid_sets: int = 1) -> dict:
+  """Samples `seeds` from a checkpoint and reports their multi-scale SWD to the training data,
+  and FID (minimum over `fid_sets` seed sets) and KID when Inception weights are given."""
   import json  # pylint: disable=import-outside-toplevel
-  from patchdiff import metrics  # pylint: disable=import-outside-toplevel
-  outdir, images = sample_from_checkpoint(cfg, workdir, step, seeds=seeds, batch=batch, fmt="npz")
+  from patchdiff import generate, inception, metrics  # pylint: disable=import-outside-toplevel
+  if (inception_path is None) != (ref is None):
+    raise app.UsageError("FID needs both --inception and --ref")
+  if fid_sets < 1:
+    raise app.UsageError(f"--fid_sets={fid_sets} must be >= 1")
+  model = _inception(inception_path)
+  ref_stats = metrics.load_statistics(ref, feature_dim=2048) if ref else None
+  base = (list(range(cfg.sample.seed, cfg.sample.seed + cfg.sample.num_images)) if seeds is None
+          else generate.parse_seeds(seeds))
+  span = max(base) - min(base) + 1
+  fids, kids = [], []
+  outdir, images = sample_from_checkpoint(cfg, workdir, step, seeds=",".join(map(str, base)),
+                                          batch=batch, fmt="npz")
   reference = reference_images(cfg, len(images))
   result = dict(num_images=len(images), **metrics.sliced_wasserstein(
       images, reference, min_resolution=min(16, images.shape[1])))
+  if model is not None:
+    ref_feats = inception.features(model, reference)
+    for k in range(fid_sets):
+      if k:
+        shifted = ",".join(str(s + k * span) for s in base)
+        _, images = sample_from_checkpoint(cfg, workdir, step, seeds=shifted, batch=batch,
+                                           fmt="npz", outdir=os.path.join(outdir, f"set_{k}"))
+      feats = inception.features(model, images)
+      fids.append(metrics.frechet_distance(*metrics.feature_statistics(feats), *ref_stats))
+      kids.append(metrics.kernel_inception_distance(feats, ref_feats))
+    result.update(fid=min(fids), fid_sets=fids, kid=kids[int(np.argmin(fids))])
   with open(os.path.join(outdir, "eval.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
   logging.info("eval of %s: %s", outdir, result)
@@ -191,10 +250,16 @@ def main(argv):
   if _MODE.value == "train":
     from patchdiff import train  # pylint: disable=import-outside-toplevel
     train.train_and_evaluate(cfg, workdir)
+  elif _MODE.value == "fid_ref":
+    print(f"reference statistics written to {fid_reference(cfg, _INCEPTION.value, _REF.value)}")
   elif _MODE.value == "eval":
-    result = evaluate(cfg, workdir, _STEP.value, seeds=_SEEDS.value, batch=_BATCH.value)
+    result = evaluate(cfg, workdir, _STEP.value, seeds=_SEEDS.value, batch=_BATCH.value,
+                      inception_path=_INCEPTION.value, ref=_REF.value, fid_sets=_FID_SETS.value)
     print("SWD x1e3 (lower is better): " + ", ".join(
         f"{k} {v:.2f}" for k, v in result.items() if k.startswith("swd")))
+    if "fid" in result:
+      print(f"FID {result['fid']:.3f} (min over {len(result['fid_sets'])} seed sets: "
+            f"{', '.join(f'{v:.3f}' for v in result['fid_sets'])}), KID {result['kid']:.5f}")
   else:
     outdir, _ = sample_from_checkpoint(
         cfg, workdir, _STEP.value, seeds=_SEEDS.value, batch=_BATCH.value,
