@@ -7,7 +7,8 @@ average (`count_include_pad=False`), and the last E block (`Mixed_7c`) max-pools
 layer names follow torchvision, so a PyTorch state dict maps one to one (see `load_state_dict`).
 
 Weights. Nothing is downloaded: the user supplies the file. Use
-`pt_inception-2015-12-05-6726825d.pth`, the PyTorch port of the TensorFlow graph distributed by
+`pt_inception-2015-12-05-6726825d.pth` (its SHA-256 begins 6726825d, which `load_weights`
+checks for files named this way), the PyTorch port of the TensorFlow graph distributed by
 pytorch-fid (mseitzer/pytorch-fid, GitHub release "FID weights"), either as is (`.pth`, needs
 torch) or converted once to `.npz` (see `load_weights`). NVIDIA's `inception-2015-12-05.pkl`, which
 StyleGAN2-ADA / EDM use, is a TorchScript pickle of the same network (same weights) with its own
@@ -379,6 +380,23 @@ def load_state_dict(model: InceptionV3, state: dict[str, Any]) -> None:
     var.set_value(jnp.asarray(value))
 
 
+def _check_name_hash(path: str) -> None:
+  """pytorch-fid's file names end in the first 8 hex digits of the file's SHA-256
+  (`...-6726825d.pth`, as torch.hub checks them): a damaged download is refused here."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  m = re.search(r"-([0-9a-f]{8})\.(pth|pt)$", os.path.basename(path))
+  if not m:
+    return
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  if not h.hexdigest().startswith(m.group(1)):
+    raise ValueError(f"{path}: its SHA-256 begins {h.hexdigest()[:8]}, but its name says "
+                     f"{m.group(1)}; the file is damaged or not the published one")
+
+
 def load_weights(path: str | os.PathLike) -> InceptionV3:
   """A network with the weights of `path`: `.npz` (arrays keyed by state-dict name) or `.pth`/`.pt`.
 
@@ -394,6 +412,7 @@ def load_weights(path: str | os.PathLike) -> InceptionV3:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Inception weights not found: {path}")
+  _check_name_hash(path)
   ext = os.path.splitext(path)[1].lower()
   if ext == ".npz":
     with np.load(path) as data:

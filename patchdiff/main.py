@@ -187,7 +187,7 @@ def fid_reference(cfg, inception_path: str | None, out: str | None) -> str:
   cfg.data.hflip = False
   images = reference_images(cfg)
   mu, sigma = metrics.feature_statistics(inception.features(model, images))
-  metrics.save_statistics(out, mu, sigma)
+  metrics.save_statistics(out, mu, sigma, resolution=cfg.model.img_resolution)
   logging.info("wrote Inception statistics of %d training images to %s", len(images), out)
   return out
 
@@ -203,7 +203,8 @@ def evaluate(cfg, workdir: str, step: int | None = None, seeds=None, batch=None,
   if fid_sets < 1:
     raise app.UsageError(f"--fid_sets={fid_sets} must be >= 1")
   model = _inception(inception_path)
-  ref_stats = metrics.load_statistics(ref, feature_dim=2048) if ref else None
+  ref_stats = (metrics.load_statistics(ref, feature_dim=2048,
+                                       resolution=cfg.model.img_resolution) if ref else None)
   base = (list(range(cfg.sample.seed, cfg.sample.seed + cfg.sample.num_images)) if seeds is None
           else generate.parse_seeds(seeds))
   span = max(base) - min(base) + 1

@@ -93,25 +93,29 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
   return mu, sigma
 
 
-def save_statistics(path: str | os.PathLike, mu, sigma) -> None:
-  """Writes (mu, sigma) to `path` as an .npz with keys `mu` and `sigma` (EDM's format).
+def save_statistics(path: str | os.PathLike, mu, sigma, resolution: int | None = None) -> None:
+  """Writes (mu, sigma) to `path` as an .npz with keys `mu` and `sigma` (EDM's format), plus
+  the image `resolution` when given (an extra key EDM's readers ignore).
 
   The file is written at exactly `path` (numpy.savez would append `.npz` to other names); the
   arrays keep their dtype.
   """
   mu_arr, sigma_arr = np.asarray(mu), np.asarray(sigma)
   _check_statistics(mu_arr, sigma_arr, os.fspath(path))
+  extra = {} if resolution is None else {"resolution": np.asarray(int(resolution))}
   with open(path, "wb") as f:
-    np.savez(f, mu=mu_arr, sigma=sigma_arr)
+    np.savez(f, mu=mu_arr, sigma=sigma_arr, **extra)
 
 
-def load_statistics(path: str | os.PathLike,
-                    feature_dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_statistics(path: str | os.PathLike, feature_dim: int | None = None,
+                    resolution: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Reads (mu, sigma) as float64 from an .npz with keys `mu` and `sigma` (EDM's format).
 
   Args:
     path: the .npz file, e.g. one of EDM's reference statistics (fid-refs/*.npz).
     feature_dim: if given, the feature size the statistics must have (2048 for Inception).
+    resolution: if given and the file records one (files written by save_statistics with a
+      resolution), the image resolution the statistics must come from.
 
   Raises:
     ValueError (naming the file): if the file is not an .npz archive, lacks a key, holds
@@ -127,6 +131,10 @@ def load_statistics(path: str | os.PathLike,
       raise ValueError(f"{name} lacks key(s) {missing}; it has {sorted(data.files)}, "
                        "expected 'mu' and 'sigma'")
     mu, sigma = data["mu"], data["sigma"]
+    saved_res = int(data["resolution"]) if "resolution" in data.files else None
+  if resolution is not None and saved_res is not None and saved_res != resolution:
+    raise ValueError(f"{name} holds statistics of {saved_res} px images, but the model makes "
+                     f"{resolution} px images")
   mu, sigma = _check_statistics(mu, sigma, name)
   if feature_dim is not None and mu.shape[0] != feature_dim:
     raise ValueError(f"{name} has {mu.shape[0]}-d features, expected {feature_dim}")

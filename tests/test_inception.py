@@ -203,3 +203,10 @@ def test_load_weights_pth_without_torch(tmp_path):
   path.write_bytes(b"not read")
   with pytest.raises(ImportError, match="npz"):
     inception.load_weights(path)
+
+
+def test_a_damaged_weight_file_is_refused_by_its_name_hash(tmp_path):
+  path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+  path.write_bytes(b"not the published file")
+  with pytest.raises(ValueError, match="SHA-256 begins .* but its name says 6726825d"):
+    inception.load_weights(path)

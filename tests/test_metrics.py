@@ -236,3 +236,12 @@ def test_laplacian_pyramid_of_a_constant_image():
   np.testing.assert_allclose(pyramid[0], 0, atol=1e-12)
   np.testing.assert_allclose(pyramid[1], 0, atol=1e-12)
   np.testing.assert_allclose(pyramid[2], 7.0, rtol=1e-12)
+
+
+def test_statistics_of_another_resolution_are_refused(tmp_path):
+  path = tmp_path / "ref64.npz"
+  metrics.save_statistics(path, np.zeros(4), np.eye(4), resolution=64)
+  mu, _ = metrics.load_statistics(path, feature_dim=4, resolution=64)
+  assert mu.shape == (4,)
+  with pytest.raises(ValueError, match="statistics of 64 px images, but the model makes 32 px"):
+    metrics.load_statistics(path, resolution=32)
