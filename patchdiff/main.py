@@ -72,22 +72,17 @@ def init_distributed() -> None:
 
 
 def _load_image(path: str, size: int, channels: int) -> np.ndarray:
-  """An image file as (size, size, channels) in [-1, 1] (RGBA composited on white)."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  """An image file as (size, size, channels) in [-1, 1], preprocessed exactly as training data
+  (`sources.decode_image_tf`: RGBA on white, centre crop, Lanczos resize)."""
+  from patchdiff import sources  # pylint: disable=import-outside-toplevel
+  if channels not in (1, 3):
+    raise ValueError(f"a {channels}-channel model cannot take an image file ({path})")
   try:
-    img = Image.open(path)
-    img.load()
-  except (OSError, ValueError) as e:
+    with open(path, "rb") as f:
+      x = np.asarray(sources.decode_image_tf(f.read(), size))
+  except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"cannot read image {path}: {e}") from None
-  if img.mode in ("RGBA", "LA", "P"):
-    img = img.convert("RGBA")
-    white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-    img = Image.alpha_composite(white, img)
-  img = img.convert("L" if channels == 1 else "RGB")
-  if img.size != (size, size):
-    img = img.resize((size, size), Image.Resampling.LANCZOS)
-  arr = np.asarray(img, np.float32).reshape(size, size, -1)
-  return arr / 127.5 - 1
+  return x[..., :channels].astype(np.float32) / 127.5 - 1
 
 
 def sample_from_checkpoint(cfg, workdir: str, step: int | None = None, seeds=None,

@@ -101,7 +101,7 @@ def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
 
     (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
-    grads_finite = _all_finite(grads)
+    grads_finite = _all_finite(grads) if dynamic else None
     grads = sanitize_grads(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -124,8 +124,10 @@ def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
                      good_steps=good_steps, nonfinite_streak=streak,
                      nonfinite_total=state["nonfinite_total"] + (~loss_finite).astype(jnp.int32))
     metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), ema_beta=beta,
-                   loss_scale=state["loss_scale"], overflow=~grads_finite,
-                   nonfinite_streak=streak, nonfinite_total=new_state["nonfinite_total"])
+                   loss_scale=state["loss_scale"], nonfinite_streak=streak,
+                   nonfinite_total=new_state["nonfinite_total"])
+    if dynamic:
+      metrics["overflow"] = ~grads_finite
     if lr_fn is not None:
       metrics["lr"] = lr_fn(state["step"])
     return new_state, metrics
