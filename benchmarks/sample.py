@@ -3,8 +3,11 @@
   python benchmarks/sample.py --config=configs/demo.py --num=256 --batch=64
   python benchmarks/sample.py --config=configs/ffhq64.py --num=2048 --batch=512 \
       --config.sample.num_steps=40 --config.model.dtype=bfloat16
+  python benchmarks/sample.py --config=configs/lsun_church256.py --vae=random --num=512 \
+      --batch=256 --config.model.dtype=bfloat16   # latents, decoded by the SD VAE
 
-Uses freshly initialised weights (speed does not depend on them). Prints the compile time (the
+Uses freshly initialised weights (speed does not depend on them); `--vae=random` adds the decoding
+of latents by a Stable Diffusion VAE with random weights, `--vae=FOLDER` by a real one. Prints the compile time (the
 first batch) and the images/s of the batches after it.
 """
 from __future__ import annotations
@@ -23,6 +26,8 @@ from patchdiff import generate, models, train  # noqa: E402  pylint: disable=wro
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _NUM = flags.DEFINE_integer("num", 256, "images to draw after the first (compiling) batch")
 _BATCH = flags.DEFINE_integer("batch", 64, "global batch")
+_VAE = flags.DEFINE_string("vae", None, "latent models: decode the samples with the SD VAE "
+                           "('random': random weights of its shape; else a diffusers folder)")
 flags.mark_flags_as_required(["config"])
 
 
@@ -31,7 +36,17 @@ def main(argv):
   cfg = _CONFIG.value
   run = train.Run(cfg)
   denoiser = models.create_denoiser(run.model_cfg, seed=cfg.seed)
-  sampler = generate.Sampler(denoiser, run.model_cfg, cfg.sample, mesh=run.mesh)
+  decoder = None
+  if _VAE.value:
+    from patchdiff import vae  # pylint: disable=import-outside-toplevel
+    if _VAE.value == "random":
+      model = vae.create(vae.SD_VAE_CONFIG, dtype=models.DTYPES[run.model_cfg["dtype"]])
+      decode = vae.decode_fn(model)
+      decoder = lambda z: decode(z / model.scaling_factor)  # noqa: E731
+    else:
+      decoder = vae.latent_decoder(_VAE.value, cfg.vae.scale,
+                                   dtype=models.DTYPES[run.model_cfg["dtype"]])
+  sampler = generate.Sampler(denoiser, run.model_cfg, cfg.sample, mesh=run.mesh, decoder=decoder)
   b = _BATCH.value
   t0 = time.perf_counter()
   sampler.sample(list(range(b)), batch_size=b)
@@ -41,7 +56,8 @@ def main(argv):
   dt = time.perf_counter() - t0
   nfe = 2 * cfg.sample.num_steps - 1
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}, "
-        f"{run.model_cfg['img_resolution']} px, {cfg.sample.num_steps} steps ({nfe} network "
+        f"{run.model_cfg['img_resolution']} px{' + VAE decoding' if decoder else ''}, "
+        f"{cfg.sample.num_steps} steps ({nfe} network "
         f"evaluations), batch {b}: first batch (with compile) {first:.1f} s; then {_NUM.value} "
         f"images in {dt:.1f} s = {_NUM.value / dt:.1f} images/s")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import ml_collections
+import numpy as np
 
 from patchdiff import models, patches
 
@@ -40,6 +41,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tfds_image_key = "image"
   c.data.tfds_label_key = "label"
   c.data.latent_layout = "NCHW"  # layout of latent arrays on disk: NCHW or NHWC
+  c.data.latent_scale = placeholder(float)  # latents: the VAE scale factor the file must carry
+
+  # Latent models: the autoencoder that maps samples back to pixels (patchdiff/vae.py).
+  c.vae = ml_collections.ConfigDict()
+  c.vae.path = placeholder(str)  # diffusers-format folder (config.json + safetensors)
+  c.vae.scale = placeholder(float)  # latents = scale * VAE latents (SD: 0.18215)
 
   c.model = ml_collections.ConfigDict()  # EDM's keyword names; see models.ARCH_DEFAULTS
   # The compute precision: float32, bfloat16 (A100/H100/TPU) or float16 (V100-class GPUs, with
@@ -60,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256       # global batch of a full-size step
-  c.train.steps = 1000
+  c.train.steps = 1000           # 0: from duration_mimg
+  c.train.duration_mimg = placeholder(float)  # training length in Mimg, counted as the paper does
   c.train.lr = 2e-4
   c.train.p_mean = -1.2          # training noise levels: ln(sigma) ~ N(p_mean, p_std^2) (EDM)
   c.train.p_std = 1.2
@@ -108,14 +116,153 @@ def override(cfg: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_co
   return cfg
 
 
-def patch_schedule(cfg: ml_collections.ConfigDict) -> patches.PatchSchedule:
+def pixel64_config() -> ml_collections.ConfigDict:
+  """What every 64 px experiment shares: EDM's DDPM++ at 64 px (channel_mult 1,2,2,2, 61.8M
+  parameters) on a dataset_tool zip, the paper's stochastic schedule, EDM's 18-step Heun."""
+  c = base_config()
+  c.data.source = "zip"
+  c.data.resolution = 64
+  c.model.arch = "ddpmpp"
+  c.model.img_resolution = 64
+  c.model.img_channels = 3
+  c.model.channel_mult = (1, 2, 2, 2)
+  c.patch.real_p = 0.5
+  c.train.steps = 0  # from train.duration_mimg
+  c.train.log_every = 500
+  c.train.checkpoint_every = 10_000
+  c.train.sample_every = 50_000
+  c.sample.num_steps = 18  # 35 network evaluations (EDM's 64 px setting)
+  return c
+
+
+def latent256_config() -> ml_collections.ConfigDict:
+  """What every 256 px latent experiment shares: Stable Diffusion VAE latents (4x32x32, scale
+  0.18215) from `patchdiff.encode_latents`, EDM's ADM backbone (279.6M parameters unconditional),
+  latent patches of 16 and 32, fp16 with loss scale 100, and the published stochastic sampler."""
+  c = base_config()
+  c.data.source = "latents"
+  c.data.resolution = 32
+  c.data.latent_scale = 0.18215
+  c.vae.scale = 0.18215
+  c.model.arch = "adm"
+  c.model.img_resolution = 32
+  c.model.img_channels = 4
+  c.model.dropout = 0.10
+  c.model.dtype = "float16"   # as published; bfloat16 (no loss scale needed) on TPU / H100
+  c.patch.latent = True
+  c.patch.real_p = 0.5
+  c.train.lr = 1e-4
+  c.train.ema_mimg = 50.0
+  c.train.loss_scale = 100.0
+  c.train.steps = 0  # from train.duration_mimg
+  c.train.duration_mimg = 200.0
+  c.train.log_every = 500
+  c.train.checkpoint_every = 10_000
+  c.train.sample_every = 50_000
+  c.sample.num_steps = 256
+  c.sample.s_churn = 40.0
+  c.sample.s_min = 0.05
+  c.sample.s_max = 50.0
+  c.sample.s_noise = 1.003
+  return c
+
+
+VARIANT_HELP = """Config arguments (`--config=configs/NAME.py:ARG,ARG`):
+  smoke                 a tiny model on synthetic data for a few steps (CPU)
+  p=F                   the full-image ratio real_p (paper ablation: 0, 0.1, 0.25, 0.5, 0.75, 1)
+  schedule=S            stochastic (paper) or progressive (ablation)
+  edm                   the EDM baseline: full images only (p=1)"""
+
+
+def apply_args(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies a config file's argument string (see VARIANT_HELP) to `c`; returns `c`.
+
+  The run length stays what the config says in Mimg (train.steps follows from it), so a
+  variant of p trains on as many images as the paper's runs of that variant did.
+  """
+  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+    key, eq, value = token.partition("=")
+    if key == "smoke" and not eq:
+      _smoke(c)
+    elif key == "edm" and not eq:
+      c.patch.real_p = 1.0
+    elif key == "p" and eq:
+      try:
+        c.patch.real_p = float(value)
+      except ValueError:
+        raise ValueError(f"config argument {token!r}: {value!r} is not a number") from None
+      if not 0.0 <= c.patch.real_p <= 1.0:
+        raise ValueError(f"config argument {token!r}: p must lie in [0, 1]")
+    elif key == "schedule" and eq:
+      if value not in patches.SCHEDULES:
+        raise ValueError(f"config argument {token!r}: schedule is not one of {patches.SCHEDULES}")
+      c.patch.schedule = value
+    else:
+      raise ValueError(f"unknown config argument {token!r}\n{VARIANT_HELP}")
+  return c
+
+
+def _smoke(c: ml_collections.ConfigDict) -> None:
+  """Shrinks `c` to seconds on a CPU, keeping its kind: backbone, pixel or latent, channels,
+  labels, patch schedule, precision and sampler settings."""
+  latent = c.patch.latent
+  r = 16
+  c.data.source = "synthetic"
+  c.data.path = None
+  c.data.resolution = r
+  c.data.limit = 64
+  c.data.latent_scale = None
+  c.vae.path = None
+  c.model.img_resolution = r
+  c.model.model_channels = 64 if c.model.arch == "adm" else 32  # ADM: 64 channels per head
+  c.model.channel_mult = (1, 2)
+  c.model.num_blocks = 1
+  c.model.attn_resolutions = (r // 2,)
+  # Values that differ between configs of one kind only as constants are made equal, so that
+  # smoke runs of, e.g., every 64 px config are one program (and one persistent-cache entry).
+  c.model.dropout = 0.1
+  c.train.lr = 1e-3
+  c.train.ema_mimg = 0.001
+  c.patch.sizes = None if latent else (4, 8, 16)
+  c.train.batch_size = 8
+  c.train.steps = 3
+  c.train.duration_mimg = None
+  c.train.lr_rampup_kimg = 0.1
+  c.train.log_every = 1
+  c.train.checkpoint_every = 3
+  c.train.sample_every = 0
+  c.sample.num_steps = 3
+  c.sample.batch_size = 4
+  c.sample.grid_size = 4
+  c.sample.num_images = 4
+
+
+def finalize(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`cfg` with derived values filled in: train.steps = 0 becomes the step count of
+  train.duration_mimg (images counted as the paper does: batch x mean batch_mul per step).
+  Returns `cfg` itself when nothing is derived, else a copy."""
+  t = cfg.train
+  if t.steps != 0:
+    return cfg
+  if not t.duration_mimg or t.duration_mimg <= 0:
+    raise ValueError(f"train.steps=0 needs a positive train.duration_mimg, got {t.duration_mimg!r}")
+  sched = patch_schedule(cfg, total_steps=1)
+  steps = int(np.ceil(t.duration_mimg * 1e6 / (t.batch_size * sched.mean_batch_mul) - 1e-9))
+  out = cfg.copy_and_resolve_references()
+  out.train.steps = steps
+  return out
+
+
+def patch_schedule(cfg: ml_collections.ConfigDict,
+                   total_steps: int | None = None) -> patches.PatchSchedule:
   r = cfg.model.img_resolution
   sizes = tuple(cfg.patch.sizes) if cfg.patch.sizes else patches.default_patch_sizes(
       r, latent=cfg.patch.latent)
   probs = tuple(cfg.patch.probs) if cfg.patch.probs else patches.default_patch_probs(
       cfg.patch.real_p, len(sizes))
   return patches.PatchSchedule(sizes=sizes, probs=probs, resolution=r, seed=cfg.seed,
-                               kind=cfg.patch.schedule, total_steps=cfg.train.steps)
+                               kind=cfg.patch.schedule,
+                               total_steps=total_steps or cfg.train.steps)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -156,6 +303,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"train.lr={t.lr} must be > 0")
   if t.ema_mimg < 0:
     raise ValueError(f"train.ema_mimg={t.ema_mimg} must be >= 0")
+  vae = cfg.get("vae")
+  if vae is not None and vae.path and not cfg.patch.latent:
+    raise ValueError(f"vae.path={vae.path!r} is set, but patch.latent is False: a VAE decodes "
+                     "the samples of latent models only")
+  if vae is not None and vae.scale is not None and not vae.scale > 0:
+    raise ValueError(f"vae.scale={vae.scale} must be > 0")
+  if (vae is not None and vae.scale is not None and cfg.data.get("latent_scale") is not None
+      and not np.isclose(vae.scale, cfg.data.latent_scale, rtol=1e-6)):
+    raise ValueError(f"vae.scale={vae.scale} differs from data.latent_scale="
+                     f"{cfg.data.latent_scale}: samples would be decoded at another scale than "
+                     "the training latents were written with")
   s = cfg.sample
   if s.num_steps < 1:
     raise ValueError(f"sample.num_steps={s.num_steps} must be >= 1")

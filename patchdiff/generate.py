@@ -73,8 +73,11 @@ class Known:
 class Sampler:
   """Samples seeds in batches sharded over `mesh`'s devices (all of them by default)."""
 
-  def __init__(self, denoiser: nnx.Module, model_cfg: dict, sample_cfg, mesh: Mesh | None = None):
+  def __init__(self, denoiser: nnx.Module, model_cfg: dict, sample_cfg, mesh: Mesh | None = None,
+               decoder: Callable[[jax.Array], jax.Array] | None = None):
+    """`decoder` maps a batch of samples to images on the devices (a latent model's VAE)."""
     self.denoiser = denoiser
+    self.decoder = decoder
     self.model_cfg = model_cfg
     self.scfg = sample_cfg
     self.mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",),
@@ -93,7 +96,8 @@ class Sampler:
              class_idx: int | None = None, canvas: int | None = None,
              known: Known | None = None,
              on_batch: Callable[[list[int], np.ndarray], None] | None = None) -> np.ndarray | None:
-    """Images in [-1, 1] for `seeds` (N, S, S, C), S the canvas (default: the resolution).
+    """Images in [-1, 1] for `seeds` (N, S, S, C), S the canvas (default: the resolution);
+    with a decoder, its images of the samples.
 
     `on_batch(seeds, images)` receives each batch as it is done (then nothing is returned, so
     50,000 samples never sit in memory together).
@@ -129,6 +133,8 @@ class Sampler:
                                s_noise=scfg.s_noise, labels=labels, guidance=scfg.guidance,
                                pos=pos, key=jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys),
                                **kw)
+      if self.decoder is not None:
+        x = self.decoder(x)
       images = _gather(x)[:n]
       done += n
       if on_batch is not None:

@@ -99,6 +99,15 @@ def sample_from_checkpoint(cfg, workdir: str, step: int | None = None, seeds=Non
   seeds = (list(range(cfg.sample.seed, cfg.sample.seed + cfg.sample.num_images)) if seeds is None
            else generate.parse_seeds(seeds))
   r, c = run.model_cfg["img_resolution"], run.model_cfg["img_channels"]
+  decoder = None
+  if not run.pixel_space:
+    if outpaint or inpaint:
+      raise app.UsageError("--outpaint and --inpaint work on pixel models only (a latent model "
+                           "would need the known image encoded)")
+    decoder = run.decoder()
+    if decoder is None:
+      raise app.UsageError("a latent model's samples are decoded by its VAE: set "
+                           "--config.vae.path to a diffusers-format VAE folder")
   if (inpaint is None) != (mask is None):
     raise app.UsageError("--inpaint and --mask go together")
   if outpaint and inpaint:
@@ -122,7 +131,7 @@ def sample_from_checkpoint(cfg, workdir: str, step: int | None = None, seeds=Non
   restored = checkpoint.restore(mgr, step, ema_target=run.abstract_ema())
   mgr.close()
   denoiser = run.denoiser(restored["ema"]["params"], restored["ema"]["buffers"])
-  sampler = generate.Sampler(denoiser, run.model_cfg, cfg.sample, mesh=run.mesh)
+  sampler = generate.Sampler(denoiser, run.model_cfg, cfg.sample, mesh=run.mesh, decoder=decoder)
   outdir = outdir or os.path.join(workdir, "samples", f"step_{step:08d}")
   writer = jax.process_index() == 0
   kept: list[np.ndarray] = []
@@ -177,6 +186,10 @@ def fid_reference(cfg, inception_path: str | None, out: str | None) -> str:
   from patchdiff import inception, metrics  # pylint: disable=import-outside-toplevel
   if not inception_path or not out:
     raise app.UsageError("--mode=fid_ref needs --inception and --ref")
+  if cfg.patch.latent:
+    raise app.UsageError("a latent config's data are latents: take the statistics of the image "
+                         "dataset with a pixel config reading it (e.g. --config.data.path=the "
+                         "zip), or use a published reference file with 'mu' and 'sigma'")
   model = _inception(inception_path)
   cfg = cfg.copy_and_resolve_references()
   cfg.data.hflip = False
@@ -197,20 +210,26 @@ def evaluate(cfg, workdir: str, step: int | None = None, seeds=None, batch=None,
     raise app.UsageError("FID needs both --inception and --ref")
   if fid_sets < 1:
     raise app.UsageError(f"--fid_sets={fid_sets} must be >= 1")
+  latent = bool(cfg.patch.latent)
+  if latent and ref is None:
+    raise app.UsageError("a latent model's training data are latents, not images: evaluate it "
+                         "by FID against --ref statistics of the image dataset (with --inception)")
   model = _inception(inception_path)
-  ref_stats = (metrics.load_statistics(ref, feature_dim=2048,
-                                       resolution=cfg.model.img_resolution) if ref else None)
+  ref_stats = (metrics.load_statistics(ref, feature_dim=2048, resolution=None if latent else
+                                       cfg.model.img_resolution) if ref else None)
   base = (list(range(cfg.sample.seed, cfg.sample.seed + cfg.sample.num_images)) if seeds is None
           else generate.parse_seeds(seeds))
   span = max(base) - min(base) + 1
   fids, kids = [], []
   outdir, images = sample_from_checkpoint(cfg, workdir, step, seeds=",".join(map(str, base)),
                                           batch=batch, fmt="npz")
-  reference = reference_images(cfg, len(images))
-  result = dict(num_images=len(images), **metrics.sliced_wasserstein(
-      images, reference, min_resolution=min(16, images.shape[1])))
+  result = dict(num_images=len(images))
+  if not latent:  # SWD and KID compare with training images
+    reference = reference_images(cfg, len(images))
+    result.update(metrics.sliced_wasserstein(images, reference,
+                                             min_resolution=min(16, images.shape[1])))
   if model is not None:
-    ref_feats = inception.features(model, reference)
+    ref_feats = None if latent else inception.features(model, reference)
     for k in range(fid_sets):
       if k:
         shifted = ",".join(str(s + k * span) for s in base)
@@ -218,8 +237,11 @@ def evaluate(cfg, workdir: str, step: int | None = None, seeds=None, batch=None,
                                            fmt="npz", outdir=os.path.join(outdir, f"set_{k}"))
       feats = inception.features(model, images)
       fids.append(metrics.frechet_distance(*metrics.feature_statistics(feats), *ref_stats))
-      kids.append(metrics.kernel_inception_distance(feats, ref_feats))
-    result.update(fid=min(fids), fid_sets=fids, kid=kids[int(np.argmin(fids))])
+      if ref_feats is not None:
+        kids.append(metrics.kernel_inception_distance(feats, ref_feats))
+    result.update(fid=min(fids), fid_sets=fids)
+    if kids:
+      result["kid"] = kids[int(np.argmin(fids))]
   with open(os.path.join(outdir, "eval.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
   logging.info("eval of %s: %s", outdir, result)
@@ -255,7 +277,8 @@ def main(argv):
         f"{k} {v:.2f}" for k, v in result.items() if k.startswith("swd")))
     if "fid" in result:
       print(f"FID {result['fid']:.3f} (min over {len(result['fid_sets'])} seed sets: "
-            f"{', '.join(f'{v:.3f}' for v in result['fid_sets'])}), KID {result['kid']:.5f}")
+            f"{', '.join(f'{v:.3f}' for v in result['fid_sets'])})"
+            + (f", KID {result['kid']:.5f}" if "kid" in result else ""))
   else:
     outdir, _ = sample_from_checkpoint(
         cfg, workdir, _STEP.value, seeds=_SEEDS.value, batch=_BATCH.value,

@@ -13,6 +13,8 @@ Sources (`data.source`):
            Images are read *encoded* (`tfds.decode.SkipDecoding`) and go through the same decoder
            as files; labels come from the `tfds_label_key` ClassLabel feature.
   latents  precomputed latents, `.npy` or `.npz` (see `load_latents`), float, used as stored.
+  synthetic  `limit` (default 256) random arrays N(0, 0.5^2) of `channels` channels (and random
+           labels), a pure function of the seed: for smoke runs and benchmarks, never for science.
 
 Preprocessing of images (folder, zip, tfds), one TensorFlow function `decode_image_tf` used by
 both cache modes, so that they produce bit-identical pixels:
@@ -61,7 +63,8 @@ from absl import logging
 from patchdiff import data as data_lib
 from patchdiff.patches import PatchSchedule
 
-SOURCES = ("twemoji", "folder", "zip", "tfds", "latents")
+SOURCES = ("twemoji", "folder", "zip", "tfds", "latents", "synthetic")
+SYNTHETIC_EXAMPLES = 256
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LATENT_LAYOUTS = ("NCHW", "NHWC")
 
@@ -83,6 +86,7 @@ DATA_DEFAULTS: dict[str, Any] = dict(
     tfds_image_key="image",
     tfds_label_key="label",
     latent_layout="NCHW",  # layout of latent arrays: (N, C, R, R) "NCHW" or (N, R, R, C) "NHWC"
+    latent_scale=None,     # latents: the VAE scale factor the file must have been written with
 )
 
 # Random stream of the posterior noise of latent (mean, std) files.
@@ -134,6 +138,10 @@ def read_config(data_cfg, label_dim: int = 0) -> dict[str, Any]:
     cfg[key] = bool(cfg[key])
   if cfg["latent_layout"] not in LATENT_LAYOUTS:
     raise ValueError(f"data.latent_layout={cfg['latent_layout']!r} is not one of {LATENT_LAYOUTS}")
+  scale = cfg["latent_scale"]
+  if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                            or not scale > 0):
+    raise ValueError(f"data.latent_scale must be a positive number or None, got {scale!r}")
 
   label_dim = int(label_dim)
   if label_dim < 0:
@@ -508,7 +516,8 @@ class Latents:
 
 
 def load_latents(path, resolution: int, layout: str = "NCHW", use_labels: bool = False,
-                 cache: bool = False, limit: int | None = None) -> Latents:
+                 cache: bool = False, limit: int | None = None,
+                 scale: float | None = None) -> Latents:
   """Precomputed latents from `path`.
 
   `.npy`: one float array, the latents. `.npz`: either `latents` (the latents) or `mean` and
@@ -518,7 +527,9 @@ def load_latents(path, resolution: int, layout: str = "NCHW", use_labels: bool =
   VAE encoders produce, default) or (N, R, R, C) for "NHWC"; any float dtype (float16 is
   widened to float32 per batch). With cache=False, .npy files and uncompressed .npz members
   (np.savez) are memory-mapped; compressed members (np.savez_compressed) are read into memory.
-  Values are used as stored (apply any VAE scale factor when writing the file).
+  Values are used as stored (apply any VAE scale factor when writing the file). An .npz may
+  record that factor as a scalar `scaling_factor` (`patchdiff.encode_latents` does); with
+  `scale` given, a file recording another factor is an error.
   """
   path = Path(path)
   res = int(resolution)
@@ -545,6 +556,11 @@ def load_latents(path, resolution: int, layout: str = "NCHW", use_labels: bool =
         if "labels" not in keys:
           raise ValueError(f"{path} has no 'labels' array, but data.labels=True")
         labels = np.asarray(_npz_member(path, "labels", False))
+      if scale is not None and "scaling_factor" in keys:
+        written = float(_npz_member(path, "scaling_factor", False))
+        if not np.isclose(written, scale, rtol=1e-6):
+          raise ValueError(f"{path} holds latents scaled by {written}, but the config's "
+                           f"data.latent_scale is {scale}")
     else:
       raise ValueError(f"latent file {path} must be .npy or .npz")
   except ValueError:
@@ -712,7 +728,8 @@ def build_input(data_cfg,
                 seed: int = 0,
                 process_index: int = 0,
                 process_count: int = 1,
-                label_dim: int = 0) -> InputIterator:
+                label_dim: int = 0,
+                channels: int | None = None) -> InputIterator:
   """The trainer's input: an iterator of numpy batch dicts for steps [start_step, total_steps).
 
   `data_cfg` (a ConfigDict like `cfg.data`, or a dict) holds the keys of `DATA_DEFAULTS`.
@@ -721,6 +738,8 @@ def build_input(data_cfg,
   `process_count`), and every image is decoded once (corrupt ones skipped or fatal).
   Host `process_index` of `process_count` gets its contiguous 1/process_count slice of each
   global batch (see `patchdiff.data`). Elements: see `data.make_patch_dataset`.
+  `channels`: the model's input channels; a source with another count is an error (None: any;
+  the synthetic source makes this many, default 3).
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
@@ -735,14 +754,31 @@ def build_input(data_cfg,
   common = dict(start_step=start_step, seed=seed, label_dim=label_dim, hflip=cfg["hflip"],
                 process_index=process_index, process_count=process_count)
 
+  def check_channels(got: int, what: str) -> None:
+    if channels is not None and got != channels:
+      raise ValueError(f"{what} has {got} channels, but the model takes {channels} "
+                       "(model.img_channels)")
+
   if src == "twemoji":
+    check_channels(3, "the Twemoji set")
     images = data_lib.load_twemoji(res, limit=cfg["limit"], cache_dir=cfg["cache_dir"])
     ds = data_lib.make_patch_dataset(images, schedule, batch_size, total_steps, **common)
     return InputIterator(ds, len(images), 3, src, True)
 
+  if src == "synthetic":
+    c = 3 if channels is None else int(channels)
+    n = cfg["limit"] or SYNTHETIC_EXAMPLES
+    rng = np.random.default_rng([int(seed), 0x53594E])
+    images = (0.5 * rng.standard_normal((n, res, res, c))).astype(np.float32)
+    labels = rng.integers(0, label_dim, n) if cfg["labels"] else None
+    ds = data_lib.make_patch_dataset(images, schedule, batch_size, total_steps, labels=labels,
+                                     **common)
+    return InputIterator(ds, n, c, src, True)
+
   if src == "latents":
     lat = load_latents(cfg["path"], res, cfg["latent_layout"], cfg["labels"], cfg["cache"],
-                       cfg["limit"])
+                       cfg["limit"], scale=cfg["latent_scale"])
+    check_channels(lat.channels, f"latent file {lat.path}")
     if lat.labels is not None:
       _check_labels(lat.labels, label_dim, lat.path, [f"{lat.path}[{i}]" for i in
                                                       range(len(lat.labels))])
@@ -760,6 +796,7 @@ def build_input(data_cfg,
     enc = scan_zip(cfg["path"], cfg["labels"], cfg["limit"])
   else:
     enc = scan_tfds(cfg, cfg["labels"])
+  check_channels(3, f"data.source={src!r} (RGB images)")
   if enc.labels is not None:
     _check_labels(enc.labels, label_dim, enc.origin, enc.names)
   pixels, kept, bad = decode_all(enc, res, cfg["skip_corrupt"], keep_pixels=cfg["cache"])

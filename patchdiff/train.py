@@ -146,6 +146,7 @@ class Run:
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, devices=None):
+    cfg = config_lib.finalize(cfg)
     config_lib.validate(cfg)
     self.cfg = cfg
     self.model_cfg = models.resolve(cfg.model)
@@ -190,11 +191,16 @@ class Run:
     return make_train_step(self.graphdef, self.optimizer, self.cfg.train, self.images_per_step,
                            self.cfg.seed, lr_fn=self.lr_fn)
 
-  def lower_step(self, size: int):
-    """The train step for `size` px patches, lowered for the mesh (state donated)."""
+  def trace_step(self, size: int):
+    """The train step for `size` px patches, traced for the mesh (state donated): `.jaxpr`
+    for counting FLOPs, `.lower()` for compiling; one trace serves both."""
     jitted = jax.jit(self.train_step_fn(), donate_argnums=0,
                      out_shardings=(self.state_shardings, self.replicated))
-    return jitted.lower(self.abstract_state, self.batch_spec(size))
+    return jitted.trace(self.abstract_state, self.batch_spec(size))
+
+  def lower_step(self, size: int):
+    """The train step for `size` px patches, lowered for the mesh (state donated)."""
+    return self.trace_step(size).lower()
 
   def compile_steps(self) -> tuple[dict[int, Any], dict[int, dict[str, float]]]:
     """One ahead-of-time compiled program per bucket (the loop never compiles again), and each
@@ -202,11 +208,11 @@ class Run:
     compiled, stats = {}, {}
     for size in self.schedule.active_sizes:
       t0 = time.perf_counter()
-      lowered = self.lower_step(size)
+      traced = self.trace_step(size)
+      lowered = traced.lower()
       compiled[size] = lowered.compile()
       stats[size] = dict(compile_seconds=time.perf_counter() - t0,
-                         model_flops=model_flops(self.train_step_fn(), self.abstract_state,
-                                                 self.batch_spec(size)),
+                         model_flops=jaxpr_flops(traced.jaxpr),
                          **program_stats(compiled[size], lowered))
       s = stats[size]
       logging.info("compiled the %dpx step (batch %d) in %.1f s: %.4g GFLOP per step (XLA's "
@@ -233,9 +239,26 @@ class Run:
   def denoiser(self, ema, buffers) -> nnx.Module:
     return nnx.merge(self.graphdef, ema, buffers)
 
+  @property
+  def pixel_space(self) -> bool:
+    """Whether the model's samples are images (else latents, which need a VAE to be seen)."""
+    return not self.cfg.patch.latent and self.model_cfg["img_channels"] in (1, 3)
+
+  def decoder(self):
+    """The VAE decoder of a latent model with `vae.path`, loaded once; else None."""
+    vae_cfg = self.cfg.get("vae")
+    if self.pixel_space or vae_cfg is None or not vae_cfg.path:
+      return None
+    if not hasattr(self, "_decoder"):
+      from patchdiff import vae  # pylint: disable=import-outside-toplevel
+      self._decoder = vae.latent_decoder(vae_cfg.path, vae_cfg.scale)
+    return self._decoder
+
   def sample(self, denoiser, num: int, seed: int) -> np.ndarray:
-    """`num` images from seeds seed..seed+num-1 as uint8 (num, R, R, C), sharded over the mesh."""
-    sampler = generate.Sampler(denoiser, self.model_cfg, self.cfg.sample, mesh=self.mesh)
+    """`num` images from seeds seed..seed+num-1 as uint8 (num, R, R, C), sharded over the mesh
+    (a latent model's samples decoded by its VAE)."""
+    sampler = generate.Sampler(denoiser, self.model_cfg, self.cfg.sample, mesh=self.mesh,
+                               decoder=self.decoder())
     return images_io.to_uint8(sampler.sample(list(range(seed, seed + num))))
 
 
@@ -243,6 +266,11 @@ def model_flops(fn: Callable, *args) -> float:
   """FLOPs of the convolutions and matrix products in `fn`'s jaxpr (2 per multiply-add), the
   forward and backward passes included: the count that MFU is defined with, the same on every
   platform (XLA's own counts skip the cuDNN calls on GPU)."""
+  return jaxpr_flops(jax.make_jaxpr(fn)(*args))
+
+
+def jaxpr_flops(closed_jaxpr) -> float:
+  """`model_flops` of a traced program's (closed) jaxpr."""
   from jax.extend import core as jcore  # pylint: disable=import-outside-toplevel
 
   def count(jaxpr) -> float:
@@ -267,7 +295,7 @@ def model_flops(fn: Callable, *args) -> float:
         if found:
           total += times * (max(found) if name == "cond" else sum(found))
     return total
-  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+  return count(closed_jaxpr.jaxpr)
 
 
 def program_stats(compiled, lowered=None) -> dict[str, float]:
@@ -348,6 +376,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   `on_step(step, patch_size)` is called after each step is dispatched (tests use it);
   `devices` restricts the mesh to a subset of the devices.
   """
+  cfg = config_lib.finalize(cfg)
   tcfg = cfg.train
   if tcfg.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", tcfg.compilation_cache_dir)
@@ -376,7 +405,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                              start_step=first, seed=cfg.seed,
                              process_index=jax.process_index(),
                              process_count=jax.process_count(),
-                             label_dim=run.model_cfg["label_dim"])
+                             label_dim=run.model_cfg["label_dim"],
+                             channels=run.model_cfg["img_channels"])
 
   # ---- State: fresh, or restored into this run's layout (whatever layout wrote it).
   if start is None:
@@ -405,7 +435,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   # ---- Loop. Nothing here waits for the device except the metrics fetched every log_every.
   pending, last = [], dict(loss=float("nan"))
   reference: list[np.ndarray] = []  # full-size training images, for SWD of the sample grids
-  want_reference = jax.process_count() == 1 and cfg.sample.grid_size >= 2
+  want_reference = (jax.process_count() == 1 and cfg.sample.grid_size >= 2 and run.pixel_space)
+  show_samples = run.pixel_space or run.decoder() is not None
+  if not show_samples:
+    logging.info("no sample grids: a latent model needs vae.path to decode its samples")
   t_log = t_loop = time.perf_counter()
   step = first
   watch = PreemptionWatch()
@@ -435,7 +468,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
         _save(mgr, done, run, state)
       # Sample grids need every host's devices; sharded multi-host sampling is still to come.
-      if jax.process_count() == 1 and cfg.sample.grid_size and (
+      if jax.process_count() == 1 and cfg.sample.grid_size and show_samples and (
           (tcfg.sample_every and done % tcfg.sample_every == 0) or done == tcfg.steps):
         grid = run.sample(run.denoiser(state["ema"], state["buffers"]), cfg.sample.grid_size,
                           cfg.sample.seed)

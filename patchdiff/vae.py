@@ -20,6 +20,14 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 # diffusers' AutoencoderKL constructor defaults: a config.json that leaves a key out means these.
+# The Stable Diffusion VAE's config.json (stabilityai/sd-vae-ft-ema), as published: the keys it
+# leaves out take diffusers' defaults. For shapes and benchmarks; weights come from the folder.
+SD_VAE_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderKL", "_diffusers_version": "0.4.2", "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "out_channels": 3, "sample_size": 256, "up_block_types": ["UpDecoderBlock2D"] * 4}
+
 DEFAULT_CONFIG: dict[str, Any] = dict(
     in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
     up_block_types=("UpDecoderBlock2D",), block_out_channels=(64,), layers_per_block=1,
@@ -652,3 +660,14 @@ def decode_fn(vae: AutoencoderKL):
   """A jitted `(z) -> x` for `vae` (split once; one compile per input shape)."""
   graphdef, state = nnx.split(vae)
   return functools.partial(_decode_jit, graphdef, state)
+
+
+def latent_decoder(path: str | os.PathLike, scale: float | None = None, dtype=jnp.float32):
+  """`decode(latents) -> images` for a latent diffusion model: the diffusion model's latents are
+  scale * (z - shift), so z = latents / scale + shift goes through the VAE's decoder. `scale`
+  defaults to the VAE config's scaling_factor. Jitted; one compile per batch shape."""
+  vae = load_vae(path, dtype=dtype)
+  scale = vae.scaling_factor if scale is None else float(scale)
+  shift = vae.shift_factor
+  decode = decode_fn(vae)
+  return lambda latents: decode(latents / scale + shift)

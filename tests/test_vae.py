@@ -12,13 +12,7 @@ from safetensors.numpy import save_file
 
 from patchdiff import vae as vae_lib
 
-# The Stable Diffusion VAE's config.json (stabilityai/sd-vae-ft-ema), as published: the keys it
-# leaves out take diffusers' defaults.
-SD_VAE_CONFIG = {
-    "_class_name": "AutoencoderKL", "_diffusers_version": "0.4.2", "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
-    "out_channels": 3, "sample_size": 256, "up_block_types": ["UpDecoderBlock2D"] * 4}
+SD_VAE_CONFIG = vae_lib.SD_VAE_CONFIG
 SD_VAE_PARAMS = 83_653_863
 
 

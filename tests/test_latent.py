@@ -1,0 +1,166 @@
+"""Latent Patch Diffusion end to end: images -> VAE posteriors (encode_latents) -> the latent
+source -> a class-conditional ADM trained a few steps -> samples decoded to PNG by the VAE."""
+import io
+import json
+import zipfile
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from patchdiff import config_lib, encode_latents, main, patches, sources, train, vae
+
+RES = 32  # pixels; the tiny VAE downsamples 4x: 8x8 latents
+CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def vae_dir(reference, tmp_path_factory):
+  """The tiny diffusers VAE fixture as a diffusers-format folder."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  folder = tmp_path_factory.mktemp("vae")
+  arrays = dict(np.load(reference / "parity" / "vae_tiny_weights.npz"))
+  save_file(arrays, str(folder / "diffusion_pytorch_model.safetensors"))
+  (folder / "config.json").write_text((reference / "parity" / "vae_tiny_config.json").read_text())
+  return folder
+
+
+@pytest.fixture(scope="module")
+def image_zip(tmp_path_factory):
+  """A dataset_tool zip: 7 labelled 32x32 images and one corrupt PNG (also labelled)."""
+  rng = np.random.default_rng(0)
+  path = tmp_path_factory.mktemp("images") / "ds.zip"
+  names, labels = [], []
+  with zipfile.ZipFile(path, "w") as zf:
+    for i in range(8):
+      name = f"00000/img{i:08d}.png"
+      if i == 5:
+        zf.writestr(name, b"\x89PNG\r\n\x1a\n truncated")
+      else:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)).save(buf, "PNG")
+        zf.writestr(name, buf.getvalue())
+      names.append(name)
+      labels.append(i % CLASSES)
+    zf.writestr("dataset.json", json.dumps({"labels": [[n, l] for n, l in zip(names, labels)]}))
+  return path, np.asarray(labels)
+
+
+@pytest.fixture(scope="module")
+def latents(vae_dir, image_zip, tmp_path_factory):
+  path, _ = image_zip
+  out = tmp_path_factory.mktemp("latents") / "latents.npz"
+  summary = encode_latents.encode_dataset(
+      dict(source="zip", path=str(path), resolution=RES, labels=True), str(vae_dir), str(out),
+      batch=3, chunk=4)
+  return out, summary
+
+
+def test_encode_latents_writes_scaled_posteriors(latents, vae_dir, image_zip):
+  out, summary = latents
+  path, labels = image_zip
+  assert summary["num_images"] == 7 and summary["shape"] == (7, 4, 8, 8)
+  assert list(summary["skipped"]) == [f"{path}:00000/img00000005.png"]
+  with np.load(out) as f:
+    assert sorted(f.files) == ["labels", "mean", "scaling_factor", "std"]
+    mean, std, scale = f["mean"], f["std"], float(f["scaling_factor"])
+    np.testing.assert_array_equal(f["labels"], np.delete(labels, 5))
+  model = vae.load_vae(vae_dir)
+  assert scale == pytest.approx(model.scaling_factor)
+  # The same images through the training decoder and the VAE directly.
+  enc = sources.scan_zip(path)
+  pixels, kept, _ = sources.decode_all(enc, RES)
+  m, s = model.encode(jnp.asarray(pixels, jnp.float32) / 127.5 - 1)
+  np.testing.assert_allclose(mean, scale * np.transpose(np.asarray(m), (0, 3, 1, 2)),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(std, scale * np.transpose(np.asarray(s), (0, 3, 1, 2)),
+                             rtol=1e-4, atol=1e-6)
+  # Stored uncompressed, so training memory-maps the arrays.
+  assert isinstance(sources.load_latents(out, 8).mean, np.memmap)
+
+
+def test_latent_source_labels_and_bad_input(latents):
+  out, _ = latents
+  schedule = patches.PatchSchedule(sizes=(4, 8), probs=(0.5, 0.5), resolution=8, seed=0)
+  cfg = dict(source="latents", path=str(out), resolution=8, labels=True, latent_scale=0.18215)
+  it = sources.build_input(cfg, schedule, 4, 6, label_dim=CLASSES, channels=4)
+  with np.load(out) as f:
+    stored = f["labels"]
+  for batch in (next(it) for _ in range(6)):
+    assert batch["image"].shape[-1] == 4 and batch["label"].shape[-1] == CLASSES
+    # Each sample's one-hot label is its latent's class.
+    np.testing.assert_array_equal(batch["label"].argmax(-1), stored[batch["index"]])
+  with pytest.raises(ValueError, match=r"latents scaled by 0\.18215.*latent_scale is 0\.13025"):
+    sources.build_input(dict(cfg, latent_scale=0.13025), schedule, 4, 6, label_dim=CLASSES)
+  with pytest.raises(ValueError, match=f"latent file {out} has 4 channels, but the model takes 3"):
+    sources.build_input(cfg, schedule, 4, 6, label_dim=CLASSES, channels=3)
+  with pytest.raises(ValueError, match="is not 16x16"):
+    sources.build_input(dict(cfg, resolution=16), patches.PatchSchedule(
+        sizes=(8, 16), probs=(0.5, 0.5), resolution=16), 4, 6, label_dim=CLASSES)
+  with pytest.raises(ValueError, match=r"label.*(out of range|outside|>=)"):
+    sources.build_input(cfg, schedule, 4, 6, label_dim=2, channels=4)
+
+
+def test_encode_latents_bad_input(vae_dir, image_zip, tmp_path):
+  path, _ = image_zip
+  data = dict(source="zip", path=str(path), resolution=RES)
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    encode_latents.encode_dataset(data, str(tmp_path), str(tmp_path / "x.npz"))
+  with pytest.raises(ValueError, match="resolution 30 is not divisible by the VAE's downsampling"):
+    encode_latents.encode_dataset(dict(data, resolution=30), str(vae_dir), str(tmp_path / "x.npz"))
+  with pytest.raises(ValueError, match="img00000005.png"):
+    encode_latents.encode_dataset(dict(data, skip_corrupt=False), str(vae_dir),
+                                  str(tmp_path / "x.npz"))
+  assert not list(tmp_path.glob("*.npz"))  # nothing half-written
+
+
+def latent_config(latent_path, vae_path):
+  c = config_lib.base_config()
+  c.data.source = "latents"
+  c.data.path = str(latent_path)
+  c.data.resolution = 8
+  c.data.labels = True
+  c.data.latent_scale = 0.18215
+  c.vae.path = str(vae_path)
+  c.model.arch = "adm"
+  c.model.img_resolution = 8
+  c.model.img_channels = 4
+  c.model.model_channels = 64
+  c.model.channel_mult = (1, 2)
+  c.model.num_blocks = 1
+  c.model.attn_resolutions = (4,)
+  c.model.label_dim = CLASSES
+  c.model.label_dropout = 0.1
+  c.patch.latent = True
+  c.train.batch_size = 4
+  c.train.steps = 2
+  c.train.lr_rampup_kimg = 0.01
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  c.sample.num_steps = 2
+  c.sample.guidance = 1.3
+  c.sample.batch_size = 4
+  c.sample.grid_size = 4
+  c.sample.num_images = 4
+  return c
+
+
+def test_latent_training_and_decoded_samples(latents, vae_dir, tmp_path):
+  out, _ = latents
+  cfg = latent_config(out, vae_dir)
+  sizes = []
+  train.train_and_evaluate(cfg, str(tmp_path), on_step=lambda s, size: sizes.append(size))
+  assert sizes and set(sizes) <= {4, 8}
+  # The training grid is decoded to pixels by the VAE (4x the latent size).
+  grid = np.asarray(Image.open(next(tmp_path.glob("samples_*.png"))))
+  assert grid.ndim == 3 and grid.shape[-1] == 3 and min(grid.shape[:2]) >= 2 * RES
+  outdir, images = main.sample_from_checkpoint(cfg, str(tmp_path), seeds="0-2", class_idx=1)
+  assert images.shape == (3, RES, RES, 3) and images.dtype == np.uint8
+  pngs = sorted((tmp_path / "samples").rglob("*.png"))
+  assert len([p for p in pngs if p.name != "grid.png"]) == 3
+  assert np.asarray(Image.open(pngs[0])).shape == (RES, RES, 3)
+  # Without the VAE a latent model's samples cannot become PNGs: a clear error first.
+  cfg.vae.path = None
+  with pytest.raises(Exception, match="set --config.vae.path"):
+    main.sample_from_checkpoint(cfg, str(tmp_path), seeds="0")
