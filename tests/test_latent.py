@@ -164,3 +164,19 @@ def test_latent_training_and_decoded_samples(latents, vae_dir, tmp_path):
   cfg.vae.path = None
   with pytest.raises(Exception, match="set --config.vae.path"):
     main.sample_from_checkpoint(cfg, str(tmp_path), seeds="0")
+
+
+def test_encode_latents_command_line(vae_dir, image_zip, tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  path, _ = image_zip
+  out = tmp_path / "l.npz"
+  cmd = [sys.executable, "-m", "patchdiff.encode_latents", f"--vae={vae_dir}", "--source=zip",
+         f"--path={path}", f"--resolution={RES}", "--limit=3", f"--out={out}"]
+  done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert f"wrote {out}: 3 latents of shape (4, 8, 8)" in done.stdout
+  with np.load(out) as f:
+    assert f["mean"].shape == (3, 4, 8, 8) and "labels" not in f.files
+  missing = subprocess.run(cmd[:-1], capture_output=True, text=True, check=False, timeout=300)
+  assert missing.returncode != 0 and "--out is required" in missing.stderr
