@@ -6,12 +6,17 @@ plus fine grain, so they compress like real 64 px photos rather than flat colour
 images cached in memory and straight from the zip (decoded in the tf.data graph every step).
 
   python benchmarks/input_pipeline.py [--num_images 4000] [--batch_size 256] [--seconds 5]
-                                      [--repeats 2] [--decoders]
+                                      [--repeats 2] [--stat best|median] [--decoders]
+                                      [--cache both|on|off] [--mix_only]
+                                      [--png_decoder auto|tensorflow]
 
 Prints samples/s (patches per second) and full images/s (samples * (s/R)^2) per row, the best
-of `repeats` timings (other processes on the machine only ever slow a timing down), samples per
-CPU-second of this process (a load-independent measure of cost: on k idle cores the rate can reach
-at most k times it), and, as a baseline, the rate of PNG decoding alone.
+(or median) of `repeats` timings (other processes on the machine only ever slow a timing down),
+samples per CPU-second of this process (a load-independent measure of cost: on k idle cores the
+rate can reach at most k times it), the cores other processes kept busy meanwhile (Linux; a figure
+taken with others > 0 is not one of an idle machine), and, as a baseline, the rate of PNG decoding
+alone. Uncached rows decode these PNGs with `sources.png_decoder_name()` (libspng via pyspng when
+installed; `--png_decoder tensorflow` forces TensorFlow's decoder, the fallback, for comparison).
 """
 from __future__ import annotations
 
@@ -63,23 +68,37 @@ def cpu_seconds() -> float:
   return t.user + t.system
 
 
-def measure(cfg: dict, sched: PatchSchedule, batch_size: int, seconds: float, repeats: int):
-  """Best of `repeats` timings of `seconds` each: (samples/s, full images/s, samples/CPU-s)."""
+def machine_busy_seconds() -> float:
+  """CPU time (all processes, all cores) the machine has spent busy, from /proc/stat (Linux);
+  NaN elsewhere."""
+  try:
+    with open("/proc/stat", encoding="ascii") as f:
+      ticks = [int(v) for v in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return float("nan")
+  return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
+
+
+def measure(cfg: dict, sched: PatchSchedule, batch_size: int, seconds: float, repeats: int,
+            stat: str = "best"):
+  """Best (or median) of `repeats` timings of `seconds` each, by samples/s: (samples/s, full
+  images/s, samples/CPU-s, cores used by other processes meanwhile)."""
   it = sources.build_input(cfg, sched, batch_size, 10**7, seed=0)
   for _ in range(3):  # warm up
     next(it)
-  best = (0.0, 0.0, 0.0)
+  runs = []
   for _ in range(repeats):
-    t0, c0 = time.perf_counter(), cpu_seconds()
+    t0, c0, m0 = time.perf_counter(), cpu_seconds(), machine_busy_seconds()
     samples = pixels = 0
     while time.perf_counter() - t0 < seconds:
       b = next(it)
       n, s = b["image"].shape[:2]
       samples += n
       pixels += n * s * s
-    dt, dc = time.perf_counter() - t0, cpu_seconds() - c0
-    best = max(best, (samples / dt, pixels / (R * R) / dt, samples / dc))
-  return best
+    dt, dc, dm = time.perf_counter() - t0, cpu_seconds() - c0, machine_busy_seconds() - m0
+    runs.append((samples / dt, pixels / (R * R) / dt, samples / dc, max(dm - dc, 0.0) / dt))
+  runs.sort()
+  return runs[-1] if stat == "best" else runs[(len(runs) - 1) // 2]
 
 
 def decode_only(path: str, seconds: float, repeats: int) -> float:
@@ -102,8 +121,9 @@ def decode_only(path: str, seconds: float, repeats: int) -> float:
 
 
 def other_decoders(path: str, repeats: int) -> None:
-  """Single-process PNG decoders for comparison: PIL on one thread, and pyspng (if installed)
-  on one and two threads (it holds the GIL, so two threads show what a thread pool can get)."""
+  """Single-process PNG decoders for comparison: PIL on one thread, pyspng (if installed) on one
+  and two threads (it holds the GIL, so two threads show what a thread pool can get), and the
+  uncached pipeline's libspng binding (`sources.png_decoder_name()`) on one and two threads."""
   import threading  # pylint: disable=import-outside-toplevel
   with zipfile.ZipFile(path) as zf:
     blobs = [zf.read(n) for n in sorted(zf.namelist()) if n.endswith(".png")]
@@ -113,13 +133,27 @@ def other_decoders(path: str, repeats: int) -> None:
     decoders["pyspng"] = pyspng.load
   except ImportError:
     print("pyspng not installed: skipped")
+  found = sources._spng_decoder()  # pylint: disable=protected-access
+  if found is not None:
+    name, batch = found
+    out = np.empty((len(blobs), R, R, 3), np.uint8)
+    usable = [True] * len(blobs)
+
+    def run_batch(part: list[int]):
+      batch(blobs, usable, part, out[part[0]:part[0] + len(part)])
+    decoders[name] = run_batch
   for name, fn in decoders.items():
-    for threads in ((1, 2) if name == "pyspng" else (1,)):
+    for threads in ((1,) if name == "PIL" else (1, 2)):
       best = 0.0
       for _ in range(repeats):
-        parts = [blobs[i::threads] for i in range(threads)]
-        workers = [threading.Thread(target=lambda part: [fn(b) for b in part], args=(part,))
-                   for part in parts]
+        if found is not None and name == found[0]:  # contiguous ranges of indices
+          bounds = np.linspace(0, len(blobs), threads + 1).astype(int)
+          workers = [threading.Thread(target=fn, args=(list(range(lo, hi)),))
+                     for lo, hi in zip(bounds[:-1], bounds[1:])]
+        else:
+          parts = [blobs[i::threads] for i in range(threads)]
+          workers = [threading.Thread(target=lambda part: [fn(b) for b in part], args=(part,))
+                     for part in parts]
         t0 = time.perf_counter()
         for w in workers:
           w.start()
@@ -136,13 +170,22 @@ def main(argv=None):
   ap.add_argument("--batch_size", type=int, default=256, help="full-image batch (global)")
   ap.add_argument("--seconds", type=float, default=5.0, help="timed seconds per row")
   ap.add_argument("--real_p", type=float, default=0.5)
-  ap.add_argument("--repeats", type=int, default=2, help="timings per row; the best is shown")
+  ap.add_argument("--repeats", type=int, default=2,
+                  help="timings per row; the best (or median, --stat) is shown")
+  ap.add_argument("--stat", choices=("best", "median"), default="best")
+  ap.add_argument("--cache", choices=("both", "on", "off"), default="both",
+                  help="rows with the images cached in memory (on), streamed (off), or both")
+  ap.add_argument("--mix_only", action="store_true", help="only the p=real_p mix rows")
+  ap.add_argument("--png_decoder", choices=("auto", "tensorflow"), default="auto",
+                  help="auto: libspng via pyspng if installed, else TensorFlow (uncached rows)")
   ap.add_argument("--decoders", action="store_true",
                   help="also time PIL and pyspng (if installed) decoding the same PNGs")
   args = ap.parse_args(argv)
+  if args.png_decoder == "tensorflow":
+    sources.USE_PYSPNG = False
 
   print("command: python benchmarks/input_pipeline.py " + " ".join(
-      f"--{k} {v}" for k, v in vars(args).items()))
+      f"--{k}" if v is True else f"--{k} {v}" for k, v in vars(args).items() if v is not False))
   print(f"cpu cores: {os.cpu_count()}")
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "dataset.zip")
@@ -156,15 +199,23 @@ def main(argv=None):
           "per CPU-second")
     if args.decoders:
       other_decoders(path, args.repeats)
+    if args.mix_only:
+      rows = rows[-1:]
+    modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.cache]
+    if False in modes:
+      print(f"uncached PNG decoder: {sources.png_decoder_name()}")
     print(f"\n{'bucket':<12} {'source':<14} {'samples/s':>12} {'images/s':>12} "
-          f"{'samples/CPU-s':>14}")
-    for cache in (True, False):
+          f"{'samples/CPU-s':>14} {'others':>7}   ({args.stat} of {args.repeats}; others: cores "
+          "busy in other processes meanwhile)")
+    for cache in modes:
       cfg = dict(source="zip", path=path, resolution=R, cache=cache)
       for name, sizes, probs in rows:
         sched = PatchSchedule(sizes, probs, R, seed=0)
-        sps, ips, spc = measure(cfg, sched, args.batch_size, args.seconds, args.repeats)
+        sps, ips, spc, others = measure(cfg, sched, args.batch_size, args.seconds, args.repeats,
+                                        args.stat)
         label = "zip, cached" if cache else "zip, no cache"
-        print(f"{name:<12} {label:<14} {sps:>12,.0f} {ips:>12,.0f} {spc:>14,.0f}", flush=True)
+        print(f"{name:<12} {label:<14} {sps:>12,.0f} {ips:>12,.0f} {spc:>14,.0f} {others:>7.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -528,3 +528,185 @@ def test_config_dict_and_data_entry_point(tool_zip):
   b = collect(sources.build_input(dict(source="zip", path=str(tool_zip[0]), resolution=R),
                                   sched(), BATCH, 3))
   assert_same(a, b)
+
+
+# --- fast PNG path of data.cache=False (libspng via pyspng) ------------------------------------
+
+
+def png_bytes(arr: np.ndarray, bit_depth: int = 8, color_type: int = 2,
+              chunks: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+  """A PNG written by hand (for what PIL cannot write: 16-bit RGB, extra chunks)."""
+  import struct
+  import zlib
+
+  def chunk(kind, body):
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+  h, w = arr.shape[:2]
+  data = arr.astype(">u2" if bit_depth == 16 else np.uint8)
+  rows = b"".join(b"\x00" + data[r].tobytes() for r in range(h))
+  head = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0))
+  extra = b"".join(chunk(kind, body) for kind, body in chunks)
+  return (b"\x89PNG\r\n\x1a\n" + head + extra + chunk(b"IDAT", zlib.compress(rows))
+          + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def kinds_folder(tmp_path_factory):
+  """Every kind of image the uncached path meets; {name: expected fast-path use}."""
+  rng = np.random.default_rng(5)
+  root = tmp_path_factory.mktemp("kinds")
+  rgba = smooth(rng, c=4)
+  rgba[::3, :, 3] = 0
+  rgba[1::3, :, 3] = 128
+  rgb16 = rng.integers(0, 1 << 16, (R, R, 3))
+  files = {
+      "a_rgb.png": (encode(smooth(rng)), True),
+      "b_rgb_chunks.png": (png_bytes(smooth(rng), chunks=(
+          (b"gAMA", (45455).to_bytes(4, "big")), (b"sRGB", b"\x00"),
+          (b"pHYs", bytes(9)), (b"tEXt", b"k\x00v"))), True),
+      "c_rgba.png": (encode(rgba), False),
+      "d_gray.png": (encode(smooth(rng, c=1)), False),
+      "e_gray_alpha.png": (encode(smooth(rng, c=4), mode="LA"), False),
+      "f_palette.png": (encode(smooth(rng), mode="P"), False),
+      "g_gray16.png": (png_bytes(rng.integers(0, 1 << 16, (R, R)), 16, 0), False),
+      "h_rgb16.png": (png_bytes(rgb16, 16, 2), False),
+      "i_rgb_trns.png": (png_bytes(smooth(rng), chunks=((b"tRNS", bytes(6)),)), False),
+      "j_rgb_big.png": (encode(smooth(rng, 40, 40)), False),
+      "k_rgb_wide.png": (encode(smooth(rng, 16, 28)), False),
+      "l_rgb_small.png": (encode(smooth(rng, 8, 8)), False),
+      "m_photo.jpg": (encode(smooth(rng), "JPEG"), False),
+      "n_rgb.png": (encode(smooth(rng)), True),
+  }
+  for name, (blob, _) in files.items():
+    (root / name).write_bytes(blob)
+  return root, {name: fast for name, (_, fast) in files.items()}
+
+
+def full_batches(cfg: dict, n: int, steps: int = 2, **kw):
+  """Batches of full-size samples, one epoch (all n images) per step."""
+  return collect(build(dict(cfg, hflip=True), steps=steps, batch=n,
+                       schedule=PatchSchedule((R,), (1.0,), R), **kw))
+
+
+def counting_decoder(monkeypatch, garble=(), backend="best"):
+  """Wraps the libspng decoder (the best binding, or pyspng.load's with backend="load"): counts
+  the images it decoded; positions in `garble` (of every call) are zeroed and reported as not
+  decoded, as if libspng had refused them."""
+  found = sources._spng_decoder()  # pylint: disable=protected-access
+  if found is None:
+    pytest.skip("pyspng is not installed")
+  name, fn = found
+  if backend == "load":
+    import pyspng
+    name, fn = "pyspng.load", sources._spng_load(pyspng.load)  # pylint: disable=protected-access
+  calls = []
+
+  def wrapped(blobs, usable, index, out):
+    failed = set(fn(blobs, usable, index, out))
+    for m in garble:
+      if m < len(index):
+        out[m] = 0
+        failed.add(m)
+    calls.append(len(index) - len(failed))
+    return sorted(failed)
+
+  monkeypatch.setattr(sources, "_SPNG", [(name, wrapped)])
+  monkeypatch.setattr(sources, "USE_PYSPNG", True)
+  return calls
+
+
+def test_png_fast_path_classification(kinds_folder):
+  root, fast = kinds_folder
+  plain = sources._png_plain_rgb8  # pylint: disable=protected-access
+  for name, want in fast.items():
+    assert plain((root / name).read_bytes(), R) == want, name
+  blob = (root / "a_rgb.png").read_bytes()
+  assert not plain(blob, R // 2) and not plain(blob[:40], R) and not plain(None, R)
+
+
+@pytest.mark.parametrize("garble, backend", [((), "best"), ((0, 3, 5), "best"), ((), "load")])
+def test_spng_path_equals_tensorflow_path(kinds_folder, monkeypatch, garble, backend):
+  root, fast = kinds_folder
+  n, names = len(fast), sorted(fast)  # the folder source's order
+  cfg = dict(source="folder", path=str(root), cache=False)
+  calls = counting_decoder(monkeypatch, garble, backend)
+  streamed = full_batches(cfg, n)
+  # Only the plain R x R RGB PNGs went through libspng (less those it "refused").
+  assert sum(calls) == sum(fast[names[i]] for b in streamed for m, i in enumerate(b["index"])
+                           if m not in garble) > 0
+  monkeypatch.setattr(sources, "USE_PYSPNG", False)
+  assert sources.png_decoder_name() == "tensorflow"
+  assert_same(streamed, full_batches(cfg, n))
+  pixels, kept, _ = sources.decode_all(sources.scan_folder(root), R)
+  assert len(kept) == n
+  check_crops(streamed, pixels)
+  assert_same(streamed, full_batches(dict(cfg, cache=True), n))
+
+
+def test_corrupt_png_in_zip_uncached(tmp_path, rgb_images, caplog, monkeypatch):
+  good = [encode(im) for im in rgb_images[:3]]
+  blob = bytearray(good[1])
+  at = blob.find(b"IDAT") + 4
+  blob[at + 20] ^= 0xFF  # damaged image data: libpng refuses it (chunk CRC)
+  path = write_zip(tmp_path / "c.zip", {"a.png": good[0], "b.png": bytes(blob),
+                                         "c.png": good[2], "d.png": good[1][:60]})
+  calls = counting_decoder(monkeypatch)
+  with caplog.at_level(logging.WARNING):
+    it = build(dict(source="zip", path=str(path), cache=False))
+  assert it.num_examples == 2 and it.num_skipped == 2
+  assert sorted(it.skipped) == [f"{path}:b.png", f"{path}:d.png"]
+  assert all(why.startswith("corrupt") for why in it.skipped.values())
+  assert f"{path}:b.png" in caplog.text and f"{path}:d.png" in caplog.text
+  assert "skipped 2 of 4" in caplog.text
+  batches = collect(it)
+  check_crops(batches, rgb_images[[0, 2]])
+  assert sum(calls) == sum(len(b["index"]) for b in batches)
+  with pytest.raises(ValueError, match=r"c.zip:b.png: corrupt.*2 bad image"):
+    build(dict(source="zip", path=str(path), cache=False, skip_corrupt=False))
+
+
+def test_without_pyspng_uncached_is_unchanged(kinds_folder, tool_zip, rgb_images, monkeypatch,
+                                             caplog):
+  import sys
+  root, fast = kinds_folder
+  monkeypatch.setitem(sys.modules, "pyspng", None)  # import pyspng -> ImportError
+  monkeypatch.setattr(sources, "_SPNG", [])
+  monkeypatch.setattr(sources, "USE_PYSPNG", True)
+  with caplog.at_level(logging.WARNING):
+    assert sources.png_decoder_name() == "tensorflow"
+    cfg = dict(source="folder", path=str(root), cache=False)
+    streamed = full_batches(cfg, len(fast))
+    zipped = collect(build(dict(source="zip", path=str(tool_zip[0]), cache=False, hflip=True)))
+  assert caplog.text.count("pyspng is not available") == 1
+  assert_same(streamed, full_batches(dict(cfg, cache=True), len(fast)))
+  check_crops(zipped, rgb_images)
+
+
+def test_exit_with_a_live_uncached_pipeline(tmp_path):
+  """The process exits while an uncached pipeline, whose decoding calls Python from tf.data's
+  threads, is still running. (Without `sources.exit_safe` this setting hangs at exit every time,
+  in the iterator's destructor.)"""
+  import os
+  import subprocess
+  import sys
+  if sources._spng_decoder() is None:  # pylint: disable=protected-access
+    pytest.skip("pyspng is not installed")
+  rng = np.random.default_rng(7)
+  path = write_zip(tmp_path / "many.zip", {f"{i:05d}.png": encode(
+      rng.integers(0, 256, (R, R, 3), dtype=np.uint8)) for i in range(2000)})
+  root = os.path.dirname(os.path.dirname(os.path.abspath(sources.__file__)))
+  script = (
+      "import sys\n"
+      f"sys.path.insert(0, {root!r})\n"
+      "from patchdiff import sources\n"
+      "from patchdiff.patches import PatchSchedule\n"
+      f"cfg = dict(source='zip', path={str(path)!r}, resolution={R}, cache=False)\n"
+      f"it = sources.build_input(cfg, PatchSchedule({SIZES}, {PROBS}, {R}), 256, 10**6)\n"
+      "for _ in range(3):\n"
+      "  next(it)\n"
+      "print('decoder:', sources.png_decoder_name())\n")
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "decoder: libspng" in done.stdout or "decoder: pyspng" in done.stdout
