@@ -197,15 +197,18 @@ class GroupNorm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32), init_spec=("zeros",))
 
   def __call__(self, x):
-    dtype = x.dtype
-    b, h, w, c = x.shape
-    g = self.num_groups
-    xg = x.astype(jnp.float32).reshape(b, h, w, g, c // g)
-    mean = xg.mean(axis=(1, 2, 4), keepdims=True)
-    var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
-    xg = (xg - mean) * jax.lax.rsqrt(var + self.eps)
-    x = xg.reshape(b, h, w, c) * self.weight[...] + self.bias[...]
-    return x.astype(dtype)
+    return group_norm(x, self.num_groups, self.weight[...], self.bias[...], self.eps)
+
+
+def group_norm(x, num_groups: int, weight, bias, eps: float):
+  """Group normalisation of NHWC `x` with statistics in float32 whatever x's dtype (bfloat16
+  variances over large groups lose too much); returns x's dtype."""
+  b, h, w, c = x.shape
+  xg = x.astype(jnp.float32).reshape(b, h, w, num_groups, c // num_groups)
+  mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+  var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
+  xg = (xg - mean) * jax.lax.rsqrt(var + eps)
+  return (xg.reshape(b, h, w, c) * weight + bias).astype(x.dtype)
 
 
 def dropout(x, rate: float, key, train: bool):

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from patchdiff import networks
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -102,14 +104,7 @@ class GroupNorm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, h, w, c = x.shape
-    g = self.num_groups
-    xg = x.astype(jnp.float32).reshape(b, h, w, g, c // g)
-    mean = xg.mean(axis=(1, 2, 4), keepdims=True)
-    var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
-    xg = (xg - mean) * jax.lax.rsqrt(var + self.eps)
-    y = xg.reshape(b, h, w, c) * self.weight[...] + self.bias[...]
-    return y.astype(x.dtype)
+    return networks.group_norm(x, self.num_groups, self.weight[...], self.bias[...], self.eps)
 
 
 class ResnetBlock2D(nnx.Module):
