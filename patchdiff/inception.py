@@ -291,6 +291,7 @@ def features(model: InceptionV3, images: Any, batch_size: int = 64) -> np.ndarra
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   n = images.shape[0]
+  batch_size = min(batch_size, max(n, 1))  # a handful of images is not padded to a whole batch
   graphdef, state = nnx.split(model)
   out = []
   for start in range(0, n, batch_size):
