@@ -39,13 +39,9 @@ def main(argv):
   decoder = None
   if _VAE.value:
     from patchdiff import vae  # pylint: disable=import-outside-toplevel
-    if _VAE.value == "random":
-      model = vae.create(vae.SD_VAE_CONFIG, dtype=models.DTYPES[run.model_cfg["dtype"]])
-      decode = vae.decode_fn(model)
-      decoder = lambda z: decode(z / model.scaling_factor)  # noqa: E731
-    else:
-      decoder = vae.latent_decoder(_VAE.value, cfg.vae.scale,
-                                   dtype=models.DTYPES[run.model_cfg["dtype"]])
+    dtype = models.DTYPES[run.model_cfg["dtype"]]
+    source = vae.create(vae.SD_VAE_CONFIG, dtype=dtype) if _VAE.value == "random" else _VAE.value
+    decoder = vae.latent_decoder(source, cfg.vae.scale, dtype=dtype)
   sampler = generate.Sampler(denoiser, run.model_cfg, cfg.sample, mesh=run.mesh, decoder=decoder)
   b = _BATCH.value
   t0 = time.perf_counter()

@@ -75,7 +75,8 @@ def main(argv):
     spec = run.batch_spec(size)
     print(f"compiling the {size}px step ...", flush=True)
     t0 = time.perf_counter()
-    lowered = run.lower_step(size)
+    traced = run.trace_step(size)  # one trace: compiled, and its FLOPs counted
+    lowered = traced.lower()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     st = train.program_stats(compiled, lowered)
@@ -93,7 +94,7 @@ def main(argv):
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    flops = train.model_flops(run.train_step_fn(), run.abstract_state, spec)
+    flops = train.jaxpr_flops(traced.jaxpr)
     rows[size] = row = dict(batch=b, seconds=med, flops=flops, compile_s=compile_s,
                             xla_bytes=st["argument_bytes"] + st["temp_bytes"],
                             peak_bytes=_peak_bytes(device))

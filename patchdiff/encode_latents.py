@@ -75,13 +75,7 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
       part = sources.Encoded(enc.names[lo:lo + chunk], enc.data[lo:lo + chunk],
                              {i - lo: e for i, e in enc.errors.items() if lo <= i < lo + chunk},
                              origin=enc.origin)
-      try:
-        pixels, kept, bad = sources.decode_all(part, res, cfg["skip_corrupt"])
-      except ValueError as e:
-        if "no usable images" not in str(e):
-          raise
-        pixels, kept, bad = np.zeros((0, res, res, 3), np.uint8), np.zeros(0, np.int64), {
-            i: "unreadable or corrupt" for i in range(len(part.data))}
+      pixels, kept, bad = sources.decode_all(part, res, cfg["skip_corrupt"], allow_none=True)
       skipped.update({part.names[i]: why for i, why in bad.items()})
       kept_all.append(kept + lo)
       for s in range(0, len(pixels), b):

@@ -422,13 +422,15 @@ def _decode_reason(blob: bytes, resolution: int) -> str:
 
 
 def decode_all(enc: Encoded, resolution: int, skip_corrupt: bool = True,
-               keep_pixels: bool = True) -> tuple[np.ndarray | None, np.ndarray, dict[int, str]]:
+               keep_pixels: bool = True, allow_none: bool = False
+               ) -> tuple[np.ndarray | None, np.ndarray, dict[int, str]]:
   """Decodes every example once (tf.data, parallel).
 
   Returns (pixels, kept, bad): pixels (len(kept), R, R, 3) uint8 (None unless keep_pixels), the
   indices of the examples that decoded, and {index: reason} of those that did not (unreadable or
   corrupt). With skip_corrupt=False the first bad example raises a ValueError naming it; else
-  each is logged (absl warning) with its name and reason.
+  each is logged (absl warning) with its name and reason. No usable example at all is an error
+  unless `allow_none` (a part of a dataset).
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
@@ -466,7 +468,7 @@ def decode_all(enc: Encoded, resolution: int, skip_corrupt: bool = True,
       logging.warning("skipping image %s: %s", enc.names[i], bad[i])
     logging.warning("skipped %d of %d images of %s as unreadable or corrupt", len(bad),
                     len(enc.data), enc.origin)
-  if not len(kept):
+  if not len(kept) and not allow_none:
     raise ValueError(f"no usable images in {enc.origin}: all {len(enc.data)} are unreadable or "
                      "corrupt")
   return pixels, kept, bad

@@ -657,11 +657,14 @@ def decode_fn(vae: AutoencoderKL):
   return functools.partial(_decode_jit, graphdef, state)
 
 
-def latent_decoder(path: str | os.PathLike, scale: float | None = None, dtype=jnp.float32):
+def latent_decoder(vae: AutoencoderKL | str | os.PathLike, scale: float | None = None,
+                   dtype=jnp.float32):
   """`decode(latents) -> images` for a latent diffusion model: the diffusion model's latents are
-  scale * (z - shift), so z = latents / scale + shift goes through the VAE's decoder. `scale`
-  defaults to the VAE config's scaling_factor. Jitted; one compile per batch shape."""
-  vae = load_vae(path, dtype=dtype)
+  scale * (z - shift), so z = latents / scale + shift goes through the VAE's decoder. `vae`: the
+  model, or a folder for `load_vae`; `scale` defaults to the VAE config's scaling_factor.
+  Jitted; one compile per batch shape."""
+  if not isinstance(vae, AutoencoderKL):
+    vae = load_vae(vae, dtype=dtype)
   scale = vae.scaling_factor if scale is None else float(scale)
   shift = vae.shift_factor
   decode = decode_fn(vae)

@@ -32,6 +32,17 @@ def reference():
   return path
 
 
+def state_dict_shapes(path) -> dict[str, tuple[int, ...]]:
+  """name -> shape of a reference `*_state_dict.txt` (tab-separated, `#` comments)."""
+  out = {}
+  for line in pathlib.Path(path).read_text().splitlines():
+    if line.startswith("#") or not line.strip():
+      continue
+    name, shape = line.split("\t")
+    out[name] = tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
+  return out
+
+
 # The configs of the two parity fixtures (see reference/README.md).
 DDPMPP_TINY = dict(arch="ddpmpp", img_resolution=16, img_channels=3, model_channels=16,
                    channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0)

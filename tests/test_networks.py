@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from conftest import ADM_TINY, DDPMPP_TINY, FIXTURES
+from conftest import ADM_TINY, DDPMPP_TINY, FIXTURES, state_dict_shapes
 from patchdiff import convert, models, networks, patches
 
 
@@ -55,16 +55,6 @@ def test_parameter_counts_match_the_paper_configs():
   assert models.count_params(models.abstract_denoiser(adm)) == 279_631_108
 
 
-def _reference_names(path):
-  out = {}
-  for line in path.read_text().splitlines():
-    if line.startswith("#") or not line.strip():
-      continue
-    name, shape = line.split("\t")
-    out[name] = tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
-  return out
-
-
 @pytest.mark.parametrize("txt,cfg", [
     ("ddpmpp_ffhq64_state_dict.txt", dict(arch="ddpmpp", img_resolution=64, img_channels=3,
                                           channel_mult=(1, 2, 2, 2))),
@@ -72,7 +62,7 @@ def _reference_names(path):
                                                         img_channels=4, label_dim=1000)),
 ])
 def test_tensor_names_and_shapes_match_official_modules(reference, txt, cfg):
-  expected = {k: v for k, v in _reference_names(reference / txt).items()
+  expected = {k: v for k, v in state_dict_shapes(reference / txt).items()
               if not k.endswith("resample_filter")}
   ours = {name: convert._ours_to_torch_shape(kind, var.shape)
           for name, (var, kind) in convert._variables(models.abstract_denoiser(cfg)).items()}

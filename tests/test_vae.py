@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from conftest import state_dict_shapes
 from patchdiff import vae as vae_lib
 
 SD_VAE_CONFIG = vae_lib.SD_VAE_CONFIG
@@ -79,20 +80,10 @@ def test_state_dict_round_trips_the_fixture(tiny):
   assert vae.downsample_factor == 4 and vae.latent_channels == 4
 
 
-def _reference_shapes(path):
-  out = {}
-  for line in path.read_text().splitlines():
-    if line.startswith("#") or not line.strip():
-      continue
-    name, shape = line.split("\t")
-    out[name] = tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
-  return out
-
-
 def test_sd_vae_names_and_shapes_match_diffusers(reference):
   vae = vae_lib.abstract_vae(SD_VAE_CONFIG)  # no memory is allocated
   ours = {name: tuple(v.shape) for name, v in vae_lib.state_dict(vae).items()}
-  assert ours == _reference_shapes(reference / "sd_vae_state_dict.txt")
+  assert ours == state_dict_shapes(reference / "sd_vae_state_dict.txt")
   assert vae_lib.count_params(vae) == SD_VAE_PARAMS
   assert vae.downsample_factor == 8 and vae.scaling_factor == pytest.approx(0.18215)
 
