@@ -3,11 +3,13 @@
   python benchmarks/parity.py [--reference ../shared/reference]
 
 For each fixture: relative L2 error of D(x, sigma, pos, labels) per patch size, and of the Heun
-sampler's output after 3 and 6 steps (the reference ran in float64; we run float32).
+sampler's output after 3 and 6 steps (the reference ran in float64; we run float32); and of the
+VAE's posterior mean, std and decoding against diffusers' AutoencoderKL (`vae_tiny`).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -15,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from patchdiff import convert, sampling  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff import convert, sampling, vae  # noqa: E402  pylint: disable=wrong-import-position
 
 FIXTURES = {
     "ddpmpp_tiny": dict(arch="ddpmpp", img_resolution=16, img_channels=3, model_channels=16,
@@ -53,6 +55,16 @@ def main():
       for n in (3, 6):
         out = sampling.heun_sample(d, nhwc(io["sampler_latents"]), num_steps=n, labels=lab)
         print(f"{name:<15} {f'Heun {n} st.':<12} {rel(out, nhwc(io[f'heun_{n}_steps'])):>14.2e}")
+  with open(os.path.join(parity, "vae_tiny_config.json"), encoding="utf-8") as f:
+    config = json.load(f)
+  model = vae.load_vae_from_arrays(config, dict(np.load(os.path.join(parity,
+                                                                     "vae_tiny_weights.npz"))))
+  with np.load(os.path.join(parity, "vae_tiny_io.npz")) as io:
+    mean, std = model.encode(nhwc(io["x"]))
+    out = model.decode(nhwc(io["z"]))
+    for what, ours, ref in (("mean", mean, io["posterior_mean"]), ("std", std, io["posterior_std"]),
+                            ("decode", out, io["decoded"])):
+      print(f"{'vae_tiny':<15} {what:<12} {rel(ours, nhwc(ref)):>14.2e}")
 
 
 if __name__ == "__main__":
