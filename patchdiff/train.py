@@ -28,26 +28,28 @@ from patchdiff import (checkpoint, config_lib, edm, generate, images_io, metrics
 # Pure pieces: learning rate, EMA, the step.
 
 
-def learning_rate_fn(lr: float, rampup_kimg: float, images_per_step: float) -> Callable:
-  """lr * min(nimg / rampup, 1), nimg counted before the step (EDM: the first step has lr 0)."""
+def learning_rate_fn(lr: float, rampup_kimg: float) -> Callable:
+  """lr * min(nimg / rampup, 1) of the images counted before the step (EDM: the first step's
+  lr is 0)."""
   rampup = max(rampup_kimg * 1000.0, 1e-8)
 
-  def fn(count):
-    return lr * jnp.minimum(count * images_per_step / rampup, 1.0)
+  def fn(nimg):
+    return lr * jnp.minimum(nimg / rampup, 1.0)
   return fn
 
 
-def ema_beta(step, ema_mimg: float, rampup_ratio: float | None, images_per_step: float):
-  """0.5 ** (images per step / half-life), the half-life ramped up as min(ema, ratio * nimg)."""
-  nimg = step * images_per_step
+def ema_beta(nimg, images: float, ema_mimg: float, rampup_ratio: float | None):
+  """0.5 ** (images of this step / half-life), the half-life ramped up as min(ema, ratio *
+  nimg) with nimg the images counted before the step."""
   half_life = jnp.asarray(ema_mimg * 1e6, jnp.float32)
   if rampup_ratio is not None and rampup_ratio > 0:
     half_life = jnp.minimum(half_life, nimg * rampup_ratio)
-  return 0.5 ** (images_per_step / jnp.maximum(half_life, 1e-8))
+  return 0.5 ** (images / jnp.maximum(half_life, 1e-8))
 
 
-def make_optimizer(tcfg: ml_collections.ConfigDict, lr_fn: Callable):
-  return optax.adam(lr_fn, b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps)
+def make_optimizer(tcfg: ml_collections.ConfigDict):
+  """Adam's update direction; the step scales it by the learning rate of the images counted."""
+  return optax.scale_by_adam(b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps)
 
 
 def sanitize_grads(grads):
@@ -77,8 +79,12 @@ def _all_finite(tree):
 
 
 def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
-                    images_per_step: float, seed: int, lr_fn: Callable | None = None) -> Callable:
+                    count: tuple[float, float], seed: int) -> Callable:
   """train_step(state, batch) -> (state, metrics); the step's key is folded from (seed, step).
+
+  `count` = (a, c) in images: the step counts c images and a + c * step were counted before
+  it (`PatchSchedule.count_line` times the batch size); the learning-rate ramp and the EMA
+  half-life follow that count, as in the official loop.
 
   The loss is multiplied by `state["loss_scale"]` before differentiation and the gradients are
   divided by it again (EDM's --ls leaves them scaled; Adam barely notices either way). Static
@@ -87,6 +93,8 @@ def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
   """
   base_key = jax.random.key(seed)
   dynamic = tcfg.loss_scaling == "dynamic"
+  lr_fn = learning_rate_fn(tcfg.lr, tcfg.lr_rampup_kimg)
+  offset, images = float(count[0]), float(count[1])
 
   def train_step(state, batch):
     key = jax.random.fold_in(base_key, state["step"])
@@ -103,9 +111,11 @@ def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
     grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
     grads_finite = _all_finite(grads) if dynamic else None
     grads = sanitize_grads(grads)
+    nimg = offset + images * state["step"].astype(jnp.float32)
+    lr = lr_fn(nimg)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    beta = ema_beta(state["step"], tcfg.ema_mimg, tcfg.ema_rampup, images_per_step)
+    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state["params"], updates)
+    beta = ema_beta(nimg, images, tcfg.ema_mimg, tcfg.ema_rampup)
     ema = jax.tree_util.tree_map(lambda e, p: p + beta * (e - p), state["ema"], params)
     new = dict(params=params, ema=ema, opt_state=opt_state)
     good_steps = state["good_steps"]
@@ -123,13 +133,11 @@ def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
     new_state = dict(state, **new, step=state["step"] + 1, loss_scale=scale,
                      good_steps=good_steps, nonfinite_streak=streak,
                      nonfinite_total=state["nonfinite_total"] + (~loss_finite).astype(jnp.int32))
-    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), ema_beta=beta,
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), ema_beta=beta, lr=lr,
                    loss_scale=state["loss_scale"], nonfinite_streak=streak,
                    nonfinite_total=new_state["nonfinite_total"])
     if dynamic:
       metrics["overflow"] = ~grads_finite
-    if lr_fn is not None:
-      metrics["lr"] = lr_fn(state["step"])
     return new_state, metrics
 
   return train_step
@@ -151,14 +159,12 @@ class Run:
     self.cfg = cfg
     self.model_cfg = models.resolve(cfg.model)
     self.schedule = config_lib.patch_schedule(cfg)
-    self.images_per_step = cfg.train.batch_size * self.schedule.mean_batch_mul
     self.mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_batch(cfg.train.batch_size, self.mesh, jax.process_count(),
                          "train.batch_size")
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, sharding.BATCH)
-    self.lr_fn = learning_rate_fn(cfg.train.lr, cfg.train.lr_rampup_kimg, self.images_per_step)
-    self.optimizer = make_optimizer(cfg.train, self.lr_fn)
+    self.optimizer = make_optimizer(cfg.train)
     self._init_graphdef, self._init_fn = models.initializer(self.model_cfg, seed=cfg.seed)
     # The step's graphdef splits trainable params from buffers (constants such as Fourier freqs).
     self.graphdef = nnx.split(models.abstract_denoiser(self.model_cfg), nnx.Param, ...)[0]
@@ -187,14 +193,20 @@ class Run:
                                            sharding=shard)
     return spec
 
-  def train_step_fn(self) -> Callable:
-    return make_train_step(self.graphdef, self.optimizer, self.cfg.train, self.images_per_step,
-                           self.cfg.seed, lr_fn=self.lr_fn)
+  def nimg(self, step) -> float:
+    """Images counted before `step` (the paper's count: a step counts batch x batch_mul)."""
+    return float(self.cfg.train.batch_size * self.schedule.counted_before([step])[0])
+
+  def train_step_fn(self, size: int) -> Callable:
+    a, c = self.schedule.count_line(size)
+    b = self.cfg.train.batch_size
+    return make_train_step(self.graphdef, self.optimizer, self.cfg.train, (a * b, c * b),
+                           self.cfg.seed)
 
   def trace_step(self, size: int):
     """The train step for `size` px patches, traced for the mesh (state donated): `.jaxpr`
     for counting FLOPs, `.lower()` for compiling; one trace serves both."""
-    jitted = jax.jit(self.train_step_fn(), donate_argnums=0,
+    jitted = jax.jit(self.train_step_fn(size), donate_argnums=0,
                      out_shardings=(self.state_shardings, self.replicated))
     return jitted.trace(self.abstract_state, self.batch_spec(size))
 
@@ -399,6 +411,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   logging.info("steps %d..%d, per bucket %s, schedule digest %s", first, tcfg.steps, counts,
                digest)
 
+  # ---- FID during training: the Inception weights load here, before anything is compiled.
+  monitor = None
+  if tcfg.fid_every:
+    if jax.process_count() > 1:
+      logging.warning("train.fid_every: FID during training runs with one process only; use "
+                      "--mode=eval on the checkpoints")
+    else:
+      from patchdiff import evaluation  # pylint: disable=import-outside-toplevel
+      monitor = evaluation.QualityMonitor(cfg, workdir)
+
   # ---- Input from that step; a bad dataset fails here, before anything is compiled.
   from patchdiff import data  # pylint: disable=import-outside-toplevel
   batches = data.build_input(cfg.data, run.schedule, tcfg.batch_size, tcfg.steps,
@@ -409,6 +431,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                              channels=run.model_cfg["img_channels"])
 
   # ---- State: fresh, or restored into this run's layout (whatever layout wrote it).
+  train_seconds = 0.0  # time spent in the loop's steps, without compiling, sampling and FID
   if start is None:
     state = run.init_state()
   else:
@@ -420,8 +443,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        f"is {progress['data_position']}, its step {start}")
     state = dict(restored["train"], ema=restored["ema"]["params"],
                  buffers=restored["ema"]["buffers"])
+    train_seconds = float(progress.get("train_seconds", 0.0))
     logging.info("resumed from step %d (%.1f kimg)", start,
-                 progress.get("nimg", start * run.images_per_step) / 1000)
+                 progress.get("nimg", run.nimg(start)) / 1000)
 
   # ---- Programs, one per bucket.
   compiled, stats = run.compile_steps()
@@ -440,6 +464,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if not show_samples:
     logging.info("no sample grids: a latent model needs vae.path to decode its samples")
   t_log = t_loop = time.perf_counter()
+  paused = 0.0  # seconds of the loop spent sampling and measuring
+  clock = lambda: train_seconds + time.perf_counter() - t_loop - paused  # noqa: E731
   step = first
   watch = PreemptionWatch()
   try:
@@ -458,25 +484,37 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       done = step + 1
       if done % tcfg.log_every == 0 or done == tcfg.steps:
         last = _log(run, writer, pending, done, first, time.perf_counter() - t_log,
-                    time.perf_counter() - t_loop, mgr)
+                    time.perf_counter() - t_loop, mgr, clock())
         pending, t_log = [], time.perf_counter()
       if watch.should_stop(done):
-        _save(mgr, done, run, state)
+        _save(mgr, done, run, state, clock())
         logging.warning("stopped at step %d on a preemption notice; the checkpoint is saved, "
                         "run the same command again to resume", done)
         break
       if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
-        _save(mgr, done, run, state)
+        _save(mgr, done, run, state, clock())
       # Sample grids need every host's devices; sharded multi-host sampling is still to come.
-      if jax.process_count() == 1 and cfg.sample.grid_size and show_samples and (
-          (tcfg.sample_every and done % tcfg.sample_every == 0) or done == tcfg.steps):
-        grid = run.sample(run.denoiser(state["ema"], state["buffers"]), cfg.sample.grid_size,
-                          cfg.sample.seed)
-        path = os.path.join(workdir, f"samples_{done:08d}.png")
-        images_io.save_grid(grid, path)
-        writer.write_images(done, {"ema_samples": images_io.make_grid(grid)[None]})
-        if reference:
-          _log_swd(writer, done, grid, np.concatenate(reference))
+      want_grid = jax.process_count() == 1 and cfg.sample.grid_size and show_samples and (
+          (tcfg.sample_every and done % tcfg.sample_every == 0) or done == tcfg.steps)
+      want_fid = monitor is not None and (done % tcfg.fid_every == 0 or done == tcfg.steps)
+      if want_grid or want_fid:
+        seconds, t_pause = clock(), time.perf_counter()
+        denoiser = run.denoiser(state["ema"], state["buffers"])
+        images = run.sample(denoiser, max(cfg.sample.grid_size if want_grid else 0,
+                                          monitor.num if want_fid else 0), cfg.sample.seed)
+        if want_fid:
+          scores = monitor.measure(images)
+          writer.write_scalars(done, dict(scores, train_seconds=seconds))
+          logging.info("step %d: FID %.2f of %d EMA samples against the training set; SWD %s",
+                       done, scores["fid"], len(images), ", ".join(
+                           f"{k} {v:.1f}" for k, v in scores.items() if k.startswith("swd")))
+        if want_grid:
+          grid = images[:cfg.sample.grid_size]
+          images_io.save_grid(grid, os.path.join(workdir, f"samples_{done:08d}.png"))
+          writer.write_images(done, {"ema_samples": images_io.make_grid(grid)[None]})
+          if reference:
+            _log_swd(writer, done, grid, np.concatenate(reference))
+        paused += time.perf_counter() - t_pause
   finally:
     watch.close()
     mgr.wait_until_finished()
@@ -505,27 +543,30 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _log(run: Run, writer, pending, done: int, first: int, dt: float, elapsed: float,
-         mgr) -> dict[str, Any]:
+         mgr, train_seconds: float) -> dict[str, Any]:
   """Fetches the pending steps' metrics (the loop's only wait), writes them, checks for NaNs."""
   tcfg = run.cfg.train
   fetched = jax.device_get([m for _, m in pending])
-  losses, samples = {}, 0
+  losses, norms, samples = {}, {}, 0
   for (size, _), m in zip(pending, fetched):
     losses.setdefault(size, []).append(float(m["loss"]))
+    norms.setdefault(size, []).append(float(m["grad_norm"]))
     samples += tcfg.batch_size * patches.batch_mul(size, run.schedule.resolution)
   n = len(pending)
   rate = (done - first) / max(elapsed, 1e-9)
   end = fetched[-1]
+  nimg = run.nimg(done)
   out = dict(loss=float(np.mean([float(m["loss"]) for m in fetched])),
              lr=float(end["lr"]), grad_norm=float(np.mean([m["grad_norm"] for m in fetched])),
-             kimg=done * run.images_per_step / 1000, steps_per_sec=n / dt,
-             images_per_sec=n * run.images_per_step / dt, samples_per_sec=samples / dt,
+             kimg=nimg / 1000, steps_per_sec=n / dt,
+             images_per_sec=(nimg - run.nimg(done - n)) / dt, samples_per_sec=samples / dt,
              eta_seconds=(tcfg.steps - done) / rate if rate > 0 else float("inf"),
-             nonfinite_losses=int(end["nonfinite_total"]))
+             nonfinite_losses=int(end["nonfinite_total"]), train_seconds=train_seconds)
   if tcfg.loss_scaling == "dynamic":
     out.update(loss_scale=float(end["loss_scale"]),
                overflow_steps=int(sum(bool(m["overflow"]) for m in fetched)))
   out.update({f"loss_{s}px": float(np.mean(v)) for s, v in sorted(losses.items())})
+  out.update({f"grad_norm_{s}px": float(np.mean(v)) for s, v in sorted(norms.items())})
   writer.write_scalars(done, out)
   logging.info("step %d/%d (%.1f%%)  %.1f kimg  loss %.4f  lr %.3g  %.2f steps/s  %.0f img/s  "
                "ETA %s", done, tcfg.steps, 100 * done / tcfg.steps, out["kimg"], out["loss"],
@@ -545,10 +586,11 @@ def _log(run: Run, writer, pending, done: int, first: int, dt: float, elapsed: f
   return out
 
 
-def _save(mgr, step: int, run: Run, state) -> None:
+def _save(mgr, step: int, run: Run, state, train_seconds: float) -> None:
   checkpoint.save(mgr, step, config=run.cfg,
                   ema=dict(params=state["ema"], buffers=state["buffers"]),
                   train={k: state[k] for k in TRAIN_KEYS},
-                  progress=dict(step=step, nimg=step * run.images_per_step, data_position=step,
+                  progress=dict(step=step, nimg=run.nimg(step), data_position=step,
+                                train_seconds=train_seconds,
                                 process_count=jax.process_count(),
                                 mesh=dict(run.mesh.shape)))

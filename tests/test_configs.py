@@ -66,11 +66,31 @@ def test_published_values_and_derived_length(name):
     assert (m["label_dropout"], cfg.sample.guidance, cfg.data.labels) == (0.1, 1.3, True)
 
 
-@pytest.mark.parametrize("name", ["celeba64", "lsun_church256", "imagenet256"])
+@pytest.mark.parametrize("name", PIXEL + LATENT)
 def test_full_size_parameter_counts(name):
   cfg = load(name)
-  key = cfg.model.arch + ("_cond" if cfg.model.get("label_dim") else "")
+  key = {"imagenet256": "adm_cond"}.get(name, "adm" if name in LATENT else "ddpmpp")
   assert models.count_params(models.abstract_denoiser(cfg.model)) == PARAMS[key]
+
+
+# The published sampler: (num_steps, s_churn, s_min, s_max, s_noise, guidance).
+SAMPLERS = {"pixel": (50, 0.0, 0.0, float("inf"), 1.0, 1.0),
+            "latent": (256, 40.0, 0.05, 50.0, 1.003, 1.0),
+            "imagenet256": (256, 40.0, 0.05, 50.0, 1.003, 1.3)}
+
+
+@pytest.mark.parametrize("name", PIXEL + LATENT)
+def test_published_sampler_ramps_adam_and_no_flips(name):
+  cfg = load(name)
+  s, t = cfg.sample, cfg.train
+  want = SAMPLERS.get(name, SAMPLERS["latent" if name in LATENT else "pixel"])
+  assert (s.num_steps, s.s_churn, s.s_min, s.s_max, s.s_noise, s.guidance) == want
+  # EDM's ramps: the lr rises linearly over 10 Mimg; the EMA half-life is at most 5% of the
+  # images seen. Adam as in EDM, no gradient clipping; no augmentation of any kind.
+  assert (t.lr_rampup_kimg, t.ema_rampup) == (10_000.0, 0.05)
+  assert (t.adam_b1, t.adam_b2, t.adam_eps) == (0.9, 0.999, 1e-8)
+  assert cfg.data.hflip is False and cfg.model.get("augment_dim", 0) == 0
+  assert (t.p_mean, t.p_std) == (-1.2, 1.2)
 
 
 def test_variants_keep_the_length_in_mimg():
@@ -85,9 +105,13 @@ def test_variants_keep_the_length_in_mimg():
     assert cfg.train.steps * 256 * sched.mean_batch_mul >= 200e6
     assert (cfg.train.steps - 1) * 256 * sched.mean_batch_mul < 200e6
   prog = config_lib.finalize(load("celeba64", "schedule=progressive"))
-  sizes = config_lib.patch_schedule(prog).sizes_at(np.arange(prog.train.steps))
+  sched = config_lib.patch_schedule(prog)
+  sizes = sched.sizes_at(np.arange(prog.train.steps))
   assert sizes[0] == 16 and sizes[-1] == 64 and np.all(np.diff(sizes) >= 0)
-  assert prog.train.steps == base.train.steps
+  # Each progressive step counts its own batch_mul, so 200 Mimg take more steps than the
+  # stochastic schedule's (which counts the mean 1.9 every step): 200e6 / 256 x 0.7.
+  assert prog.train.steps == math.ceil(200e6 / 256 * (0.2 / 4 + 0.3 / 2 + 0.5)) > base.train.steps
+  assert sched.counted_before([prog.train.steps])[0] * 256 == pytest.approx(200e6, rel=1e-5)
   lat = config_lib.finalize(load("lsun_church256", "p=0.25,schedule=progressive"))
   assert config_lib.patch_schedule(lat).probs == pytest.approx((0.75, 0.25))
 

@@ -185,7 +185,7 @@ def test_progressive_schedule_and_dataset_object(images):
   ds = data.make_patch_dataset(images, sched, 2, 10)
   assert isinstance(ds, tf.data.Dataset)
   sizes = [b["image"].shape[1] for b in ds.as_numpy_iterator()]
-  assert sizes == [4, 4, 8, 8, 8, 16, 16, 16, 16, 16]
+  assert sizes == [4, 8, 8, 16, 16, 16, 16, 16, 16, 16]  # 20/30/50% of the images
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -270,6 +270,33 @@ def test_twemoji_bad_args(tmp_path):
     data.load_twemoji(0, limit=1, cache_dir=tmp_path)
   with pytest.raises(ValueError, match="limit"):
     data.load_twemoji(8, limit=0, cache_dir=tmp_path)
+  with pytest.raises(ValueError, match="'Smileys' is not one of"):
+    data.load_twemoji(8, category="Smileys", cache_dir=tmp_path)
+  with pytest.raises(ValueError, match="needs its size, limit"):
+    data.load_twemoji(8, subset_seed=0, cache_dir=tmp_path)
+
+
+def test_twemoji_category_and_random_subset(tmp_path):
+  full = data.load_twemoji(8, cache_dir=tmp_path)
+  names = [p.name for p in data.twemoji_files()]
+  faces = data.load_twemoji(8, category="Smileys & Emotion", cache_dir=tmp_path)
+  want = [names.index(n) for n in ("1f600.png", "1f60d.png", "1f62d.png", "2639.png", "1f494.png",
+                                   "1f49c.png")]  # faces and hearts, listed by hand
+  cats = data.twemoji_category_of(names)
+  assert all(cats[i] == "Smileys & Emotion" for i in want)
+  assert cats[names.index("1f1fa-1f1f8.png")] == "Flags" and cats[names.index("1f1e6.png")] is None
+  keep = [i for i, c in enumerate(cats) if c == "Smileys & Emotion"]
+  assert len(faces) == len(keep) == 168
+  np.testing.assert_array_equal(faces, full[keep])
+  picked = data.twemoji_selection(limit=400, subset_seed=0)
+  np.testing.assert_array_equal(data.load_twemoji(8, limit=400, subset_seed=0, cache_dir=tmp_path),
+                                full[picked])
+  np.testing.assert_array_equal(picked, data.twemoji_selection(limit=400, subset_seed=0))
+  assert len(set(picked)) == 400 and list(picked) == sorted(picked)  # distinct, in file order
+  # Spread over the set, not its first 400 files (which are flags and letters).
+  assert picked.min() < 400 and picked.max() > 3600 and np.sum(picked >= 400) > 300
+  assert not np.array_equal(picked, data.twemoji_selection(limit=400, subset_seed=1))
+  np.testing.assert_array_equal(data.twemoji_selection("Smileys & Emotion", 10), keep[:10])
 
 
 # --- hosts and exact crops ---------------------------------------------------------------------

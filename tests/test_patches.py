@@ -71,14 +71,49 @@ def test_schedule_is_identical_in_another_process():
   assert out == ",".join(map(str, here))
 
 
-def test_progressive_schedule_walks_the_buckets_in_order():
-  sched = patches.PatchSchedule((16, 32, 64), (0.2, 0.3, 0.5), 64, kind="progressive",
-                                total_steps=1000)
+def _official_progressive(sizes, probs, resolution, total_batches):
+  """The official training loop's progressive walk, step by step: a step takes the first bucket
+  whose cumulative probability is >= the fraction of images counted so far, and counts its own
+  batch_mul; training ends once the count reaches the total."""
+  edges = np.cumsum(probs)
+  edges[-1] = 10.0
+  count, out = 0.0, []
+  while count < total_batches:
+    size = sizes[int(np.argmax(count / total_batches <= edges))]
+    out.append((size, count))
+    count += resolution // size
+  return out
+
+
+def test_progressive_schedule_follows_the_official_loop():
+  probs = (0.2, 0.3, 0.5)
+  sched = patches.PatchSchedule((16, 32, 64), probs, 64, kind="progressive", total_steps=1000)
   sizes = sched.sizes_at(np.arange(1000))
-  assert np.all(sizes[:200] == 16) and np.all(sizes[200:500] == 32) and np.all(sizes[500:] == 64)
-  assert sched.size_at(5000) == 64
+  # The images, not the steps, are split 20/30/50: 72 steps of 4 batches, 214 of 2, 714 of 1.
+  assert [int((sizes == s).sum()) for s in (16, 32, 64)] == [72, 214, 714]
+  assert np.all(np.diff(sizes) >= 0) and sched.size_at(5000) == 64
+  counts = sched.counted_before(np.arange(1000))
+  official = _official_progressive((16, 32, 64), probs, 64, 1000 / (0.2 / 4 + 0.3 / 2 + 0.5))
+  # The official loop stops once the count reaches its total (999 steps here); the schedule's
+  # length is total_steps, and the last bucket takes the step left over.
+  assert len(official) == 999 and [s for s, _ in official] == list(sizes[:999])
+  np.testing.assert_allclose(counts[:999], [c for _, c in official])
+  # Each bucket's program counts its own batch_mul, on a line through the bucket's steps.
+  for size in (16, 32, 64):
+    a, c = sched.count_line(size)
+    steps = np.flatnonzero(sizes == size)
+    assert c == 64 // size
+    np.testing.assert_allclose(a + c * steps, counts[steps])
+  assert sched.steps_for(float(counts[-1]) + 1) == 1001
   with pytest.raises(ValueError, match="total_steps"):
-    patches.PatchSchedule((16, 32, 64), (0.2, 0.3, 0.5), 64, kind="progressive")
+    patches.PatchSchedule((16, 32, 64), probs, 64, kind="progressive")
+
+
+def test_stochastic_schedule_counts_the_mean_batch_mul_every_step():
+  sched = patches.PatchSchedule((16, 32, 64), (0.2, 0.3, 0.5), 64)
+  np.testing.assert_allclose(sched.counted_before([0, 10]), [0.0, 19.0])
+  assert sched.count_line(16) == sched.count_line(64) == (0.0, pytest.approx(1.9))
+  assert sched.steps_for(19.0) == 10 and sched.steps_for(19.1) == 11
 
 
 def test_p_one_is_the_edm_baseline_and_p_zero_never_sees_full_images():

@@ -513,6 +513,9 @@ def test_twemoji_source(tmp_path):
     (dict(source="tfds"), 0, "needs data.tfds_name"),
     (dict(source="latents", path=__file__), 0, "must be .npy or .npz"),
     (dict(source="twemoji", latent_layout="CHW"), 0, "latent_layout"),
+    (dict(source="twemoji", twemoji_category="Smileys"), 0, "twemoji_category='Smileys'"),
+    (dict(source="synthetic", twemoji_category="Flags"), 0, "needs data.source='twemoji'"),
+    (dict(source="twemoji", twemoji_subset_seed=0), 0, "needs data.source='twemoji' and data.limit"),
 ])
 def test_config_validation(cfg, label_dim, match):
   with pytest.raises(ValueError, match=match):

