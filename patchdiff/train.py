@@ -483,8 +483,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
         on_step(step, size)
       done = step + 1
       if done % tcfg.log_every == 0 or done == tcfg.steps:
-        last = _log(run, writer, pending, done, first, time.perf_counter() - t_log,
-                    time.perf_counter() - t_loop, mgr, clock())
+        last = _log(run, writer, pending, done, first, t_log, t_loop, mgr, clock)
         pending, t_log = [], time.perf_counter()
       if watch.should_stop(done):
         _save(mgr, done, run, state, clock())
@@ -498,6 +497,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
           (tcfg.sample_every and done % tcfg.sample_every == 0) or done == tcfg.steps)
       want_fid = monitor is not None and (done % tcfg.fid_every == 0 or done == tcfg.steps)
       if want_grid or want_fid:
+        jax.block_until_ready(state)  # the steps dispatched so far count as training time
         seconds, t_pause = clock(), time.perf_counter()
         denoiser = run.denoiser(state["ema"], state["buffers"])
         images = run.sample(denoiser, max(cfg.sample.grid_size if want_grid else 0,
@@ -515,6 +515,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
           if reference:
             _log_swd(writer, done, grid, np.concatenate(reference))
         paused += time.perf_counter() - t_pause
+        t_log += time.perf_counter() - t_pause  # the interval's rates are of steps only
   finally:
     watch.close()
     mgr.wait_until_finished()
@@ -542,11 +543,16 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-def _log(run: Run, writer, pending, done: int, first: int, dt: float, elapsed: float,
-         mgr, train_seconds: float) -> dict[str, Any]:
-  """Fetches the pending steps' metrics (the loop's only wait), writes them, checks for NaNs."""
+def _log(run: Run, writer, pending, done: int, first: int, t_log: float, t_loop: float,
+         mgr, clock: Callable[[], float]) -> dict[str, Any]:
+  """Fetches the pending steps' metrics (the loop's only wait), writes them, checks for NaNs.
+
+  Rates are taken after the fetch, when the steps have run (dispatching them takes less time).
+  """
   tcfg = run.cfg.train
   fetched = jax.device_get([m for _, m in pending])
+  now = time.perf_counter()
+  dt, elapsed, train_seconds = now - t_log, now - t_loop, clock()
   losses, norms, samples = {}, {}, 0
   for (size, _), m in zip(pending, fetched):
     losses.setdefault(size, []).append(float(m["loss"]))

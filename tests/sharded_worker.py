@@ -89,7 +89,7 @@ def main():
   # Save the fsdp state; restore on 1 device and on a 4-device data layout.
   with tempfile.TemporaryDirectory() as tmp:
     mgr = checkpoint.manager(tmp)
-    train._save(mgr, 3, run, state)  # pylint: disable=protected-access
+    train._save(mgr, 3, run, state, 0.0)  # pylint: disable=protected-access
     mgr.wait_until_finished()
     saved = jax.device_get(state)
     for name, cfg, devs in (("restore_1", layout(1, 1, "replicated"), devices[:1]),

@@ -218,12 +218,13 @@ def test_the_run_stops_after_too_many_nonfinite_steps(tmp_path):
                                      grad_norm=np.float32(1), nonfinite_streak=np.int32(streak),
                                      nonfinite_total=np.int32(streak))
   ok = [(16, metric(1.0, 0)), (8, metric(nan, 1)), (8, metric(nan, 2))]
-  out = train._log(run, Writer(), ok, 23, 20, 1.0, 1.0, Mgr(), 1.0)  # pylint: disable=protected-access
+  t0 = __import__("time").perf_counter() - 1.0
+  out = train._log(run, Writer(), ok, 23, 20, t0, t0, Mgr(), lambda: 1.0)  # pylint: disable=protected-access
   assert out["nonfinite_losses"] == 2 and out["kimg"] == pytest.approx(run.nimg(23) / 1e3)
   bad = ok + [(4, metric(nan, 3))]
   with pytest.raises(train.NonFiniteLossError, match=r"3 consecutive steps up to step 24 .*"
                      r"max_nonfinite_steps=3.*last checkpoint is step 20"):
-    train._log(run, Writer(), bad, 24, 20, 1.0, 1.0, Mgr(), 1.0)  # pylint: disable=protected-access
+    train._log(run, Writer(), bad, 24, 20, t0, t0, Mgr(), lambda: 1.0)  # pylint: disable=protected-access
 
 
 def _restore_train(workdir, cfg, step):
@@ -251,7 +252,7 @@ def test_interrupted_and_resumed_run_is_the_same_run(tmp_path):
       os.kill(os.getpid(), signal.SIGTERM)
   resumed = tmp_path / "resumed"
   train.train_and_evaluate(cfg, str(resumed), on_step=preempt)
-  _, steps = _restore_train(resumed, cfg, 3)
+  at3, steps = _restore_train(resumed, cfg, 3)
   assert steps == [3]  # saved at the boundary after the signal
   partial = resumed / "checkpoints" / "5.orbax-checkpoint-tmp-1234567890"
   shutil.copytree(resumed / "checkpoints" / "3", partial)
@@ -261,7 +262,12 @@ def test_interrupted_and_resumed_run_is_the_same_run(tmp_path):
   a, _ = _restore_train(tmp_path / "straight", cfg, 8)
   b, steps = _restore_train(resumed, cfg, 8)
   assert steps == [3, 8] and not partial.exists()
-  assert b["progress"] == dict(a["progress"]) and b["progress"]["data_position"] == 8
+  # The same progress record, but for the training time each run took; the resumed run's
+  # carries over its first part's.
+  pa, pb = dict(a["progress"]), dict(b["progress"])
+  assert pb.pop("train_seconds") > at3["progress"]["train_seconds"] > 0
+  assert pa.pop("train_seconds") > 0
+  assert pb == pa and pb["data_position"] == 8
   for item, key in (("train", "params"), ("train", "opt_state"), ("ema", "params")):
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6),
                            a[item][key], b[item][key])
