@@ -3,6 +3,7 @@ and the FID + SWD measurement that training runs at intervals.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -38,15 +39,32 @@ def training_set_statistics(cfg: ml_collections.ConfigDict, model) -> tuple[np.n
   return metrics.feature_statistics(inception.features(model, reference_images(cfg)))
 
 
+# The data settings that decide which images the training set's statistics come from.
+_DATA_KEYS = ("source", "path", "resolution", "limit", "twemoji_category", "twemoji_subset_seed",
+              "tfds_name", "tfds_split", "tfds_data_dir", "tfds_image_key")
+
+
+def data_signature(cfg: ml_collections.ConfigDict) -> str:
+  """The training images `cfg` selects, as a text kept next to statistics made from them."""
+  return json.dumps({k: cfg.data.get(k) for k in _DATA_KEYS}, sort_keys=True)
+
+
 def reference_statistics(cfg: ml_collections.ConfigDict, model,
                          path: str) -> tuple[np.ndarray, np.ndarray]:
-  """The statistics in `path`; where there is no such file, the training set's, written there."""
+  """The training set's statistics, kept in `path` (a workdir's own file): read from there when
+  the file was made from the data `cfg` selects, else (no file, or other data) made and written
+  there."""
   r = cfg.model.img_resolution
+  signature = data_signature(cfg)
   if os.path.isfile(path):
-    return metrics.load_statistics(path, feature_dim=2048, resolution=r)
+    made_from = metrics.statistics_source(path)
+    if made_from in (None, signature):  # None: a file given by hand, taken as it is
+      return metrics.load_statistics(path, feature_dim=2048, resolution=r)
+    logging.warning("%s was made from other data (%s, now %s): making it again", path, made_from,
+                    signature)
   t0 = time.perf_counter()
   mu, sigma = training_set_statistics(cfg, model)
-  metrics.save_statistics(path, mu, sigma, resolution=r)
+  metrics.save_statistics(path, mu, sigma, resolution=r, source=signature)
   logging.info("wrote the Inception statistics of every training image to %s (%.0f s)", path,
                time.perf_counter() - t0)
   return mu, sigma
@@ -91,7 +109,11 @@ class QualityMonitor:
 
   def _reference(self):
     if self._ref is None:
-      self._ref = reference_statistics(self.cfg, self.model, self.ref_path)
+      if self.cfg.train.fid_ref:  # given: taken as it is, whatever data it was made from
+        self._ref = metrics.load_statistics(self.ref_path, feature_dim=2048,
+                                            resolution=self.cfg.model.img_resolution)
+      else:
+        self._ref = reference_statistics(self.cfg, self.model, self.ref_path)
       self._images = reference_images(self.cfg, self.num)
     return self._ref
 

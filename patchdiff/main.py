@@ -179,7 +179,8 @@ def fid_reference(cfg, inception_path: str | None, out: str | None) -> str:
                          "dataset with a pixel config reading it (e.g. --config.data.path=the "
                          "zip), or use a published reference file with 'mu' and 'sigma'")
   mu, sigma = evaluation.training_set_statistics(cfg, _inception(inception_path))
-  metrics.save_statistics(out, mu, sigma, resolution=cfg.model.img_resolution)
+  metrics.save_statistics(out, mu, sigma, resolution=cfg.model.img_resolution,
+                          source=evaluation.data_signature(cfg))
   logging.info("wrote the Inception statistics of every training image to %s", out)
   return out
 

@@ -93,9 +93,11 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
   return mu, sigma
 
 
-def save_statistics(path: str | os.PathLike, mu, sigma, resolution: int | None = None) -> None:
+def save_statistics(path: str | os.PathLike, mu, sigma, resolution: int | None = None,
+                    source: str | None = None) -> None:
   """Writes (mu, sigma) to `path` as an .npz with keys `mu` and `sigma` (EDM's format), plus
-  the image `resolution` when given (an extra key EDM's readers ignore).
+  the image `resolution` and a `source` text (what the statistics were made from) when given
+  (extra keys EDM's readers ignore).
 
   The file is written at exactly `path` (numpy.savez would append `.npz` to other names); the
   arrays keep their dtype.
@@ -103,8 +105,16 @@ def save_statistics(path: str | os.PathLike, mu, sigma, resolution: int | None =
   mu_arr, sigma_arr = np.asarray(mu), np.asarray(sigma)
   _check_statistics(mu_arr, sigma_arr, os.fspath(path))
   extra = {} if resolution is None else {"resolution": np.asarray(int(resolution))}
+  if source is not None:
+    extra["source"] = np.asarray(str(source))
   with open(path, "wb") as f:
     np.savez(f, mu=mu_arr, sigma=sigma_arr, **extra)
+
+
+def statistics_source(path: str | os.PathLike) -> str | None:
+  """The `source` text that save_statistics recorded in `path`, None where it recorded none."""
+  with np.load(path, allow_pickle=False) as data:
+    return str(data["source"]) if "source" in data.files else None
 
 
 def load_statistics(path: str | os.PathLike, feature_dim: int | None = None,

