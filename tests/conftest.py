@@ -13,6 +13,17 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_backend_optimization_level=0").strip()
 
 
+# The files that take minutes (end-to-end runs), longest first: handed out first, they keep both
+# xdist workers busy to the end instead of leaving one to run a long file alone.
+LONGEST_FIRST = ("test_main.py", "test_train.py", "test_multihost.py", "test_configs.py",
+                 "test_fid_cli.py", "test_sharding.py", "test_latent.py", "test_convert.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable
+
+
 def reference_dir() -> pathlib.Path:
   """$PATCHDIFF_REFERENCE, default ../shared/reference (relative to the repository root)."""
   path = pathlib.Path(os.environ.get("PATCHDIFF_REFERENCE", "../shared/reference"))
