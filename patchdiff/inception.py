@@ -400,6 +400,15 @@ def features(model: InceptionV3, images: Any, batch_size: int = 64) -> np.ndarra
 # ---------------------------------------------------------------------------------------------
 # PyTorch state dicts.
 
+
+def _check_names(problem: str, missing: list[str], unexpected: list[str],
+                 mis_shaped: list[str]) -> None:
+  """Raises ValueError(problem; the missing, unexpected and mis-shaped tensors) if any."""
+  parts = [f"{kind} {len(names)}: {', '.join(names)}" for kind, names in
+           (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)) if names]
+  if parts:
+    raise ValueError(problem + "; " + "; ".join(parts))
+
 # (PyTorch name suffix, attribute path within BasicConv2d, OIHW->HWIO transpose?)
 _CONV_ENTRIES = (("conv.weight", ("conv", "kernel"), True),
                  ("bn.weight", ("bn", "scale"), False),
@@ -456,15 +465,8 @@ def load_state_dict(model: InceptionV3, state: dict[str, Any]) -> None:
       got = tuple(np.shape(state[name]))
       if got != expected:
         mis_shaped.append(f"{name} (expected {expected}, got {got})")
-  if missing or unexpected or mis_shaped:
-    parts = []
-    if missing:
-      parts.append(f"missing {len(missing)}: {', '.join(missing)}")
-    if unexpected:
-      parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
-    if mis_shaped:
-      parts.append(f"mis-shaped {len(mis_shaped)}: {', '.join(sorted(mis_shaped))}")
-    raise ValueError("Inception state dict does not match the network; " + "; ".join(parts))
+  _check_names("Inception state dict does not match the network", missing, unexpected,
+               sorted(mis_shaped))
   for name, (var, is_conv) in targets.items():
     value = np.asarray(state[name], np.float32)
     if is_conv:
@@ -550,16 +552,8 @@ def nvidia_to_pytorch_fid(state: dict[str, Any], where: str = "<weights>") -> di
   mis_shaped = sorted(f"{name} (expected {shape}, got {tuple(np.shape(state[name]))})"
                       for name, (_, shape) in expected.items()
                       if name in state and tuple(np.shape(state[name])) != shape)
-  if missing or unexpected or mis_shaped:
-    parts = []
-    if missing:
-      parts.append(f"missing {len(missing)}: {', '.join(missing)}")
-    if unexpected:
-      parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
-    if mis_shaped:
-      parts.append(f"mis-shaped {len(mis_shaped)}: {', '.join(mis_shaped)}")
-    raise ValueError(f"{where}: the tensors do not match NVIDIA's FID Inception-v3; "
-                     + "; ".join(parts))
+  _check_names(f"{where}: the tensors do not match NVIDIA's FID Inception-v3", missing,
+               unexpected, mis_shaped)
   out = {ours: np.asarray(state[name]) for name, (ours, _) in expected.items()}
   for name in list(out):
     if name.endswith(".bn.bias"):
