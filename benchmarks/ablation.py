@@ -17,7 +17,8 @@ when the command is repeated; finished runs are skipped.
 
 The runs: the full-image ratio p = 1 (EDM), 0.75, 0.5 and 0.25 with the stochastic schedule; p = 0.5
 with the progressive schedule; a random 10% subset (400 images) with p = 1 and p = 0.5; patch
-sizes [16, 32] against [8, 16, 32]; a second seed of p = 1 and p = 0.5.
+sizes [16, 32] against [8, 16, 32] (measured twice); a second seed of p = 1 and p = 0.5 (measured at
+the end only).
 """
 from __future__ import annotations
 
@@ -54,6 +55,11 @@ RUNS = {
     "edm_seed1": ("edm,all", {"seed": 1}, "p = 1.0, second seed"),
     "p0.5_seed1": ("p=0.5,all", {"seed": 1}, "p = 0.5, second seed"),
 }
+# Second seeds have their first seed's budget and are measured at its end only: the table needs
+# their final figures to show the noise, and each measurement costs about a quarter of a run.
+REPLICATES = {"edm_seed1": "edm", "p0.5_seed1": "p0.5"}
+# Runs measured at fewer points than --points (same budget; the last point is the end).
+FEWER_POINTS = {"edm_seed1": 1, "p0.5_seed1": 1, "p0.5_sizes16_32": 2}
 CONFIG = os.path.join(REPO, "configs", "demo.py")
 
 
@@ -125,9 +131,11 @@ def train_all(args) -> None:
     arg, overrides, _ = RUNS[name]
     per_step = mean_step_seconds(load_config(arg, overrides), bucket_seconds)
     every = max(1, int(round(args.minutes * 60 / per_step / args.points)))
-    plan[name] = (arg, overrides, every * args.points, every)
-    print(f"{name:>18}: {every * args.points} steps ({per_step * 1e3:.0f} ms each), FID every "
-          f"{every}", flush=True)
+    steps = every * args.points
+    every = steps // FEWER_POINTS.get(name, args.points)
+    plan[name] = (arg, overrides, steps, every)
+    print(f"{name:>18}: {steps} steps ({per_step * 1e3:.0f} ms each), FID every {every}",
+          flush=True)
 
   free: queue.Queue[int] = queue.Queue()
   for c in cores:
@@ -179,17 +187,34 @@ def report(args) -> None:
         minutes=[scalars["train_seconds"][s] / 60 for s in steps],
         fid=[scalars["fid"][s] for s in steps],
         swd=[scalars["swd_mean"][s] for s in steps])
+    # Per bucket, over the run: the mean loss (per sample: summed over its pixels) and the mean
+    # gradient norm, as logged each interval for the steps of that bucket.
+    rows[name]["buckets"] = {
+        int(tag[len("loss_"):-2]): dict(
+            loss=float(np.mean(list(values.values()))),
+            grad_norm=float(np.mean(list(scalars[f"grad_norm_{tag[len('loss_'):]}"].values()))))
+        for tag, values in scalars.items() if tag.startswith("loss_") and tag.endswith("px")}
     last = max(glob.glob(os.path.join(workdir, "samples_*.png")))
     shutil.copy(last, os.path.join(args.report, f"grid_{name}.png"))
   with open(os.path.join(args.report, "results.json"), "w", encoding="utf-8") as f:
     json.dump(rows, f, indent=1)
 
-  lines = ["| run | what | steps | kimg | train min | FID at the 4 points | SWD at the end |",
-           "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
+  # Budget: the run's steps priced at the per-bucket step times of one core (bucket_seconds.json),
+  # equal across runs by design; the loop's own clock (results.json: minutes) also counts what
+  # else ran on the machine.
+  lines = [f"| run | what | steps | kimg | budget min | FID at the {args.points} points | "
+           "SWD at the end |", "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
   for name, r in rows.items():
+    fids = ["-"] * (args.points - len(r["fid"])) + [f"{v:.1f}" for v in r["fid"]]
     lines.append(f"| `{name}` | {r['about']} | {r['steps'][-1]:,} | {r['kimg'][-1]:.0f} | "
-                 f"{r['minutes'][-1]:.1f} | {' / '.join(f'{v:.1f}' for v in r['fid'])} | "
-                 f"{r['swd'][-1]:.1f} |")
+                 f"{r['budget_minutes'][-1]:.1f} | {' / '.join(fids)} | {r['swd'][-1]:.1f} |")
+  lines += ["", "Per bucket, mean over the run (loss: per sample, summed over its pixels):", "",
+            "| run | " + " | ".join(f"{s} px loss / grad norm" for s in (8, 16, 32)) + " |",
+            "| --- | --- | --- | --- |"]
+  for name, r in rows.items():
+    cells = [f"{r['buckets'][s]['loss']:.0f} / {r['buckets'][s]['grad_norm']:.0f}"
+             if s in r["buckets"] else "-" for s in (8, 16, 32)]
+    lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
   table = "\n".join(lines)
   with open(os.path.join(args.report, "table.md"), "w", encoding="utf-8") as f:
     f.write(table + "\n")
@@ -203,10 +228,14 @@ def report(args) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  colors = {}
   for name, r in rows.items():
-    style = "--" if "seed1" in name else "-"
-    axes[0].plot(r["budget_minutes"], r["fid"], style, marker="o", label=name)
-    axes[1].plot(r["kimg"], r["fid"], style, marker="o", label=name)
+    # A second seed is one point, drawn in its first seed's colour.
+    kw = dict(marker="x", markersize=9, linestyle="none",
+              color=colors.get(REPLICATES.get(name))) if name in REPLICATES else dict(marker="o")
+    line = axes[0].plot(r["budget_minutes"], r["fid"], label=name, **kw)[0]
+    axes[1].plot(r["kimg"], r["fid"], label=name, **kw)
+    colors[name] = line.get_color()
   axes[0].set_xlabel("training time on one CPU core (minutes, from the timed step costs)")
   axes[1].set_xlabel("images seen, counted as the paper does (kimg)")
   for ax in axes:

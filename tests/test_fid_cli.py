@@ -16,6 +16,7 @@ from patchdiff import checkpoint, config_lib, inception, metrics, train
 
 OVERRIDES = {"data.limit": 12, "data.resolution": 16, "model.img_resolution": 16,
              "model.channel_mult": (1, 2), "model.model_channels": 16, "model.num_blocks": 1,
+             "model.attn_resolutions": (),
              "sample.num_steps": 2, "sample.batch_size": 4, "sample.grid_size": 0}
 FLAGS = [f"--config.{k}={v}".replace(" ", "") for k, v in OVERRIDES.items()]
 
