@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,15 @@ def train_all(args) -> None:
       print(message, flush=True)
 
 
+def _planned_steps(log: str) -> int | None:
+  """The train.steps a run was last started with, from the command lines in its log."""
+  if not os.path.isfile(log):
+    return None
+  with open(log, encoding="utf-8", errors="replace") as f:
+    steps = re.findall(r"^\$ .*--config\.train\.steps=(\d+)", f.read(), re.MULTILINE)
+  return int(steps[-1]) if steps else None
+
+
 def report(args) -> None:
   from patchdiff import config_lib  # pylint: disable=import-outside-toplevel
   os.makedirs(args.report, exist_ok=True)
@@ -175,6 +185,10 @@ def report(args) -> None:
     workdir = os.path.join(args.out, name)
     scalars = read_scalars(workdir) if os.path.isdir(workdir) else {}
     if "fid" not in scalars:
+      continue
+    planned = _planned_steps(os.path.join(args.out, f"{name}.log"))
+    if planned and max(scalars["fid"]) < planned:
+      print(f"{name}: unfinished ({max(scalars['fid'])} of {planned} steps measured), left out")
       continue
     cfg = load_config(arg, overrides)
     steps = sorted(scalars["fid"])
