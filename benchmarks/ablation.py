@@ -219,7 +219,9 @@ def report(args) -> None:
   lines = [f"| run | what | steps | kimg | budget min | FID at the {args.points} points | "
            "SWD at the end |", "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
   for name, r in rows.items():
-    fids = ["-"] * (args.points - len(r["fid"])) + [f"{v:.1f}" for v in r["fid"]]
+    fids = ["-"] * args.points  # a run measured at fewer points fills the ones it reached
+    for step, value in zip(r["steps"], r["fid"]):
+      fids[round(step * args.points / r["steps"][-1]) - 1] = f"{value:.1f}"
     lines.append(f"| `{name}` | {r['about']} | {r['steps'][-1]:,} | {r['kimg'][-1]:.0f} | "
                  f"{r['budget_minutes'][-1]:.1f} | {' / '.join(fids)} | {r['swd'][-1]:.1f} |")
   lines += ["", "Per bucket, mean over the run (loss: per sample, summed over its pixels):", "",
