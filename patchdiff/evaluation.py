@@ -58,7 +58,7 @@ def reference_statistics(cfg: ml_collections.ConfigDict, model,
   signature = data_signature(cfg)
   if os.path.isfile(path):
     made_from = metrics.statistics_source(path)
-    if made_from in (None, signature):  # None: a file given by hand, taken as it is
+    if made_from in (None, signature):  # None: written before files recorded their data
       return metrics.load_statistics(path, feature_dim=2048, resolution=r)
     logging.warning("%s was made from other data (%s, now %s): making it again", path, made_from,
                     signature)
