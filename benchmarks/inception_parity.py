@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from patchdiff import inception  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff.nn import inception  # noqa: E402  pylint: disable=wrong-import-position
 
 REFERENCE_IMAGES = 4
 

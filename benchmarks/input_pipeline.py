@@ -34,7 +34,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from patchdiff import sources  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff.data import sources  # noqa: E402  pylint: disable=wrong-import-position
 from patchdiff.patches import PatchSchedule  # noqa: E402  pylint: disable=wrong-import-position
 
 R = 64

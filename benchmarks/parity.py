@@ -17,7 +17,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from patchdiff import convert, sampling, vae  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff import convert, sampling  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff.nn import vae  # noqa: E402  pylint: disable=wrong-import-position
 
 FIXTURES = {
     "ddpmpp_tiny": dict(arch="ddpmpp", img_resolution=16, img_channels=3, model_channels=16,

@@ -21,7 +21,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from patchdiff import generate, models, train  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff import generate, train  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff.nn import models  # noqa: E402  pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _NUM = flags.DEFINE_integer("num", 256, "images to draw after the first (compiling) batch")
@@ -38,7 +39,7 @@ def main(argv):
   denoiser = models.create_denoiser(run.model_cfg, seed=cfg.seed)
   decoder = None
   if _VAE.value:
-    from patchdiff import vae  # pylint: disable=import-outside-toplevel
+    from patchdiff.nn import vae  # pylint: disable=import-outside-toplevel
     dtype = models.DTYPES[run.model_cfg["dtype"]]
     source = vae.create(vae.SD_VAE_CONFIG, dtype=dtype) if _VAE.value == "random" else _VAE.value
     decoder = vae.latent_decoder(source, cfg.vae.scale, dtype=dtype)

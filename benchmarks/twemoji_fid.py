@@ -19,7 +19,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from patchdiff import data, inception, metrics  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff import metrics  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff.data import pipeline as data  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff.nn import inception  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def fid(a: np.ndarray, b: np.ndarray) -> float:

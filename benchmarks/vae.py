@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from patchdiff import vae  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff.nn import vae  # noqa: E402  pylint: disable=wrong-import-position
 
 _RES = flags.DEFINE_integer("resolution", 256, "image size")
 _BATCH = flags.DEFINE_integer("batch", 64, "images per call")

@@ -9,7 +9,8 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from patchdiff import models, patches
+from patchdiff import patches
+from patchdiff.nn import models
 
 # Keys of the model config that fix the shapes of the weights: a checkpoint must agree on them.
 SHAPE_KEYS = ("arch", "img_resolution", "img_channels", "out_channels", "label_dim", "augment_dim",

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from patchdiff import edm, models, networks
+from patchdiff.nn import edm, models, networks
 
 # Buffers of the official modules that we recompute instead of storing.
 _DERIVED_SUFFIXES = (".resample_filter",)

@@ -30,7 +30,8 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
 
   Returns a summary: num_images, num_skipped, skipped ({name: reason}), shape, seconds.
   """
-  from patchdiff import sources, vae as vae_lib  # pylint: disable=import-outside-toplevel
+  from patchdiff.nn import vae as vae_lib  # pylint: disable=import-outside-toplevel
+  from patchdiff.data import sources  # pylint: disable=import-outside-toplevel
   if not str(out).endswith(".npz"):
     raise ValueError(f"--out {out} must end in .npz")
   cfg = sources.read_config(dict(data_cfg, cache=True), label_dim=1 if data_cfg.get("labels")

@@ -11,7 +11,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from patchdiff import images_io, metrics, models, patches
+from patchdiff import images_io, metrics, patches
+from patchdiff.nn import models
 
 
 def reference_images(cfg: ml_collections.ConfigDict, n: int | None = None) -> np.ndarray:
@@ -33,7 +34,7 @@ def reference_images(cfg: ml_collections.ConfigDict, n: int | None = None) -> np
 
 def training_set_statistics(cfg: ml_collections.ConfigDict, model) -> tuple[np.ndarray, np.ndarray]:
   """Inception mean and covariance of every training image once (no flips): EDM's reference."""
-  from patchdiff import inception  # pylint: disable=import-outside-toplevel
+  from patchdiff.nn import inception  # pylint: disable=import-outside-toplevel
   cfg = cfg.copy_and_resolve_references()
   cfg.data.hflip = False
   return metrics.feature_statistics(inception.features(model, reference_images(cfg)))
@@ -77,7 +78,7 @@ class NoInceptionWeights(FileNotFoundError):
 def load_inception(path: str | None):
   """The FID Inception network of `path`, else of the installed default weights; an error that
   says how to get them when there are none."""
-  from patchdiff import inception  # pylint: disable=import-outside-toplevel
+  from patchdiff.nn import inception  # pylint: disable=import-outside-toplevel
   path = path or inception.default_weights_path()
   if path is None:
     raise NoInceptionWeights(
@@ -119,7 +120,7 @@ class QualityMonitor:
 
   def measure(self, images: np.ndarray) -> dict[str, float]:
     """FID (and SWD per pyramid level) of uint8 samples (N, R, R, 3)."""
-    from patchdiff import inception  # pylint: disable=import-outside-toplevel
+    from patchdiff.nn import inception  # pylint: disable=import-outside-toplevel
     mu, sigma = self._reference()
     feats = inception.features(self.model, images)
     out = dict(fid=metrics.frechet_distance(*metrics.feature_statistics(feats), mu, sigma))

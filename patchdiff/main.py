@@ -77,7 +77,7 @@ def init_distributed() -> None:
 def _load_image(path: str, size: int, channels: int) -> np.ndarray:
   """An image file as (size, size, channels) in [-1, 1], preprocessed exactly as training data
   (`sources.decode_image_tf`: RGBA on white, centre crop, Lanczos resize)."""
-  from patchdiff import sources  # pylint: disable=import-outside-toplevel
+  from patchdiff.data import sources  # pylint: disable=import-outside-toplevel
   if channels not in (1, 3):
     raise ValueError(f"a {channels}-channel model cannot take an image file ({path})")
   try:
@@ -192,7 +192,8 @@ def evaluate(cfg, workdir: str, step: int | None = None, seeds=None, batch=None,
   default those of every training image (made once, kept as WORKDIR/fid_ref.npz); the Inception
   weights are `inception_path`, by default the installed ones; without weights, SWD only."""
   import json  # pylint: disable=import-outside-toplevel
-  from patchdiff import evaluation, generate, inception, metrics  # pylint: disable=import-outside-toplevel
+  from patchdiff import evaluation, generate, metrics  # pylint: disable=import-outside-toplevel
+  from patchdiff.nn import inception  # pylint: disable=import-outside-toplevel
   if fid_sets < 1:
     raise app.UsageError(f"--fid_sets={fid_sets} must be >= 1")
   latent = bool(cfg.patch.latent)

@@ -21,8 +21,8 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from patchdiff import (checkpoint, config_lib, edm, generate, images_io, metrics, models,
-                       patches, sharding)
+from patchdiff import checkpoint, config_lib, generate, images_io, metrics, patches, sharding
+from patchdiff.nn import edm, models
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces: learning rate, EMA, the step.
@@ -262,7 +262,7 @@ class Run:
     if self.pixel_space or vae_cfg is None or not vae_cfg.path:
       return None
     if not hasattr(self, "_decoder"):
-      from patchdiff import vae  # pylint: disable=import-outside-toplevel
+      from patchdiff.nn import vae  # pylint: disable=import-outside-toplevel
       self._decoder = vae.latent_decoder(vae_cfg.path, vae_cfg.scale)
     return self._decoder
 

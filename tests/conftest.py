@@ -47,7 +47,7 @@ def reference():
 def inception_weights():
   """The installed FID Inception weights (default_1.pt); skips where absent, except under CI
   where that fails."""
-  from patchdiff import inception  # pylint: disable=import-outside-toplevel
+  from patchdiff.nn import inception  # pylint: disable=import-outside-toplevel
   path = inception.default_weights_path()
   if path is None:
     msg = f"NVIDIA's FID Inception weights are not installed ({inception.DEFAULT_INSTALL})"

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchdiff import config_lib, models, train
+from patchdiff import config_lib, train
+from patchdiff.nn import models
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PIXEL = ["celeba64", "ffhq64", "afhqv2_cat64", "afhqv2_dog64", "afhqv2_wild64"]

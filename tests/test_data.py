@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from patchdiff import data
+from patchdiff.data import pipeline as data
 from patchdiff.patches import PatchSchedule, batch_mul, coord_grid, uniform_from_counter
 
 N, R, BATCH = 10, 16, 3

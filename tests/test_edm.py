@@ -3,7 +3,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from patchdiff import edm
+from patchdiff.nn import edm
 
 
 def test_preconditioning_formulas():

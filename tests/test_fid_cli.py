@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from patchdiff import checkpoint, config_lib, inception, metrics, train
+from patchdiff import checkpoint, config_lib, metrics, train
+from patchdiff.nn import inception
 
 OVERRIDES = {"data.limit": 12, "data.resolution": 16, "model.img_resolution": 16,
              "model.channel_mult": (1, 2), "model.model_channels": 16, "model.num_blocks": 1,

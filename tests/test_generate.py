@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from conftest import DDPMPP_TINY
-from patchdiff import config_lib, generate, models, patches
+from patchdiff import config_lib, generate, patches
+from patchdiff.nn import models
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from patchdiff import inception, torch_pickle
+from patchdiff.nn import inception, torch_pickle
 from torch_archive import Call, Script, records, write_zip
 
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchdiff import config_lib, encode_latents, main, patches, sources, train, vae
+from patchdiff import config_lib, encode_latents, main, patches, train
+from patchdiff.nn import vae
+from patchdiff.data import sources
 
 RES = 32  # pixels; the tiny VAE downsamples 4x: 8x8 latents
 CLASSES = 3

@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from conftest import ADM_TINY, DDPMPP_TINY, FIXTURES, state_dict_shapes
-from patchdiff import convert, models, networks, patches
+from patchdiff import convert, patches
+from patchdiff.nn import models, networks
 
 
 def nhwc(a):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchdiff import data, sources
+from patchdiff.data import pipeline as data
+from patchdiff.data import sources
 from patchdiff.patches import PatchSchedule, coord_grid
 
 R = 16

@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from patchdiff import torch_pickle
+from patchdiff.nn import torch_pickle
 from torch_archive import Call, Script, Tensor, records, write_zip
 
 

@@ -284,7 +284,7 @@ def test_implicit_host_to_device_transfers_are_refused_in_the_loop(tmp_path, mon
 
 
 def test_bfloat16_compute_keeps_float32_weights_and_tracks_float32():
-  from patchdiff import models  # pylint: disable=import-outside-toplevel
+  from patchdiff.nn import models  # pylint: disable=import-outside-toplevel
   cfg = tiny_config().model.to_dict()
   ref = models.create_denoiser(cfg, seed=3)
   half = models.create_denoiser(dict(cfg, dtype="bfloat16"), seed=3)
@@ -324,7 +324,8 @@ def test_fid_during_training_with_the_real_weights(tmp_path, inception_weights):
   seconds = scalars["train_seconds"]
   assert 0 < seconds[2] < seconds[4]
   # The reference: the Inception statistics of the 8 training images, made once and kept.
-  from patchdiff import evaluation, inception, metrics
+  from patchdiff import evaluation, metrics
+  from patchdiff.nn import inception
   mu, sigma = metrics.load_statistics(tmp_path / "fid_ref.npz", feature_dim=2048, resolution=16)
   feats = inception.features(inception.load_weights(inception_weights),
                              evaluation.reference_images(cfg))
@@ -333,7 +334,8 @@ def test_fid_during_training_with_the_real_weights(tmp_path, inception_weights):
 
 
 def test_fid_during_training_fails_before_compiling(tmp_path, monkeypatch):
-  from patchdiff import evaluation, inception
+  from patchdiff import evaluation
+  from patchdiff.nn import inception
 
   def no_compiling(self):
     raise AssertionError("compiled before the FID inputs were checked")

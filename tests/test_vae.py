@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import state_dict_shapes
-from patchdiff import vae as vae_lib
+from patchdiff.nn import vae as vae_lib
 
 SD_VAE_CONFIG = vae_lib.SD_VAE_CONFIG
 SD_VAE_PARAMS = 83_653_863

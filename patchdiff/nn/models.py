@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from patchdiff import edm, networks
+from patchdiff.nn import edm, networks
 
 COORD_CHANNELS = 2
 

@@ -62,7 +62,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 from absl import logging
 
-from patchdiff import data as data_lib
+from patchdiff.data import pipeline as data_lib
 from patchdiff.patches import PatchSchedule
 
 SOURCES = ("twemoji", "folder", "zip", "tfds", "latents", "synthetic")

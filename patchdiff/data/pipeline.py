@@ -545,13 +545,3 @@ def patch_batches(*args, **kwargs) -> Iterator[dict[str, np.ndarray]]:
   """`make_patch_dataset(*args, **kwargs)` as an iterator of dicts of numpy arrays."""
   return make_patch_dataset(*args, **kwargs).as_numpy_iterator()
 
-
-def build_input(data_cfg, schedule: PatchSchedule, batch_size: int, total_steps: int,
-                start_step: int = 0, seed: int = 0, process_index: int = 0,
-                process_count: int = 1, label_dim: int = 0, channels: int | None = None):
-  """The trainer's input: see `patchdiff.sources.build_input`."""
-  from patchdiff import sources  # pylint: disable=import-outside-toplevel
-  return sources.build_input(data_cfg, schedule, batch_size, total_steps, start_step=start_step,
-                             seed=seed, process_index=process_index,
-                             process_count=process_count, label_dim=label_dim,
-                             channels=channels)

@@ -1,0 +1,1 @@
+"""Networks: shared layers, the U-Nets, EDM's preconditioning, the VAE and the FID Inception-v3."""
