@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from patchdiff import patches, train  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff import train  # noqa: E402  pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _SIZE = flags.DEFINE_integer("size", None, "patch size of the bucket (default: full size)")

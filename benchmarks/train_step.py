@@ -29,7 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from patchdiff import patches, train  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff import patches, train, train_step  # noqa: E402  pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps per bucket (after --warmup)")
@@ -81,7 +81,7 @@ def main(argv):
     lowered = traced.lower()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    st = train.program_stats(compiled, lowered)
+    st = train_step.program_stats(compiled, lowered)
     b = spec["image"].shape[0]
     host = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in spec.items()}
     host["pos"] = patches.coord_grid(np.zeros(b, np.int32), np.zeros(b, np.int32), size, r)
@@ -96,7 +96,7 @@ def main(argv):
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    flops = train.jaxpr_flops(traced.jaxpr)
+    flops = train_step.jaxpr_flops(traced.jaxpr)
     rows[size] = row = dict(batch=b, seconds=med, flops=flops, compile_s=compile_s,
                             xla_bytes=st["argument_bytes"] + st["temp_bytes"],
                             peak_bytes=_peak_bytes(device))

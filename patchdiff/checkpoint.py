@@ -1,11 +1,12 @@
-"""Orbax checkpoints of a run: the training state, the EMA denoiser and the config (JSON).
+"""Orbax checkpoints of a run: the item layout, saving and restoring the training state, and
+`load_ema`, which gives the EMA denoiser of a workdir to sampling without any training code.
 
-Items per step: `train` (params, optimizer state, step, loss-scale state, non-finite counters),
-`ema` (the EMA denoiser's variables, enough to sample on its own), `config` and `progress` (JSON:
-step, images seen, data position, the layout that wrote it). Converted official weights carry
-`ema` and `config` only. Arrays are restored into the caller's shardings, so a checkpoint written
-on one mesh restores on any other. A save runs in the background and appears under its final
-name only once complete: a process killed mid-save leaves the previous step as the latest.
+Items per step: `ema` ({"params": EMA params, "buffers": buffers}: enough to sample on its own),
+`train` (every other key of the training state), `config` and `progress` (JSON: step, images
+seen, data position, the layout that wrote it). Converted official weights carry `ema` and
+`config` only. Arrays are restored into the caller's shardings, so a checkpoint written on one
+mesh restores on any other. A save runs in the background and appears under its final name only
+once complete: a process killed mid-save leaves the previous step as the latest.
 """
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from patchdiff import config_lib
+from patchdiff.nn import models
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -28,15 +33,25 @@ def manager(workdir: str, max_to_keep: int | None = 3, async_save: bool = True,
   return ocp.CheckpointManager(directory, options=options)
 
 
+def split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """A training state (or its abstract shapes) -> the `ema` and `train` items."""
+  ema = dict(params=state["ema"], buffers=state["buffers"])
+  return ema, {k: v for k, v in state.items() if k not in ("ema", "buffers")}
+
+
+def join_state(ema: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
+  """The inverse of `split_state`."""
+  return dict(train, ema=ema["params"], buffers=ema["buffers"])
+
+
 def _abstract(tree):
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       tree)
 
 
-def save(mgr: ocp.CheckpointManager, step: int, *, config: ml_collections.ConfigDict,
-         ema: Any, train: Any | None = None, progress: dict | None = None,
-         force: bool = False) -> bool:
+def _save(mgr: ocp.CheckpointManager, step: int, config: ml_collections.ConfigDict, ema: Any,
+          train: Any | None = None, progress: dict | None = None, force: bool = False) -> bool:
   items = dict(ema=ocp.args.StandardSave(ema), config=ocp.args.JsonSave(config.to_dict()))
   if train is not None:
     items["train"] = ocp.args.StandardSave(train)
@@ -45,10 +60,22 @@ def save(mgr: ocp.CheckpointManager, step: int, *, config: ml_collections.Config
   return mgr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def save_weights(workdir: str, ema: Any, config: ml_collections.ConfigDict, step: int = 0):
-  """Writes a sampling-only checkpoint (EMA weights and config), synchronously."""
+def save_state(mgr: ocp.CheckpointManager, step: int, config: ml_collections.ConfigDict,
+               state: dict[str, Any], progress: dict) -> bool:
+  """Saves a training state (in the background) with its config and progress record."""
+  ema, train = split_state(state)
+  return _save(mgr, step, config, ema, train, progress)
+
+
+def save_weights(workdir: str, denoiser: nnx.Module, config: ml_collections.ConfigDict,
+                 step: int = 0) -> None:
+  """Writes a sampling-only checkpoint (the denoiser's weights as the `ema` item, and the
+  config), synchronously."""
+  if isinstance(denoiser, nnx.Module):
+    _, params, buffers = nnx.split(denoiser, nnx.Param, ...)
+    denoiser = dict(params=params, buffers=buffers)
   mgr = manager(workdir, max_to_keep=None, async_save=False)
-  save(mgr, step, config=config, ema=ema, force=True)
+  _save(mgr, step, config, denoiser, force=True)
   mgr.wait_until_finished()
   mgr.close()
 
@@ -57,16 +84,49 @@ def restore_config(mgr: ocp.CheckpointManager, step: int) -> dict:
   return mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
 
-def restore(mgr: ocp.CheckpointManager, step: int, *, ema_target: Any,
-            train_target: Any | None = None) -> dict:
-  """Restores `ema` (and `train` when a target is given) into the targets' shapes and shardings."""
-  items = dict(ema=ocp.args.StandardRestore(_abstract(ema_target)))
+def check_step(mgr: ocp.CheckpointManager, step: int | None) -> int:
+  """`step` (default: the latest) if the manager holds it; FileNotFoundError naming what exists."""
+  step = mgr.latest_step() if step is None else step
+  if step is None or step not in mgr.all_steps():
+    raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} in "
+                            f"{mgr.directory}; available: {list(mgr.all_steps())}")
+  return step
+
+
+def restore_state(mgr: ocp.CheckpointManager, step: int,
+                  abstract_state: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+  """(training state laid out as `abstract_state`'s shardings, progress record) of `step`."""
   saved = mgr.item_metadata(step) or {}
-  if train_target is not None:
-    if "train" not in saved:
-      raise ValueError(f"checkpoint step {step} in {mgr.directory} holds weights only (no "
-                       "training state); it can be sampled from but not resumed")
-    items["train"] = ocp.args.StandardRestore(_abstract(train_target))
-    if "progress" in saved:
-      items["progress"] = ocp.args.JsonRestore()
-  return mgr.restore(step, args=ocp.args.Composite(**items))
+  if "train" not in saved:
+    raise ValueError(f"checkpoint step {step} in {mgr.directory} holds weights only (no "
+                     "training state); it can be sampled from but not resumed")
+  ema, train = split_state(abstract_state)
+  items = dict(ema=ocp.args.StandardRestore(_abstract(ema)),
+               train=ocp.args.StandardRestore(_abstract(train)))
+  if "progress" in saved:
+    items["progress"] = ocp.args.JsonRestore()
+  restored = mgr.restore(step, args=ocp.args.Composite(**items))
+  return join_state(restored["ema"], restored["train"]), dict(restored.get("progress") or {})
+
+
+def load_ema(workdir: str, cfg: ml_collections.ConfigDict, step: int | None = None,
+             sharding: jax.sharding.Sharding | None = None) -> tuple[nnx.Module, int]:
+  """(the EMA denoiser of `workdir`'s checkpoint `step` (default: the latest), its step).
+
+  The config the checkpoint was written with must build weights of the same shapes as `cfg`'s
+  (ValueError naming every difference). Weights are placed with `sharding` (default: on the
+  first device); no optimizer or training state is built or read.
+  """
+  mgr = manager(workdir, create=False)
+  try:
+    step = check_step(mgr, step)
+    config_lib.check_compatible(restore_config(mgr, step), cfg, where=f"{mgr.directory}/{step}")
+    graphdef, params, buffers = nnx.split(models.abstract_denoiser(cfg.model), nnx.Param, ...)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        dict(params=params, buffers=buffers))
+    ema = mgr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(target)))["ema"]
+  finally:
+    mgr.close()
+  return nnx.merge(graphdef, ema["params"], ema["buffers"]), step

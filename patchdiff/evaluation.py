@@ -1,5 +1,7 @@
-"""Sample quality against the training data: reference images, FID statistics of the training set,
-and the FID + SWD measurement that training runs at intervals.
+"""Sampling from checkpoints and measuring samples against the training data: the workflows of
+`--mode=sample`, `--mode=eval` and `--mode=fid_ref`, and the FID + SWD that training logs.
+
+Nothing here builds an optimizer or a training state: weights come from `checkpoint.load_ema`.
 """
 from __future__ import annotations
 
@@ -7,18 +9,19 @@ import json
 import os
 import time
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from patchdiff import images_io, metrics, patches
-from patchdiff.nn import models
+from patchdiff import checkpoint, generate, images_io, metrics, patches, sharding
+from patchdiff.nn import inception, models
 
 
 def reference_images(cfg: ml_collections.ConfigDict, n: int | None = None) -> np.ndarray:
   """`n` full-size training images (uint8; default: every example once, in one epoch's order),
   drawn by the input pipeline with its preprocessing."""
-  from patchdiff import data  # pylint: disable=import-outside-toplevel
+  from patchdiff import data  # pylint: disable=import-outside-toplevel  (TensorFlow)
   r = cfg.model.img_resolution
   schedule = patches.PatchSchedule(sizes=(r,), probs=(1.0,), resolution=r, seed=cfg.seed)
   label_dim = models.resolve(cfg.model)["label_dim"]
@@ -34,7 +37,6 @@ def reference_images(cfg: ml_collections.ConfigDict, n: int | None = None) -> np
 
 def training_set_statistics(cfg: ml_collections.ConfigDict, model) -> tuple[np.ndarray, np.ndarray]:
   """Inception mean and covariance of every training image once (no flips): EDM's reference."""
-  from patchdiff.nn import inception  # pylint: disable=import-outside-toplevel
   cfg = cfg.copy_and_resolve_references()
   cfg.data.hflip = False
   return metrics.feature_statistics(inception.features(model, reference_images(cfg)))
@@ -78,7 +80,6 @@ class NoInceptionWeights(FileNotFoundError):
 def load_inception(path: str | None):
   """The FID Inception network of `path`, else of the installed default weights; an error that
   says how to get them when there are none."""
-  from patchdiff.nn import inception  # pylint: disable=import-outside-toplevel
   path = path or inception.default_weights_path()
   if path is None:
     raise NoInceptionWeights(
@@ -120,7 +121,6 @@ class QualityMonitor:
 
   def measure(self, images: np.ndarray) -> dict[str, float]:
     """FID (and SWD per pyramid level) of uint8 samples (N, R, R, 3)."""
-    from patchdiff.nn import inception  # pylint: disable=import-outside-toplevel
     mu, sigma = self._reference()
     feats = inception.features(self.model, images)
     out = dict(fid=metrics.frechet_distance(*metrics.feature_statistics(feats), mu, sigma))
@@ -128,3 +128,174 @@ class QualityMonitor:
     out.update(metrics.sliced_wasserstein(images[:n], self._images[:n],
                                           min_resolution=min(16, images.shape[1])))
     return out
+
+
+class UsageError(ValueError):
+  """Arguments of a workflow that do not go together (the command line shows them as usage)."""
+
+
+def pixel_model(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the model's samples are images (else latents, which need a VAE to be seen)."""
+  return not cfg.patch.latent and models.resolve(cfg.model)["img_channels"] in (1, 3)
+
+
+def latent_decoder(cfg: ml_collections.ConfigDict):
+  """The VAE decoder of a latent model with `vae.path`, else None."""
+  vae_cfg = cfg.get("vae")
+  if pixel_model(cfg) or vae_cfg is None or not vae_cfg.path:
+    return None
+  from patchdiff.nn import vae  # pylint: disable=import-outside-toplevel
+  return vae.latent_decoder(vae_cfg.path, vae_cfg.scale)
+
+
+def load_image(path: str, size: int, channels: int) -> np.ndarray:
+  """An image file as (size, size, channels) in [-1, 1], preprocessed exactly as training data
+  (RGBA on white, centre crop, Lanczos resize)."""
+  from patchdiff import data  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  if channels not in (1, 3):
+    raise UsageError(f"a {channels}-channel model cannot take an image file ({path})")
+  try:
+    x = data.load_image(path, size)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"cannot read image {path}: {e}") from None
+  return x[..., :channels].astype(np.float32) / 127.5 - 1
+
+
+def default_seeds(cfg: ml_collections.ConfigDict) -> list[int]:
+  return list(range(cfg.sample.seed, cfg.sample.seed + cfg.sample.num_images))
+
+
+def sample_from_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+                           seeds: list[int] | None = None, batch: int | None = None,
+                           class_idx: int | None = None, fmt: str = "png",
+                           outdir: str | None = None, canvas: int | None = None,
+                           outpaint: str | None = None, inpaint: str | None = None,
+                           mask: str | None = None) -> tuple[str, np.ndarray]:
+  """Restores EMA weights from `workdir` and writes samples of `seeds` (PNGs in folders of 1,000
+  and a grid, or one .npz of uint8 images and their seeds); returns (outdir, images kept: all
+  for npz, else the grid's).
+
+  Every argument is checked before the checkpoint is read or anything is compiled.
+  """
+  seeds = default_seeds(cfg) if seeds is None else list(seeds)
+  m = models.resolve(cfg.model)
+  r, c = m["img_resolution"], m["img_channels"]
+  decoder = None
+  if not pixel_model(cfg):
+    if outpaint or inpaint:
+      raise UsageError("--outpaint and --inpaint work on pixel models only (a latent model "
+                       "would need the known image encoded)")
+    decoder = latent_decoder(cfg)
+    if decoder is None:
+      raise UsageError("a latent model's samples are decoded by its VAE: set "
+                       "--config.vae.path to a diffusers-format VAE folder")
+  if (inpaint is None) != (mask is None):
+    raise UsageError("--inpaint and --mask go together")
+  if outpaint and inpaint:
+    raise UsageError("--outpaint and --inpaint exclude each other")
+  known = None
+  if outpaint:
+    known = generate.Known.centred(load_image(outpaint, r, c), canvas or r)
+  elif inpaint:
+    size = canvas or r
+    known = generate.Known(load_image(inpaint, size, c),
+                           (load_image(mask, size, 1) > 0).astype(np.float32))
+  if canvas is not None:
+    generate.canvas_grid(1, canvas, r)  # validates
+  mesh = sharding.data_mesh()
+  denoiser, step = checkpoint.load_ema(workdir, cfg, step,
+                                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  sampler = generate.Sampler(denoiser, m, cfg.sample, mesh=mesh, decoder=decoder)
+  outdir = outdir or os.path.join(workdir, "samples", f"step_{step:08d}")
+  writer = jax.process_index() == 0
+  kept: list[np.ndarray] = []
+  t0 = time.perf_counter()
+
+  def on_batch(batch_seeds, images):
+    images = images_io.to_uint8(images)
+    if fmt == "png" and writer:
+      images_io.save_pngs(images, batch_seeds, outdir)
+    if fmt == "npz" or sum(len(k) for k in kept) < cfg.sample.grid_size:
+      kept.append(images)
+  sampler.sample(seeds, batch_size=batch, class_idx=class_idx, canvas=canvas, known=known,
+                 on_batch=on_batch)
+  dt = time.perf_counter() - t0
+  images = np.concatenate(kept)
+  if writer:
+    os.makedirs(outdir, exist_ok=True)
+    if fmt == "npz":
+      np.savez(os.path.join(outdir, "samples.npz"), images=images, seeds=np.asarray(seeds))
+    if cfg.sample.grid_size:
+      images_io.save_grid(images[:cfg.sample.grid_size], os.path.join(outdir, "grid.png"))
+  logging.info("wrote %d samples to %s (%.2f images/s)", len(seeds), outdir, len(seeds) / dt)
+  return outdir, images
+
+
+def fid_reference(cfg: ml_collections.ConfigDict, inception_path: str | None, out: str) -> str:
+  """Inception mean and covariance over every training image (no flips), as EDM's ref files."""
+  if not out:
+    raise UsageError("--mode=fid_ref needs --ref, the statistics file to write")
+  if cfg.patch.latent:
+    raise UsageError("a latent config's data are latents: take the statistics of the image "
+                     "dataset with a pixel config reading it (e.g. --config.data.path=the "
+                     "zip), or use a published reference file with 'mu' and 'sigma'")
+  mu, sigma = training_set_statistics(cfg, load_inception(inception_path))
+  metrics.save_statistics(out, mu, sigma, resolution=cfg.model.img_resolution,
+                          source=data_signature(cfg))
+  logging.info("wrote the Inception statistics of every training image to %s", out)
+  return out
+
+
+def evaluate(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+             seeds: list[int] | None = None, batch: int | None = None,
+             inception_path: str | None = None, ref: str | None = None,
+             fid_sets: int = 1) -> dict:
+  """Samples `seeds` from a checkpoint and reports their multi-scale SWD to the training data,
+  FID (minimum over `fid_sets` seed sets) and KID. FID is against the statistics `ref`, by
+  default those of every training image (made once, kept as WORKDIR/fid_ref.npz); the Inception
+  weights are `inception_path`, by default the installed ones; without weights, SWD only.
+  Writes eval.json next to the samples."""
+  if fid_sets < 1:
+    raise UsageError(f"--fid_sets={fid_sets} must be >= 1")
+  latent = bool(cfg.patch.latent)
+  if latent and ref is None:
+    raise UsageError("a latent model's training data are latents, not images: evaluate it "
+                     "by FID against --ref statistics of the image dataset (with --inception)")
+  model = None
+  if inception_path or ref or inception.default_weights_path():
+    model = load_inception(inception_path)
+  else:
+    logging.warning("no FID: no Inception weights are installed (%s)", inception.DEFAULT_INSTALL)
+  ref_stats = None
+  if ref:
+    ref_stats = metrics.load_statistics(ref, feature_dim=2048, resolution=None if latent else
+                                        cfg.model.img_resolution)
+  base = default_seeds(cfg) if seeds is None else list(seeds)
+  span = max(base) - min(base) + 1
+  outdir, images = sample_from_checkpoint(cfg, workdir, step, seeds=base, batch=batch, fmt="npz")
+  result = dict(num_images=len(images))
+  if not latent:  # SWD and KID compare with training images
+    reference = reference_images(cfg, len(images))
+    result.update(metrics.sliced_wasserstein(images, reference,
+                                             min_resolution=min(16, images.shape[1])))
+  if model is not None:
+    if ref_stats is None:
+      ref_stats = reference_statistics(cfg, model, os.path.join(workdir, "fid_ref.npz"))
+    ref_feats = None if latent else inception.features(model, reference)
+    fids, kids = [], []
+    for k in range(fid_sets):
+      if k:
+        _, images = sample_from_checkpoint(cfg, workdir, step, seeds=[s + k * span for s in base],
+                                           batch=batch, fmt="npz",
+                                           outdir=os.path.join(outdir, f"set_{k}"))
+      feats = inception.features(model, images)
+      fids.append(metrics.frechet_distance(*metrics.feature_statistics(feats), *ref_stats))
+      if ref_feats is not None:
+        kids.append(metrics.kernel_inception_distance(feats, ref_feats))
+    result.update(fid=min(fids), fid_sets=fids)
+    if kids:
+      result["kid"] = kids[int(np.argmin(fids))]
+  with open(os.path.join(outdir, "eval.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  logging.info("eval of %s: %s", outdir, result)
+  return result

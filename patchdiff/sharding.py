@@ -53,6 +53,12 @@ def make_mesh(mcfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | N
                        devices=devices)
 
 
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Every device on the data axis: the mesh of sampling and encoding (weights replicated)."""
+  return make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, param_sharding="replicated")),
+                   devices)
+
+
 def param_spec(shape: Sequence[int], fsdp: int, min_size: int) -> P:
   """Shard the largest dimension divisible by `fsdp`; small or indivisible tensors replicate."""
   if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:

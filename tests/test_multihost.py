@@ -39,10 +39,9 @@ def demo_config():
 def restore_params(workdir, cfg):
   run = train.Run(cfg)  # this process: 1 device, whatever layout wrote the checkpoint
   mgr = checkpoint.manager(str(workdir), create=False)
-  out = checkpoint.restore(mgr, 12, ema_target=run.abstract_ema(),
-                           train_target=run.abstract_train())
+  state, _ = checkpoint.restore_state(mgr, 12, run.abstract_state)
   mgr.close()
-  return jax.device_get(out["train"]["params"]), jax.device_get(out["ema"]["params"])
+  return jax.device_get(state["params"]), jax.device_get(state["ema"])
 
 
 def test_two_processes_train_the_same_run_as_one(tmp_path):

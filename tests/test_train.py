@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from patchdiff import config_lib, patches, train
+from patchdiff import config_lib, patches, train, train_step
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
@@ -37,7 +37,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def test_learning_rate_ramps_up_linearly_from_zero():
-  fn = train.learning_rate_fn(2e-4, 10.0)  # 10 kimg ramp
+  fn = train_step.learning_rate_fn(2e-4, 10.0)  # 10 kimg ramp
   assert float(fn(0.0)) == 0.0
   np.testing.assert_allclose(float(fn(1900.0)), 2e-4 * 1900 / 10000, rtol=1e-6)
   np.testing.assert_allclose(float(fn(1.9e5)), 2e-4, rtol=1e-6)
@@ -46,19 +46,19 @@ def test_learning_rate_ramps_up_linearly_from_zero():
 def test_ema_beta_follows_the_half_life_with_rampup():
   ips = 256 * 1.9
   # Step 0: half-life 0, so the EMA copies the weights.
-  assert float(train.ema_beta(0.0, ips, 0.5, 0.05)) == 0.0
+  assert float(train_step.ema_beta(0.0, ips, 0.5, 0.05)) == 0.0
   # Late: half-life 0.5 Mimg.
-  np.testing.assert_allclose(float(train.ema_beta(10**6 * ips, ips, 0.5, 0.05)),
+  np.testing.assert_allclose(float(train_step.ema_beta(10**6 * ips, ips, 0.5, 0.05)),
                              0.5 ** (ips / 0.5e6), rtol=1e-6)
   # Early: half-life 0.05 * nimg.
   nimg = 1000 * ips
-  np.testing.assert_allclose(float(train.ema_beta(nimg, ips, 0.5, 0.05)),
+  np.testing.assert_allclose(float(train_step.ema_beta(nimg, ips, 0.5, 0.05)),
                              0.5 ** (ips / (0.05 * nimg)), rtol=1e-5)
 
 
 def test_gradient_guard():
   g = {"a": jnp.array([jnp.nan, jnp.inf, -jnp.inf, 2.0])}
-  np.testing.assert_array_equal(train.sanitize_grads(g)["a"], [0.0, 1e5, -1e5, 2.0])
+  np.testing.assert_array_equal(train_step.sanitize_grads(g)["a"], [0.0, 1e5, -1e5, 2.0])
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -131,11 +131,11 @@ class _Scale(nnx.Module):
 def _toy_step(**overrides):
   tcfg = tiny_config(**{f"train.{k}": v for k, v in overrides.items()}).train
   tcfg = config_lib.override(tcfg, {"lr": 1e-2, "lr_rampup_kimg": 0.0})
-  opt = train.make_optimizer(tcfg)
+  opt = train_step.make_optimizer(tcfg)
   model = _Scale()
   graphdef, variables = nnx.split(model)
-  state = train.init_train_state(graphdef, variables, opt, tcfg.loss_scale)
-  step = jax.jit(train.make_train_step(nnx.split(model, nnx.Param, ...)[0], opt, tcfg,
+  state = train_step.init_train_state(graphdef, variables, opt, tcfg.loss_scale)
+  step = jax.jit(train_step.make_train_step(nnx.split(model, nnx.Param, ...)[0], opt, tcfg,
                                        (0.0, 4.0), 0))
   return state, step
 
@@ -150,12 +150,12 @@ def test_lr_and_ema_follow_the_images_counted_before_the_step():
   `cur_nimg` does, with this step's own images in the EMA exponent."""
   tcfg = tiny_config(**{"train.lr": 1e-2, "train.lr_rampup_kimg": 1.0, "train.ema_mimg": 0.01,
                         "train.ema_rampup": 0.05}).train
-  opt = train.make_optimizer(tcfg)
+  opt = train_step.make_optimizer(tcfg)
   model = _Scale()
   graphdef, variables = nnx.split(model)
-  state = train.init_train_state(graphdef, variables, opt, 1.0)
+  state = train_step.init_train_state(graphdef, variables, opt, 1.0)
   a, c = 96.0, 8.0  # e.g. 24 + 4 * step batches of 4 images
-  step = jax.jit(train.make_train_step(nnx.split(model, nnx.Param, ...)[0], opt, tcfg, (a, c), 0))
+  step = jax.jit(train_step.make_train_step(nnx.split(model, nnx.Param, ...)[0], opt, tcfg, (a, c), 0))
   for k in (0, 3, 50):
     state["step"] = jnp.asarray(k, jnp.int32)
     _, m = step(jax.tree_util.tree_map(jnp.copy, state), _batch())
@@ -231,11 +231,11 @@ def _restore_train(workdir, cfg, step):
   from patchdiff import checkpoint  # pylint: disable=import-outside-toplevel
   run = train.Run(cfg)
   mgr = checkpoint.manager(str(workdir), create=False)
-  out = checkpoint.restore(mgr, step, ema_target=run.abstract_ema(),
-                           train_target=run.abstract_train())
+  state, progress = checkpoint.restore_state(mgr, step, run.abstract_state)
   steps = list(mgr.all_steps())
   mgr.close()
-  return jax.device_get({k: out[k] for k in out.keys()}), steps
+  ema, train_item = checkpoint.split_state(state)
+  return jax.device_get(dict(ema=ema, train=train_item, progress=progress)), steps
 
 
 def test_interrupted_and_resumed_run_is_the_same_run(tmp_path):
