@@ -2,7 +2,7 @@
 
 Writes a temporary zip of N synthetic but photo-like 64x64 PNGs (smooth random colour fields
 plus fine grain, so they compress like real 64 px photos rather than flat colours), then times
-`sources.build_input` per bucket (16, 32, 64 px alone) and for the p=0.5 mix, with the decoded
+`data.build_input` per bucket (16, 32, 64 px alone) and for the p=0.5 mix, with the decoded
 images cached in memory and straight from the zip (decoded in the tf.data graph every step).
 
   python benchmarks/input_pipeline.py [--num_images 4000] [--batch_size 256] [--seconds 5]
@@ -15,7 +15,7 @@ Prints samples/s (patches per second) and full images/s (samples * (s/R)^2) per 
 samples per CPU-second of this process (a load-independent measure of cost: on k idle cores the
 rate can reach at most k times it), the cores other processes kept busy meanwhile (Linux; a figure
 taken with others > 0 is not one of an idle machine), and, as a baseline, the rate of PNG decoding
-alone. Uncached rows decode these PNGs with `sources.png_decoder_name()` (libspng via pyspng when
+alone. Uncached rows decode these PNGs with `png.decoder_name()` (libspng via pyspng when
 installed; `--png_decoder tensorflow` forces TensorFlow's decoder, the fallback, for comparison).
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from patchdiff.data import sources  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff import data  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff.data import png  # noqa: E402  pylint: disable=wrong-import-position
 from patchdiff.patches import PatchSchedule  # noqa: E402  pylint: disable=wrong-import-position
 
 R = 64
@@ -83,7 +84,7 @@ def measure(cfg: dict, sched: PatchSchedule, batch_size: int, seconds: float, re
             stat: str = "best"):
   """Best (or median) of `repeats` timings of `seconds` each, by samples/s: (samples/s, full
   images/s, samples/CPU-s, cores used by other processes meanwhile)."""
-  it = sources.build_input(cfg, sched, batch_size, 10**7, seed=0)
+  it = data.build_input(cfg, sched, batch_size, 10**7, seed=0)
   for _ in range(3):  # warm up
     next(it)
   runs = []
@@ -123,7 +124,7 @@ def decode_only(path: str, seconds: float, repeats: int) -> float:
 def other_decoders(path: str, repeats: int) -> None:
   """Single-process PNG decoders for comparison: PIL on one thread, pyspng (if installed) on one
   and two threads (it holds the GIL, so two threads show what a thread pool can get), and the
-  uncached pipeline's libspng binding (`sources.png_decoder_name()`) on one and two threads."""
+  uncached pipeline's libspng binding (`png.decoder_name()`) on one and two threads."""
   import threading  # pylint: disable=import-outside-toplevel
   with zipfile.ZipFile(path) as zf:
     blobs = [zf.read(n) for n in sorted(zf.namelist()) if n.endswith(".png")]
@@ -133,7 +134,7 @@ def other_decoders(path: str, repeats: int) -> None:
     decoders["pyspng"] = pyspng.load
   except ImportError:
     print("pyspng not installed: skipped")
-  found = sources._spng_decoder()  # pylint: disable=protected-access
+  found = png.decoder()
   if found is not None:
     name, batch = found
     out = np.empty((len(blobs), R, R, 3), np.uint8)
@@ -182,7 +183,7 @@ def main(argv=None):
                   help="also time PIL and pyspng (if installed) decoding the same PNGs")
   args = ap.parse_args(argv)
   if args.png_decoder == "tensorflow":
-    sources.USE_PYSPNG = False
+    png.ENABLED = False
 
   print("command: python benchmarks/input_pipeline.py " + " ".join(
       f"--{k}" if v is True else f"--{k} {v}" for k, v in vars(args).items() if v is not False))
@@ -203,7 +204,7 @@ def main(argv=None):
       rows = rows[-1:]
     modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.cache]
     if False in modes:
-      print(f"uncached PNG decoder: {sources.png_decoder_name()}")
+      print(f"uncached PNG decoder: {png.decoder_name()}")
     print(f"\n{'bucket':<12} {'source':<14} {'samples/s':>12} {'images/s':>12} "
           f"{'samples/CPU-s':>14} {'others':>7}   ({args.stat} of {args.repeats}; others: cores "
           "busy in other processes meanwhile)")

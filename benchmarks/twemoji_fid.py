@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from patchdiff import metrics  # noqa: E402  pylint: disable=wrong-import-position
-from patchdiff.data import pipeline as data  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff.data import twemoji  # noqa: E402  pylint: disable=wrong-import-position
 from patchdiff.nn import inception  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -40,7 +40,7 @@ def main():
   if weights is None:
     sys.exit(f"no weights: give --weights or `{inception.DEFAULT_INSTALL}`")
   model = inception.load_weights(weights)
-  images = data.load_twemoji(args.resolution)
+  images = twemoji.load_twemoji(args.resolution)
   t0 = time.perf_counter()
   feats = inception.features(model, images, batch_size=args.batch)
   dt = time.perf_counter() - t0

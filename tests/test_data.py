@@ -1,4 +1,4 @@
-"""Tests of patchdiff.data: Twemoji loading and the tf.data patch pipeline."""
+"""Tests of the tf.data patch pipeline (patchdiff.data.pipeline) and the Twemoji set."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from patchdiff.data import pipeline as data
+from reference_draws import reference_flips, reference_offsets
+
+from patchdiff.data import pipeline, twemoji
 from patchdiff.patches import PatchSchedule, batch_mul, coord_grid, uniform_from_counter
 
 N, R, BATCH = 10, 16, 3
@@ -32,7 +34,7 @@ def schedule(seed: int = 1, kind: str = "stochastic", total_steps=None) -> Patch
 
 
 def collect(*args, **kwargs) -> list[dict[str, np.ndarray]]:
-  return list(data.patch_batches(*args, **kwargs))
+  return list(pipeline.make_patch_dataset(*args, **kwargs).as_numpy_iterator())
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +103,8 @@ def test_pixels_pos_offsets_labels(run_name, request, images, labels):
       got = b["image"][m]
       np.testing.assert_array_equal(np.rint((got + 1.0) * 127.5).astype(np.uint8), want)
       np.testing.assert_allclose(got, want.astype(np.float32) / 127.5 - 1.0, rtol=0, atol=1e-6)
-    # Coordinates: exactly patches.coord_grid of the (unflipped) crop offsets.
-    np.testing.assert_allclose(b["pos"], coord_grid(oi, oj, s, R), rtol=0, atol=1e-6)
+    # Coordinates: patches.coord_grid of the (unflipped) crop offsets, bit for bit.
+    np.testing.assert_array_equal(b["pos"], coord_grid(oi, oj, s, R))
     if "label" in b:
       np.testing.assert_array_equal(b["label"], np.eye(5, dtype=np.float32)[labels[idx]])
   if run_name == "flipped_run":
@@ -111,20 +113,20 @@ def test_pixels_pos_offsets_labels(run_name, request, images, labels):
 
 def test_offsets_and_flips_match_numpy_reference(flipped_run):
   """The draws are a pure function of (seed, k) that numpy reproduces bit for bit."""
-  sizes, counts, starts = data.step_plan(schedule(), BATCH, 16)
+  sizes, counts, starts = pipeline.step_plan(schedule(), BATCH, 16)
   for b in flipped_run:
     t = int(b["step"])
     k = starts[t] + np.arange(counts[t])
-    oi, oj = data.reference_offsets(5, k, int(sizes[t]), R)
+    oi, oj = reference_offsets(5, k, int(sizes[t]), R)
     np.testing.assert_array_equal(b["offset_i"], oi)
     np.testing.assert_array_equal(b["offset_j"], oj)
-    np.testing.assert_array_equal(b["flip"], data.reference_flips(5, k))
+    np.testing.assert_array_equal(b["flip"], reference_flips(5, k))
 
 
 def test_offsets_cover_range():
   """Over many samples every legal offset occurs, roughly uniformly."""
   k = np.arange(20000)
-  oi, oj = data.reference_offsets(0, k, 4, R)
+  oi, oj = reference_offsets(0, k, 4, R)
   for o in (oi, oj):
     counts = np.bincount(o, minlength=R - 4 + 1)
     assert len(counts) == R - 4 + 1 and counts.min() > 0.8 * len(k) / len(counts)
@@ -135,12 +137,12 @@ def test_tf_hash_matches_uniform_from_counter():
   import tensorflow as tf
   c = np.array([0, 1, 2, 12345, 2**40 + 3, 2**62], dtype=np.int64)
   for seed in (0, 7, 2**64 - 5):
-    got = data._tf_uniform_from_counter(tf, seed, tf.constant(c)).numpy()
+    got = pipeline.tf_uniform_from_counter(tf, seed, tf.constant(c)).numpy()
     np.testing.assert_array_equal(got, uniform_from_counter(seed, c))
 
 
 def test_step_plan_counters():
-  sizes, counts, starts = data.step_plan(schedule(), 4, 50)
+  sizes, counts, starts = pipeline.step_plan(schedule(), 4, 50)
   np.testing.assert_array_equal(sizes, schedule().sizes_at(np.arange(50)))
   np.testing.assert_array_equal(counts, 4 * (R // sizes))
   assert starts.dtype == np.int64 and starts[0] == 0
@@ -182,7 +184,7 @@ def test_float_images_pass_through(images):
 def test_progressive_schedule_and_dataset_object(images):
   import tensorflow as tf
   sched = schedule(kind="progressive", total_steps=10)
-  ds = data.make_patch_dataset(images, sched, 2, 10)
+  ds = pipeline.make_patch_dataset(images, sched, 2, 10)
   assert isinstance(ds, tf.data.Dataset)
   sizes = [b["image"].shape[1] for b in ds.as_numpy_iterator()]
   assert sizes == [4, 8, 8, 16, 16, 16, 16, 16, 16, 16]  # 20/30/50% of the images
@@ -207,16 +209,14 @@ def test_bad_inputs(kwargs, match, images):
   args = dict(images=images, schedule=schedule(), batch_size=2, total_steps=10)
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
-    data.make_patch_dataset(**args)
-  with pytest.raises(ValueError, match=match):
-    data.patch_batches(**args)
+    pipeline.make_patch_dataset(**args)
 
 
 # --- Twemoji -----------------------------------------------------------------------------------
 
 
 def test_load_twemoji_and_cache(tmp_path, monkeypatch):
-  imgs = data.load_twemoji(16, limit=20, cache_dir=tmp_path)
+  imgs = twemoji.load_twemoji(16, limit=20, cache_dir=tmp_path)
   assert imgs.shape == (20, 16, 16, 3) and imgs.dtype == np.uint8
   corners = imgs[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # (20, 4, 3)
   # 1f004 (mahjong tile) and 1f0cf (joker) have transparent corners; the square buttons after
@@ -230,19 +230,19 @@ def test_load_twemoji_and_cache(tmp_path, monkeypatch):
   def fail(*a, **k):
     raise AssertionError("decoded again instead of reading the cache")
 
-  monkeypatch.setattr(data, "_decode_twemoji", fail)
-  again = data.load_twemoji(16, limit=20, cache_dir=tmp_path)
+  monkeypatch.setattr(twemoji, "_decode_twemoji", fail)
+  again = twemoji.load_twemoji(16, limit=20, cache_dir=tmp_path)
   np.testing.assert_array_equal(again, imgs)
   # Deterministic order: the same files in sorted order.
-  names = [p.name for p in data.twemoji_files(20)]
+  names = [p.name for p in twemoji.twemoji_files(20)]
   assert names == sorted(names)
 
 
 def test_twemoji_alpha_blend_on_white(tmp_path):
   """At 72 px (no resize) fully transparent pixels are exactly white, opaque ones unchanged."""
   from PIL import Image
-  imgs = data.load_twemoji(72, limit=3, cache_dir=tmp_path)
-  for img, path in zip(imgs, data.twemoji_files(3)):
+  imgs = twemoji.load_twemoji(72, limit=3, cache_dir=tmp_path)
+  for img, path in zip(imgs, twemoji.twemoji_files(3)):
     with Image.open(path) as im:
       rgba = np.asarray(im.convert("RGBA"))
     clear, opaque = rgba[..., 3] == 0, rgba[..., 3] == 255
@@ -253,50 +253,50 @@ def test_twemoji_alpha_blend_on_white(tmp_path):
 
 def test_twemoji_cache_dir_from_env(tmp_path, monkeypatch):
   monkeypatch.setenv("PATCHDIFF_CACHE", str(tmp_path / "env_cache"))
-  imgs = data.load_twemoji(8, limit=3)
+  imgs = twemoji.load_twemoji(8, limit=3)
   assert imgs.shape == (3, 8, 8, 3)
   assert len(list((tmp_path / "env_cache").glob("*.npz"))) == 1
   # A full-set cache serves any limit without decoding.
   full_name = [p for p in (tmp_path / "env_cache").glob("*.npz")][0].name.replace("_first3", "")
   fake = np.arange(5 * 8 * 8 * 3, dtype=np.uint8).reshape(5, 8, 8, 3)
   np.savez(tmp_path / "env_cache" / full_name, images=fake)
-  np.testing.assert_array_equal(data.load_twemoji(8, limit=2), fake[:2])
-  assert data.load_twemoji(8).shape == (5, 8, 8, 3)
+  np.testing.assert_array_equal(twemoji.load_twemoji(8, limit=2), fake[:2])
+  assert twemoji.load_twemoji(8).shape == (5, 8, 8, 3)
   assert os.environ["PATCHDIFF_CACHE"].endswith("env_cache")
 
 
 def test_twemoji_bad_args(tmp_path):
   with pytest.raises(ValueError, match="resolution"):
-    data.load_twemoji(0, limit=1, cache_dir=tmp_path)
+    twemoji.load_twemoji(0, limit=1, cache_dir=tmp_path)
   with pytest.raises(ValueError, match="limit"):
-    data.load_twemoji(8, limit=0, cache_dir=tmp_path)
+    twemoji.load_twemoji(8, limit=0, cache_dir=tmp_path)
   with pytest.raises(ValueError, match="'Smileys' is not one of"):
-    data.load_twemoji(8, category="Smileys", cache_dir=tmp_path)
+    twemoji.load_twemoji(8, category="Smileys", cache_dir=tmp_path)
   with pytest.raises(ValueError, match="needs its size, limit"):
-    data.load_twemoji(8, subset_seed=0, cache_dir=tmp_path)
+    twemoji.load_twemoji(8, subset_seed=0, cache_dir=tmp_path)
 
 
 def test_twemoji_category_and_random_subset(tmp_path):
-  full = data.load_twemoji(8, cache_dir=tmp_path)
-  names = [p.name for p in data.twemoji_files()]
-  faces = data.load_twemoji(8, category="Smileys & Emotion", cache_dir=tmp_path)
+  full = twemoji.load_twemoji(8, cache_dir=tmp_path)
+  names = [p.name for p in twemoji.twemoji_files()]
+  faces = twemoji.load_twemoji(8, category="Smileys & Emotion", cache_dir=tmp_path)
   want = [names.index(n) for n in ("1f600.png", "1f60d.png", "1f62d.png", "2639.png", "1f494.png",
                                    "1f49c.png")]  # faces and hearts, listed by hand
-  cats = data.twemoji_category_of(names)
+  cats = twemoji.twemoji_category_of(names)
   assert all(cats[i] == "Smileys & Emotion" for i in want)
   assert cats[names.index("1f1fa-1f1f8.png")] == "Flags" and cats[names.index("1f1e6.png")] is None
   keep = [i for i, c in enumerate(cats) if c == "Smileys & Emotion"]
   assert len(faces) == len(keep) == 168
   np.testing.assert_array_equal(faces, full[keep])
-  picked = data.twemoji_selection(limit=400, subset_seed=0)
-  np.testing.assert_array_equal(data.load_twemoji(8, limit=400, subset_seed=0, cache_dir=tmp_path),
+  picked = twemoji.twemoji_selection(limit=400, subset_seed=0)
+  np.testing.assert_array_equal(twemoji.load_twemoji(8, limit=400, subset_seed=0, cache_dir=tmp_path),
                                 full[picked])
-  np.testing.assert_array_equal(picked, data.twemoji_selection(limit=400, subset_seed=0))
+  np.testing.assert_array_equal(picked, twemoji.twemoji_selection(limit=400, subset_seed=0))
   assert len(set(picked)) == 400 and list(picked) == sorted(picked)  # distinct, in file order
   # Spread over the set, not its first 400 files (which are flags and letters).
   assert picked.min() < 400 and picked.max() > 3600 and np.sum(picked >= 400) > 300
-  assert not np.array_equal(picked, data.twemoji_selection(limit=400, subset_seed=1))
-  np.testing.assert_array_equal(data.twemoji_selection("Smileys & Emotion", 10), keep[:10])
+  assert not np.array_equal(picked, twemoji.twemoji_selection(limit=400, subset_seed=1))
+  np.testing.assert_array_equal(twemoji.twemoji_selection("Smileys & Emotion", 10), keep[:10])
 
 
 # --- hosts and exact crops ---------------------------------------------------------------------
@@ -307,7 +307,7 @@ def test_two_hosts_slice_the_global_batch(images, labels):
   one = collect(images, schedule(), 4, 6, **kw)
   hosts = [collect(images, schedule(), 4, 6, process_index=p, process_count=2, **kw)
            for p in (0, 1)]
-  sizes, counts, starts = data.step_plan(schedule(), 4, 6)
+  sizes, counts, starts = pipeline.step_plan(schedule(), 4, 6)
   for t, (g, h0, h1) in enumerate(zip(one, *hosts)):
     np.testing.assert_array_equal(g["counter"], starts[t] + np.arange(counts[t]))
     assert not set(h0["counter"]) & set(h1["counter"])
@@ -316,9 +316,9 @@ def test_two_hosts_slice_the_global_batch(images, labels):
         np.testing.assert_array_equal(np.concatenate([h0[key], h1[key]]), g[key], err_msg=key)
   with pytest.raises(ValueError, match=r"16 px bucket \(3 samples = batch_size 3 x batch_mul 1\)"
                      r" is not divisible by process_count 2"):
-    data.make_patch_dataset(images, schedule(), 3, 4, process_index=1, process_count=2)
+    pipeline.make_patch_dataset(images, schedule(), 3, 4, process_index=1, process_count=2)
   with pytest.raises(ValueError, match="process_count must be >= 1"):
-    data.make_patch_dataset(images, schedule(), 4, 4, process_count=0)
+    pipeline.make_patch_dataset(images, schedule(), 4, 4, process_count=0)
 
 
 def test_crops_exact_at_large_resolution():
@@ -336,5 +336,15 @@ def test_crops_exact_at_large_resolution():
       oi, oj = b["offset_i"][m], b["offset_j"][m]
       want = src[oi:oi + s, oj:oj + s].astype(np.float32) / 127.5 - 1.0
       np.testing.assert_array_equal(b["image"][m], want)
-    np.testing.assert_allclose(b["pos"], coord_grid(b["offset_i"], b["offset_j"], s, res),
-                               rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(b["pos"], coord_grid(b["offset_i"], b["offset_j"], s, res))
+
+
+def test_pos_is_coord_grid_of_the_offsets_bit_for_bit():
+  """The pipeline computes `pos` with `patches.coord_grid` itself (on TF tensors): the same bits
+  as numpy's, also where 1 / (R - 1) is inexact (R = 24) and for flipped samples."""
+  res = 24
+  imgs = np.zeros((5, res, res, 1), np.uint8)
+  sched = PatchSchedule((6, 12, 24), (0.4, 0.4, 0.2), res, seed=3)
+  for b in collect(imgs, sched, 2, 8, seed=1, hflip=True):
+    s = b["image"].shape[1]
+    np.testing.assert_array_equal(b["pos"], coord_grid(b["offset_i"], b["offset_j"], s, res))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchdiff import config_lib, encode_latents, main, patches, train
+from patchdiff import config_lib, data, encode_latents, main, patches, train
+from patchdiff.data import images, latents as latent_files
 from patchdiff.nn import vae
-from patchdiff.data import sources
 
 RES = 32  # pixels; the tiny VAE downsamples 4x: 8x8 latents
 CLASSES = 3
@@ -71,22 +71,22 @@ def test_encode_latents_writes_scaled_posteriors(latents, vae_dir, image_zip):
   model = vae.load_vae(vae_dir)
   assert scale == pytest.approx(model.scaling_factor)
   # The same images through the training decoder and the VAE directly.
-  enc = sources.scan_zip(path)
-  pixels, kept, _ = sources.decode_all(enc, RES)
+  enc = images.scan_zip(path)
+  pixels, kept, _ = images.decode_all(enc, RES)
   m, s = model.encode(jnp.asarray(pixels, jnp.float32) / 127.5 - 1)
   np.testing.assert_allclose(mean, scale * np.transpose(np.asarray(m), (0, 3, 1, 2)),
                              rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(std, scale * np.transpose(np.asarray(s), (0, 3, 1, 2)),
                              rtol=1e-4, atol=1e-6)
   # Stored uncompressed, so training memory-maps the arrays.
-  assert isinstance(sources.load_latents(out, 8).mean, np.memmap)
+  assert isinstance(latent_files.load_latents(out, 8).mean, np.memmap)
 
 
 def test_latent_source_labels_and_bad_input(latents):
   out, _ = latents
   schedule = patches.PatchSchedule(sizes=(4, 8), probs=(0.5, 0.5), resolution=8, seed=0)
   cfg = dict(source="latents", path=str(out), resolution=8, labels=True, latent_scale=0.18215)
-  it = sources.build_input(cfg, schedule, 4, 6, label_dim=CLASSES, channels=4)
+  it = data.build_input(cfg, schedule, 4, 6, label_dim=CLASSES, channels=4)
   with np.load(out) as f:
     stored = f["labels"]
   for batch in (next(it) for _ in range(6)):
@@ -94,14 +94,14 @@ def test_latent_source_labels_and_bad_input(latents):
     # Each sample's one-hot label is its latent's class.
     np.testing.assert_array_equal(batch["label"].argmax(-1), stored[batch["index"]])
   with pytest.raises(ValueError, match=r"latents scaled by 0\.18215.*latent_scale is 0\.13025"):
-    sources.build_input(dict(cfg, latent_scale=0.13025), schedule, 4, 6, label_dim=CLASSES)
+    data.build_input(dict(cfg, latent_scale=0.13025), schedule, 4, 6, label_dim=CLASSES)
   with pytest.raises(ValueError, match=f"latent file {out} has 4 channels, but the model takes 3"):
-    sources.build_input(cfg, schedule, 4, 6, label_dim=CLASSES, channels=3)
+    data.build_input(cfg, schedule, 4, 6, label_dim=CLASSES, channels=3)
   with pytest.raises(ValueError, match="is not 16x16"):
-    sources.build_input(dict(cfg, resolution=16), patches.PatchSchedule(
+    data.build_input(dict(cfg, resolution=16), patches.PatchSchedule(
         sizes=(8, 16), probs=(0.5, 0.5), resolution=16), 4, 6, label_dim=CLASSES)
   with pytest.raises(ValueError, match=r"label.*(out of range|outside|>=)"):
-    sources.build_input(cfg, schedule, 4, 6, label_dim=2, channels=4)
+    data.build_input(cfg, schedule, 4, 6, label_dim=2, channels=4)
 
 
 def test_encode_latents_bad_input(vae_dir, image_zip, tmp_path):

@@ -1,4 +1,4 @@
-"""Patch geometry: coordinates, offsets, batch multipliers, schedules."""
+"""Patch geometry: coordinates, batch multipliers, schedules, counter hashes."""
 import subprocess
 import sys
 
@@ -27,15 +27,6 @@ def test_patch_coordinates_are_the_full_grid_cropped():
   crop = patches.coord_grid(np.array([5, 16]), np.array([11, 0]), 16, 32)
   np.testing.assert_array_equal(crop[0], full[5:21, 11:27])
   np.testing.assert_array_equal(crop[1], full[16:32, 0:16])
-
-
-def test_random_offsets_cover_the_valid_range():
-  rng = np.random.default_rng(0)
-  i, j = patches.random_offsets(rng, 20000, 16, 64)
-  assert i.min() == 0 and i.max() == 48 and j.min() == 0 and j.max() == 48
-  assert abs(np.corrcoef(i, j)[0, 1]) < 0.03
-  i, j = patches.random_offsets(rng, 10, 64, 64)
-  assert not i.any() and not j.any()
 
 
 def test_batch_mul_rule_matches_official_table():

@@ -1,17 +1,20 @@
-"""Tests of patchdiff.sources: folders, dataset_tool zips, TFDS, latents, bad input, hosts."""
+"""Tests of patchdiff.data.build_input: folders, zips, TFDS, latents, bad input, hosts."""
 from __future__ import annotations
 
 import io
 import json
 import logging
+import os
 import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from patchdiff.data import pipeline as data
-from patchdiff.data import sources
+from reference_draws import posterior_eps_reference
+
+from patchdiff import config_lib, data
+from patchdiff.data import images, latents, pipeline, png, twemoji
 from patchdiff.patches import PatchSchedule, coord_grid
 
 R = 16
@@ -43,7 +46,7 @@ def encode(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
 
 
 def build(cfg: dict, steps: int = STEPS, batch: int = BATCH, label_dim: int = 0, **kw):
-  return sources.build_input(dict(cfg, resolution=cfg.get("resolution", R)), kw.pop("schedule",
+  return data.build_input(dict(cfg, resolution=cfg.get("resolution", R)), kw.pop("schedule",
                                                                                     sched()),
                              batch, steps, label_dim=label_dim, **kw)
 
@@ -63,7 +66,7 @@ def check_crops(batches, full: np.ndarray, labels=None, label_dim=0, uint8=True)
       want = src[oi[m]:oi[m] + s, oj[m]:oj[m] + s]
       want = want.astype(np.float32) / 127.5 - 1.0 if uint8 else want
       np.testing.assert_allclose(b["image"][m], want, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(b["pos"], coord_grid(oi, oj, s, R), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(b["pos"], coord_grid(oi, oj, s, R))
     if labels is not None:
       np.testing.assert_array_equal(b["label"], np.eye(label_dim, dtype=np.float32)[labels[idx]])
 
@@ -164,8 +167,8 @@ def test_folder_with_class_labels(class_folder, rgb_images):
 def test_folder_preprocessing_and_cache_modes_agree(mixed_folder):
   root, rgba = mixed_folder
   cfg = dict(source="folder", path=str(root), hflip=True)
-  enc = sources.scan_folder(root)
-  pixels, kept, bad = sources.decode_all(enc, R)
+  enc = images.scan_folder(root)
+  pixels, kept, bad = images.decode_all(enc, R)
   assert len(kept) == 8 and not bad and pixels.shape == (8, R, R, 3)
   by_name = {n.rsplit("/", 1)[1]: p for n, p in zip(enc.names, pixels)}
   # RGBA composited on white: transparent rows are white, opaque pixels kept.
@@ -367,7 +370,7 @@ def latent_files(tmp_path_factory):
 
 def test_latents_npy_nchw_memmap_and_cached(latent_files):
   root, nchw, _, _, _ = latent_files
-  lat = sources.load_latents(root / "lat.npy", R, "NCHW", cache=False)
+  lat = latents.load_latents(root / "lat.npy", R, "NCHW", cache=False)
   assert isinstance(lat.mean, np.memmap) and lat.channels == 4
   cfg = dict(source="latents", path=str(root / "lat.npy"), hflip=True, cache=False)
   it = build(cfg)
@@ -385,11 +388,11 @@ def test_latents_npy_nchw_memmap_and_cached(latent_files):
 
 def test_latents_posterior_sampling(latent_files):
   root, _, mean, std, labels = latent_files
-  assert isinstance(sources.load_latents(root / "post.npz", R, "NHWC").mean, np.memmap)
+  assert isinstance(latents.load_latents(root / "post.npz", R, "NHWC").mean, np.memmap)
   cfg = dict(source="latents", path=str(root / "post.npz"), latent_layout="NHWC", hflip=True,
              labels=True, cache=False)
   batches = collect(build(cfg, label_dim=2))
-  _, counts, starts = data.step_plan(sched(), BATCH, STEPS)
+  _, counts, starts = pipeline.step_plan(sched(), BATCH, STEPS)
   for b in batches:
     t = int(b["step"])
     k = starts[t] + np.arange(counts[t])
@@ -399,12 +402,12 @@ def test_latents_posterior_sampling(latent_files):
     rows = oi[:, None] + np.arange(s)[None]
     cols = oj[:, None] + np.arange(s)[None]
     src_cols = np.where(flips[:, None], R - 1 - cols, cols)
-    eps = sources.posterior_eps_reference(0, k, rows, src_cols, 4, R)
+    eps = posterior_eps_reference(0, k, rows, src_cols, 4, R)
     for m in range(n):
       mu = mean[idx[m]].astype(np.float32)[rows[m]][:, src_cols[m]]
       sd = std[idx[m]][rows[m]][:, src_cols[m]]
       np.testing.assert_allclose(b["image"][m], mu + sd * eps[m], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(b["pos"], coord_grid(oi, oj, s, R), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(b["pos"], coord_grid(oi, oj, s, R))
     np.testing.assert_array_equal(b["label"], np.eye(2, dtype=np.float32)[labels[idx]])
   all_eps = np.concatenate([(b["image"]).ravel() for b in batches])
   assert np.isfinite(all_eps).all()
@@ -414,7 +417,7 @@ def test_latents_posterior_sampling(latent_files):
   other = collect(build(cfg, label_dim=2, seed=1))
   assert not np.array_equal(batches[0]["image"], other[0]["image"])
   # The noise is standard normal.
-  e = sources.posterior_eps_reference(0, np.arange(200), np.tile(np.arange(R), (200, 1)),
+  e = posterior_eps_reference(0, np.arange(200), np.tile(np.arange(R), (200, 1)),
                                       np.tile(np.arange(R), (200, 1)), 4, R)
   assert abs(e.mean()) < 0.02 and abs(e.std() - 1) < 0.02
 
@@ -495,7 +498,7 @@ def test_twemoji_source(tmp_path):
   it = build(dict(source="twemoji", limit=5, cache_dir=str(tmp_path)), steps=2)
   batches = collect(it)
   assert it.num_examples == 5 and len(batches) == 2
-  check_crops(batches, data.load_twemoji(R, limit=5, cache_dir=tmp_path))
+  check_crops(batches, twemoji.load_twemoji(R, limit=5, cache_dir=tmp_path))
 
 
 @pytest.mark.parametrize("cfg, label_dim, match", [
@@ -520,17 +523,17 @@ def test_twemoji_source(tmp_path):
 ])
 def test_config_validation(cfg, label_dim, match):
   with pytest.raises(ValueError, match=match):
-    sources.build_input(dict(dict(resolution=R), **cfg), sched(), BATCH, STEPS,
+    data.build_input(dict(dict(resolution=R), **cfg), sched(), BATCH, STEPS,
                         label_dim=label_dim)
 
 
-def test_config_dict_and_data_entry_point(tool_zip):
-  import ml_collections
-  c = ml_collections.ConfigDict(dict(sources.DATA_DEFAULTS))
+def test_config_dict_or_partial_dict(tool_zip):
+  """`base_config().data` and a dict of the keys that differ from the defaults are one input."""
+  c = config_lib.base_config().data
   c.source, c.path, c.resolution = "zip", str(tool_zip[0]), R
   a = collect(data.build_input(c, sched(), BATCH, 3))
-  b = collect(sources.build_input(dict(source="zip", path=str(tool_zip[0]), resolution=R),
-                                  sched(), BATCH, 3))
+  b = collect(data.build_input(dict(source="zip", path=str(tool_zip[0]), resolution=R),
+                               sched(), BATCH, 3))
   assert_same(a, b)
 
 
@@ -593,17 +596,26 @@ def full_batches(cfg: dict, n: int, steps: int = 2, **kw):
                        schedule=PatchSchedule((R,), (1.0,), R), **kw))
 
 
+def require_png_decoder():
+  """(name, batch decoder) of the pinned fast PNG decoder. Where it is missing the test skips,
+  except under CI, where a missing pinned package fails it."""
+  found = png.decoder()
+  if found is None:
+    msg = "the fast PNG decoder (pyspng, pinned in requirements.txt) is not installed"
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(msg)
+    pytest.skip(msg)
+  return found
+
+
 def counting_decoder(monkeypatch, garble=(), backend="best"):
   """Wraps the libspng decoder (the best binding, or pyspng.load's with backend="load"): counts
   the images it decoded; positions in `garble` (of every call) are zeroed and reported as not
   decoded, as if libspng had refused them."""
-  found = sources._spng_decoder()  # pylint: disable=protected-access
-  if found is None:
-    pytest.skip("pyspng is not installed")
-  name, fn = found
+  name, fn = require_png_decoder()
   if backend == "load":
     import pyspng
-    name, fn = "pyspng.load", sources._spng_load(pyspng.load)  # pylint: disable=protected-access
+    name, fn = "pyspng.load", png._spng_load(pyspng.load)  # pylint: disable=protected-access
   calls = []
 
   def wrapped(blobs, usable, index, out):
@@ -615,14 +627,14 @@ def counting_decoder(monkeypatch, garble=(), backend="best"):
     calls.append(len(index) - len(failed))
     return sorted(failed)
 
-  monkeypatch.setattr(sources, "_SPNG", [(name, wrapped)])
-  monkeypatch.setattr(sources, "USE_PYSPNG", True)
+  monkeypatch.setattr(png, "_SPNG", [(name, wrapped)])
+  monkeypatch.setattr(png, "ENABLED", True)
   return calls
 
 
 def test_png_fast_path_classification(kinds_folder):
   root, fast = kinds_folder
-  plain = sources._png_plain_rgb8  # pylint: disable=protected-access
+  plain = png.plain_rgb8
   for name, want in fast.items():
     assert plain((root / name).read_bytes(), R) == want, name
   blob = (root / "a_rgb.png").read_bytes()
@@ -639,10 +651,10 @@ def test_spng_path_equals_tensorflow_path(kinds_folder, monkeypatch, garble, bac
   # Only the plain R x R RGB PNGs went through libspng (less those it "refused").
   assert sum(calls) == sum(fast[names[i]] for b in streamed for m, i in enumerate(b["index"])
                            if m not in garble) > 0
-  monkeypatch.setattr(sources, "USE_PYSPNG", False)
-  assert sources.png_decoder_name() == "tensorflow"
+  monkeypatch.setattr(png, "ENABLED", False)
+  assert png.decoder_name() == "tensorflow"
   assert_same(streamed, full_batches(cfg, n))
-  pixels, kept, _ = sources.decode_all(sources.scan_folder(root), R)
+  pixels, kept, _ = images.decode_all(images.scan_folder(root), R)
   assert len(kept) == n
   check_crops(streamed, pixels)
   assert_same(streamed, full_batches(dict(cfg, cache=True), n))
@@ -675,10 +687,10 @@ def test_without_pyspng_uncached_is_unchanged(kinds_folder, tool_zip, rgb_images
   import sys
   root, fast = kinds_folder
   monkeypatch.setitem(sys.modules, "pyspng", None)  # import pyspng -> ImportError
-  monkeypatch.setattr(sources, "_SPNG", [])
-  monkeypatch.setattr(sources, "USE_PYSPNG", True)
+  monkeypatch.setattr(png, "_SPNG", [])
+  monkeypatch.setattr(png, "ENABLED", True)
   with caplog.at_level(logging.WARNING):
-    assert sources.png_decoder_name() == "tensorflow"
+    assert png.decoder_name() == "tensorflow"
     cfg = dict(source="folder", path=str(root), cache=False)
     streamed = full_batches(cfg, len(fast))
     zipped = collect(build(dict(source="zip", path=str(tool_zip[0]), cache=False, hflip=True)))
@@ -689,27 +701,26 @@ def test_without_pyspng_uncached_is_unchanged(kinds_folder, tool_zip, rgb_images
 
 def test_exit_with_a_live_uncached_pipeline(tmp_path):
   """The process exits while an uncached pipeline, whose decoding calls Python from tf.data's
-  threads, is still running. (Without `sources.exit_safe` this setting hangs at exit every time,
-  in the iterator's destructor.)"""
-  import os
+  threads, is still running. (Without `pipeline.exit_safe` this setting hangs at exit every
+  time, in the iterator's destructor.)"""
   import subprocess
   import sys
-  if sources._spng_decoder() is None:  # pylint: disable=protected-access
-    pytest.skip("pyspng is not installed")
+  from conftest import REPO
+  require_png_decoder()
   rng = np.random.default_rng(7)
   path = write_zip(tmp_path / "many.zip", {f"{i:05d}.png": encode(
       rng.integers(0, 256, (R, R, 3), dtype=np.uint8)) for i in range(2000)})
-  root = os.path.dirname(os.path.dirname(os.path.abspath(sources.__file__)))
   script = (
       "import sys\n"
-      f"sys.path.insert(0, {root!r})\n"
-      "from patchdiff import sources\n"
+      f"sys.path.insert(0, {str(REPO)!r})\n"
+      "from patchdiff import data\n"
+      "from patchdiff.data import png\n"
       "from patchdiff.patches import PatchSchedule\n"
       f"cfg = dict(source='zip', path={str(path)!r}, resolution={R}, cache=False)\n"
-      f"it = sources.build_input(cfg, PatchSchedule({SIZES}, {PROBS}, {R}), 256, 10**6)\n"
+      f"it = data.build_input(cfg, PatchSchedule({SIZES}, {PROBS}, {R}), 256, 10**6)\n"
       "for _ in range(3):\n"
       "  next(it)\n"
-      "print('decoder:', sources.png_decoder_name())\n")
+      "print('decoder:', png.decoder_name())\n")
   done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                         timeout=120, check=False)
   assert done.returncode == 0, done.stderr[-2000:]
