@@ -17,7 +17,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from patchdiff import patches, sampling
+from patchdiff import sampling
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -39,14 +39,9 @@ def parse_seeds(spec: str) -> list[int]:
   return seeds
 
 
-def canvas_grid(batch: int, canvas: int, resolution: int) -> np.ndarray:
-  """Coordinates of a `canvas` x `canvas` image centred on the training canvas: the grid of
-  [-1, 1] continued beyond it at the same pixel spacing (extrapolation, paper section 4.5)."""
-  if canvas < resolution or (canvas - resolution) % 2:
-    raise ValueError(f"canvas {canvas} must be >= the resolution {resolution} and differ from "
-                     "it by an even number of pixels")
-  off = -((canvas - resolution) // 2)
-  return patches.coord_grid(np.full(batch, off), np.full(batch, off), canvas, resolution)
+# The sampler's coordinates (one definition, in sampling: its default full grid is this canvas at
+# the training resolution); public here for the callers that pick a canvas.
+canvas_grid = sampling.canvas_grid
 
 
 @dataclass

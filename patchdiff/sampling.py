@@ -29,6 +29,17 @@ def noise_levels(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80
   return np.concatenate([t, [0.0]])
 
 
+def canvas_grid(batch: int, canvas: int, resolution: int) -> np.ndarray:
+  """Coordinates of a `canvas` x `canvas` image centred on the training canvas: the grid of
+  [-1, 1] continued beyond it at the same pixel spacing (extrapolation, paper section 4.5).
+  With canvas = resolution it is the full-image grid the sampler uses by default."""
+  if canvas < resolution or (canvas - resolution) % 2:
+    raise ValueError(f"canvas {canvas} must be >= the resolution {resolution} and differ from "
+                     "it by an even number of pixels")
+  off = -((canvas - resolution) // 2)
+  return patches.coord_grid(np.full(batch, off), np.full(batch, off), canvas, resolution)
+
+
 def churn_gammas(t_steps: np.ndarray, num_steps: int, s_churn: float, s_min: float,
                  s_max: float) -> np.ndarray:
   g = min(s_churn / num_steps, np.sqrt(2) - 1)
@@ -153,7 +164,7 @@ def heun_sample(denoiser: nnx.Module, latents, *, num_steps: int = 18, sigma_min
   if h != w:
     raise ValueError(f"latents must be square, got {h}x{w}")
   if pos is None:
-    pos = patches.full_grid(b, h, xp=jnp)
+    pos = canvas_grid(b, h, h)
   t_steps = noise_levels(num_steps, sigma_min, sigma_max, rho)
   gammas = churn_gammas(t_steps, num_steps, s_churn, s_min, s_max)
   graphdef, state = nnx.split(denoiser)
