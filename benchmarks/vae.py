@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from patchdiff.nn import vae  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff.nn import torch_io, vae  # noqa: E402  pylint: disable=wrong-import-position
 
 _RES = flags.DEFINE_integer("resolution", 256, "image size")
 _BATCH = flags.DEFINE_integer("batch", 64, "images per call")
@@ -43,7 +43,7 @@ def main(argv):
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (b, r, r, 3)), jnp.float32)
   z = jnp.asarray(np.random.default_rng(1).normal(size=(b, r // f, r // f, 4)), jnp.float32)
   print(f"JAX {jax.__version__}, {jax.devices()[0].device_kind}, SD VAE "
-        f"({vae.count_params(model):,} parameters), {_DTYPE.value}, batch {b}, {r} px")
+        f"({torch_io.count_params(model):,} parameters), {_DTYPE.value}, batch {b}, {r} px")
   for name, fn, arg in (("encode", vae.encode_fn(model), x), ("decode", vae.decode_fn(model), z)):
     first, per_call = _time(fn, arg, _REPEATS.value)
     print(f"{name}: first call (with compile) {first:.1f} s; then {per_call * 1e3:.1f} ms per "

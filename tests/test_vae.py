@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import state_dict_shapes
-from patchdiff.nn import vae as vae_lib
+from patchdiff.nn import torch_io, vae as vae_lib
 
 SD_VAE_CONFIG = vae_lib.SD_VAE_CONFIG
 SD_VAE_PARAMS = 83_653_863
@@ -75,7 +75,7 @@ def test_state_dict_round_trips_the_fixture(tiny):
   assert sorted(sd) == sorted(weights)
   for name, array in weights.items():
     np.testing.assert_array_equal(sd[name], array, err_msg=name)
-  assert vae_lib.count_params(vae) == sum(a.size for a in weights.values())
+  assert torch_io.count_params(vae) == sum(a.size for a in weights.values())
   assert vae.scaling_factor == pytest.approx(0.18215)
   assert vae.downsample_factor == 4 and vae.latent_channels == 4
 
@@ -84,7 +84,7 @@ def test_sd_vae_names_and_shapes_match_diffusers(reference):
   vae = vae_lib.abstract_vae(SD_VAE_CONFIG)  # no memory is allocated
   ours = {name: tuple(v.shape) for name, v in vae_lib.state_dict(vae).items()}
   assert ours == state_dict_shapes(reference / "sd_vae_state_dict.txt")
-  assert vae_lib.count_params(vae) == SD_VAE_PARAMS
+  assert torch_io.count_params(vae) == SD_VAE_PARAMS
   assert vae.downsample_factor == 8 and vae.scaling_factor == pytest.approx(0.18215)
 
 

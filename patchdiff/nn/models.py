@@ -1,4 +1,5 @@
-"""Builds the preconditioned denoiser from a `model` config (EDM's keyword names) and checks it.
+"""Builds the preconditioned denoiser from a `model` config (EDM's keyword names), checks the
+config, and loads the official PyTorch weights (Patch_EDMPrecond state dicts) into it.
 
 The small name -> class table here is the project's only registry of backbones.
 """
@@ -12,7 +13,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from patchdiff.nn import edm, networks
+from patchdiff.nn import edm, networks, torch_io
 
 COORD_CHANNELS = 2
 
@@ -140,7 +141,40 @@ def create_denoiser(model_config: Mapping[str, Any], seed: int = 0) -> edm.Denoi
   return nnx.merge(*init_state(model_config, seed))
 
 
-def count_params(module: nnx.Module) -> int:
-  """Trainable parameters (nnx.Param), not buffers."""
-  state = nnx.state(module, nnx.Param)
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state)))
+# Our layouts of the official tensors; names are the official ones (`model.enc.16x16_conv.weight`).
+TORCH_LAYERS = {networks.Conv2d: {"weight": ("weight", torch_io.CONV)},
+                networks.Linear: {"weight": ("weight", torch_io.LINEAR)}}
+count_params = torch_io.count_params
+
+
+def load_torch_state_dict(state_dict: Mapping[str, Any], model_config) -> edm.Denoiser:
+  """The preconditioned denoiser of `model_config` holding the official weights `state_dict`.
+
+  `state_dict` maps official tensor names (`model.enc.64x64_conv.weight`, or without `model.` for
+  the bare backbone) to arrays in PyTorch layout. Unknown, missing or mis-shaped tensors raise one
+  ValueError listing them all.
+  """
+  arrays = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+            for k, v in state_dict.items()}
+  if arrays and not any(k.startswith("model.") for k in arrays):
+    arrays = {"model." + k: v for k, v in arrays.items()}
+  denoiser = abstract_denoiser(model_config)  # every variable is set by torch_io.load
+  problems = _pop_resample_filters(denoiser, arrays)
+  torch_io.load(denoiser, arrays, TORCH_LAYERS, what="the model config", problems=problems)
+  return denoiser
+
+
+def _pop_resample_filters(denoiser: edm.Denoiser, arrays: dict[str, np.ndarray]) -> list[str]:
+  """EDM stores each resampling conv's filter as a buffer; here the config builds it. The filters
+  of resampling convs leave `arrays`; one that differs from the config's is a problem."""
+  convs = {".".join(map(str, path)): node for path, node in nnx.iter_graph(denoiser)
+           if isinstance(node, networks.Conv2d) and (node.up or node.down)}
+  problems = []
+  for name in [n for n in arrays if n.endswith(".resample_filter")]:
+    conv = convs.get(name[:-len(".resample_filter")])
+    if conv is not None:
+      array, expected = arrays.pop(name), networks._resample_filter(conv.resample_filter)
+      if array.shape != (1, 1) + expected.shape or not np.allclose(array, expected, atol=1e-6):
+        problems.append(f"{name}: resample filter {array.reshape(-1).tolist()} does not match "
+                        f"the config's resample_filter {list(conv.resample_filter)}")
+  return problems

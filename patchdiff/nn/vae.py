@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from patchdiff.nn import networks
+from patchdiff.nn import networks, torch_io
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -434,100 +434,20 @@ def create(config: Mapping[str, Any], seed: int = 0, dtype=jnp.float32) -> Autoe
 # ---------------------------------------------------------------------------------------------
 # diffusers state dicts.
 
-# Layout kinds: conv weights are OIHW in PyTorch and HWIO here, linear weights (out, in) and
-# (in, out); the rest is stored as is.
-_LAYER_ENTRIES = {Conv2d: (("weight", "conv_weight"), ("bias", "plain")),
-                  Linear: (("weight", "linear_weight"), ("bias", "plain")),
-                  GroupNorm: (("weight", "plain"), ("bias", "plain"))}
-
+# Our layouts of diffusers' tensors; names are diffusers' (`encoder.conv_in.weight`).
+TORCH_LAYERS = {Conv2d: {"weight": ("weight", torch_io.CONV)},
+                Linear: {"weight": ("weight", torch_io.LINEAR)}}
 # Old diffusers attention names (the deprecated AttentionBlock) -> current ones.
 _OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _OLD_ATTENTION_RE = re.compile(
     r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
 
 
-def _variables(vae: AutoencoderKL) -> dict[str, tuple[nnx.Variable, str]]:
-  """diffusers tensor name -> (our variable, layout kind), found by walking the module graph."""
-  out = {}
-  for path, node in nnx.iter_graph(vae):
-    entries = _LAYER_ENTRIES.get(type(node))
-    if entries is None:
-      continue
-    prefix = ".".join(str(p) for p in path)
-    for attr, kind in entries:
-      out[f"{prefix}.{attr}"] = (getattr(node, attr), kind)
-  return out
-
-
-def _torch_shape(kind: str, shape: Sequence[int]) -> tuple[int, ...]:
-  shape = tuple(shape)
-  if kind == "conv_weight":
-    h, w, i, o = shape
-    return (o, i, h, w)
-  if kind == "linear_weight":
-    return (shape[1], shape[0])
-  return shape
-
-
-def _to_torch(kind: str, value: np.ndarray) -> np.ndarray:
-  if kind == "conv_weight":
-    return np.transpose(value, (3, 2, 0, 1))
-  if kind == "linear_weight":
-    return np.transpose(value, (1, 0))
-  return value
-
-
 def state_dict(vae: AutoencoderKL) -> dict[str, Any]:
-  """The VAE's tensors under diffusers' names, in PyTorch layout (conv OIHW, linear (out, in)).
-
-  The inverse of `load_vae_from_arrays`. For an abstract VAE (`abstract_vae`) the values are
-  `jax.ShapeDtypeStruct`s of the PyTorch shapes instead of arrays.
-  """
-  out = {}
-  for name, (var, kind) in _variables(vae).items():
-    value = var.get_value()
-    if isinstance(value, jax.ShapeDtypeStruct):
-      out[name] = jax.ShapeDtypeStruct(_torch_shape(kind, value.shape), value.dtype)
-    else:
-      out[name] = np.ascontiguousarray(_to_torch(kind, np.asarray(value)))
-  return out
-
-
-def count_params(vae: AutoencoderKL) -> int:
-  """Number of parameters (83,653,863 for the Stable Diffusion VAE)."""
-  state = nnx.state(vae, nnx.Param)
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state)))
-
-
-def _rename_old_attention(arrays: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
-  """Our name -> (the file's name, array), with old attention names mapped to current ones.
-
-  An old name whose current name is also in the file keeps its own name (and is then reported as
-  unexpected), so no tensor is silently dropped.
-  """
-  out = {}
-  for name, array in arrays.items():
-    m = _OLD_ATTENTION_RE.match(name)
-    if m:
-      new = f"{m.group(1)}{_OLD_ATTENTION_NAMES[m.group(2)]}.{m.group(3)}"
-      if new not in arrays:
-        out[new] = (name, array)
-        continue
-    out[name] = (name, array)
-  return out
-
-
-def _fitted(kind: str, array: np.ndarray, expected: tuple[int, ...]) -> np.ndarray | None:
-  """`array` (PyTorch layout) in our layout, or None when its shape does not fit `expected`."""
-  if kind == "linear_weight" and array.shape == expected + (1, 1):
-    array = array.reshape(expected)  # an attention projection stored as a 1x1 conv
-  if array.shape != expected:
-    return None
-  if kind == "conv_weight":
-    return np.transpose(array, (2, 3, 1, 0))
-  if kind == "linear_weight":
-    return np.transpose(array, (1, 0))
-  return array
+  """The VAE's tensors under diffusers' names, in PyTorch layout (conv OIHW, linear (out, in));
+  `jax.ShapeDtypeStruct`s for an abstract VAE (`abstract_vae`). The inverse of
+  `load_vae_from_arrays`."""
+  return torch_io.state_dict(vae, TORCH_LAYERS)
 
 
 def load_vae_from_arrays(config: Mapping[str, Any], arrays: Mapping[str, Any],
@@ -535,40 +455,28 @@ def load_vae_from_arrays(config: Mapping[str, Any], arrays: Mapping[str, Any],
   """The VAE of the diffusers `config` holding `arrays` (diffusers names, PyTorch layout).
 
   Attention projections may also come under the old names (`query`, `key`, `value`,
-  `proj_attn`) and as 1x1 conv weights (out, in, 1, 1). Nothing is loaded unless every tensor
+  `proj_attn`; an old name whose current name is also present keeps its own, and so is reported
+  as unexpected) and as 1x1 conv weights (out, in, 1, 1). Nothing is loaded unless every tensor
   fits: otherwise one ValueError, prefixed with `source` (the file), lists every missing,
   unexpected and mis-shaped tensor.
   """
-  vae = abstract_vae(config, dtype)  # every variable is filled below
-  targets = _variables(vae)
-  given = _rename_old_attention(arrays)
-  missing, unexpected, mis_shaped, values = [], [], [], {}
-  for name, (var, kind) in targets.items():
-    expected = _torch_shape(kind, var.shape)
-    if name not in given:
-      missing.append(f"missing tensor {name} {expected}")
-      continue
-    file_name, array = given[name]
-    array = np.asarray(array)
-    value = _fitted(kind, array, expected)
-    if value is None:
-      mis_shaped.append(f"{file_name}: expected shape {expected}, got {tuple(array.shape)}")
-    else:
-      values[name] = value
-  for name, (file_name, array) in given.items():
-    if name not in targets:
-      unexpected.append(f"unexpected tensor {file_name} {tuple(np.shape(array))}")
-  problems = sorted(missing) + sorted(unexpected) + sorted(mis_shaped)
-  if problems:
-    hint = ""
+  vae = abstract_vae(config, dtype)  # every variable is set by torch_io.load
+  ours, names = {}, {}
+  for name, array in arrays.items():
+    m = _OLD_ATTENTION_RE.match(name)
+    new = m and f"{m.group(1)}{_OLD_ATTENTION_NAMES[m.group(2)]}.{m.group(3)}"
+    if new and new not in arrays:
+      name, names[new] = new, name
+    ours[name] = array
+  try:
+    torch_io.load(vae, ours, TORCH_LAYERS, where=source, what="the AutoencoderKL config",
+                  names=names)
+  except ValueError as e:
     if any(".down.0.block." in k or k.startswith("first_stage_model.") for k in arrays):
-      hint = ("\n  (the names look like an original CompVis/ldm checkpoint; this loader reads "
-              "diffusers-format weights, as in the 'vae/' folder of a diffusers pipeline)")
-    raise ValueError(f"{source}: the tensors do not match the AutoencoderKL config "
-                     f"({len(missing)} missing, {len(unexpected)} unexpected, "
-                     f"{len(mis_shaped)} mis-shaped):\n  " + "\n  ".join(problems) + hint)
-  for name, (var, _) in targets.items():
-    var.set_value(jnp.asarray(values[name], jnp.float32))
+      raise ValueError(f"{e}\n  (the names look like an original CompVis/ldm checkpoint; this "
+                       "loader reads diffusers-format weights, as in the 'vae/' folder of a "
+                       "diffusers pipeline)") from None
+    raise
   return vae
 
 
@@ -615,11 +523,7 @@ def load_vae(path: str | os.PathLike, dtype=jnp.float32) -> AutoencoderKL:
     raise ValueError(f"VAE config {config_path} is not valid JSON: {e}") from e
   if not isinstance(config, dict):
     raise ValueError(f"VAE config {config_path} holds a {type(config).__name__}, not an object")
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  try:
-    arrays = load_file(weights)
-  except Exception as e:  # safetensors raises its own error types for damaged files
-    raise ValueError(f"cannot read VAE weights {weights}: {e}") from e
+  arrays = torch_io.read(weights)
   try:
     return load_vae_from_arrays(config, arrays, dtype=dtype, source=weights)
   except ValueError as e:

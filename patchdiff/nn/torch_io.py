@@ -1,0 +1,136 @@
+"""Weights in and out: PyTorch-layout state dicts read from files, mapped onto our NNX modules
+(names, conv OIHW <-> HWIO and linear (out, in) <-> (in, out) transposes, strict checks) and back.
+
+A network describes its differences from PyTorch as `layers`, {module class: {attribute:
+(PyTorch attribute, layout)}}; every other variable keeps its attribute name and its layout. A
+tensor's name is its path in the module graph (`enc.16x16_block0.conv0.weight`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from patchdiff.nn import torch_pickle
+
+CONV = "conv"  # our HWIO kernel, PyTorch's OIHW weight
+LINEAR = "linear"  # our (in, out) weight, PyTorch's (out, in)
+_TO_TORCH = {CONV: (3, 2, 0, 1), LINEAR: (1, 0)}
+Layers = Mapping[type, Mapping[str, tuple[str, str | None]]]
+
+
+def variables(module: nnx.Module, layers: Layers) -> dict[str, tuple[nnx.Variable, str | None]]:
+  """PyTorch name -> (our variable, its layout) for every variable in `module`'s graph."""
+  nodes = dict(nnx.iter_graph(module))
+  out = {}
+  for path, node in nodes.items():
+    if isinstance(node, nnx.Variable):
+      attr, layout = layers.get(type(nodes[path[:-1]]), {}).get(path[-1], (path[-1], None))
+      out[".".join(map(str, path[:-1] + (attr,)))] = (node, layout)
+  return out
+
+
+def torch_shape(layout: str | None, shape) -> tuple[int, ...]:
+  return tuple(shape[i] for i in _TO_TORCH[layout]) if layout else tuple(shape)
+
+
+def state_dict(module: nnx.Module, layers: Layers) -> dict[str, Any]:
+  """`module`'s tensors under their PyTorch names, in PyTorch layout; for an abstract module
+  (`nnx.eval_shape`) `jax.ShapeDtypeStruct`s of the PyTorch shapes."""
+  out = {}
+  for name, (var, layout) in variables(module, layers).items():
+    value = var.get_value()
+    if isinstance(value, jax.ShapeDtypeStruct):
+      out[name] = jax.ShapeDtypeStruct(torch_shape(layout, value.shape), value.dtype)
+    else:
+      value = np.asarray(value)
+      out[name] = np.ascontiguousarray(value.transpose(_TO_TORCH[layout]) if layout else value)
+  return out
+
+
+def load(module: nnx.Module, arrays: Mapping[str, Any], layers: Layers, *,
+         where: str = "state dict", what: str = "the network",
+         names: Mapping[str, str] | None = None, problems: list[str] | None = None) -> None:
+  """Sets every variable of `module` from `arrays` (PyTorch names and layout), in place.
+
+  A linear weight may come as the equivalent 1x1 conv weight (out, in, 1, 1). Nothing is set
+  unless every tensor fits: otherwise one ValueError lists every missing, unexpected and
+  mis-shaped tensor with its shapes, and the caller's own `problems`. `names` gives the file's
+  name of a tensor stored under another name, for the messages.
+  """
+  names = names or {}
+  targets = variables(module, layers)
+  missing, unexpected, mis_shaped, values = [], [], [], {}
+  for name, array in arrays.items():
+    if name not in targets:
+      unexpected.append(f"unexpected tensor {name} {tuple(np.shape(array))}")
+      continue
+    (var, layout), array = targets[name], np.asarray(array)
+    expected = torch_shape(layout, var.shape)
+    if layout == LINEAR and array.shape == expected + (1, 1):
+      array = array.reshape(expected)
+    if array.shape != expected:
+      mis_shaped.append(f"{names.get(name, name)}: expected shape {expected}, got {array.shape}")
+    else:
+      values[name] = array.transpose(np.argsort(_TO_TORCH[layout])) if layout else array
+  for name, (var, layout) in targets.items():
+    if name not in arrays:
+      missing.append(f"missing tensor {names.get(name, name)} {torch_shape(layout, var.shape)}")
+  if missing or unexpected or mis_shaped or problems:
+    raise ValueError(
+        f"{where}: the tensors do not match {what} ({len(missing)} missing, {len(unexpected)} "
+        f"unexpected, {len(mis_shaped)} mis-shaped):\n  "
+        + "\n  ".join(sorted(missing) + sorted(unexpected) + sorted(mis_shaped) + (problems or [])))
+  for name, (var, _) in targets.items():
+    var.set_value(jnp.asarray(values[name], var.dtype))
+
+
+def count_params(module: nnx.Module) -> int:
+  """Trainable parameters (nnx.Param), not buffers; works on abstract modules."""
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param))))
+
+
+def read(path: str | os.PathLike) -> Any:
+  """What a weights file holds: `.npz` and `.safetensors` -> {name: array}; a `.pt`/`.pth` zip
+  archive (`torch.save` or TorchScript) -> its object graph, read by `torch_pickle` without torch
+  and without running anything from the file; a legacy (non-zip) `.pt`/`.pth` -> {name: array}
+  by `torch.load(weights_only=True)`, which needs torch."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"weights file {path} does not exist")
+  ext = os.path.splitext(path)[1].lower()
+  if ext == ".npz":
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  if ext == ".safetensors":
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    try:
+      return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for damaged files
+      raise ValueError(f"cannot read weights {path}: {e}") from e
+  if ext not in (".pt", ".pth"):
+    raise ValueError(f"unsupported weights file {path}: expected .npz, .pt or .pth (PyTorch), "
+                     "or .safetensors")
+  with open(path, "rb") as f:
+    if f.read(4) == b"PK\x03\x04":
+      return torch_pickle.read_archive(path)
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"{path} is not a zip archive, the torch format read without torch: it is "
+                      "damaged, or in the legacy torch.save format, which needs torch, not "
+                      "installed here; convert it to .npz where torch is available") from e
+  sd = torch.load(path, map_location="cpu", weights_only=True)
+  if not isinstance(sd, Mapping):
+    raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict")
+  return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in sd.items()
+          if hasattr(v, "numpy")}
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Arrays by dotted name from a weights file (see `read`)."""
+  return torch_pickle.state_dict(read(path))
