@@ -21,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from patchdiff import generate, train  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff import generate, sharding  # noqa: E402  pylint: disable=wrong-import-position
 from patchdiff.nn import models  # noqa: E402  pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
@@ -35,15 +35,16 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  run = train.Run(cfg)
-  denoiser = models.create_denoiser(run.model_cfg, seed=cfg.seed)
+  model_cfg = models.resolve(cfg.model)
+  denoiser = models.create_denoiser(model_cfg, seed=cfg.seed)
   decoder = None
   if _VAE.value:
     from patchdiff.nn import vae  # pylint: disable=import-outside-toplevel
-    dtype = models.DTYPES[run.model_cfg["dtype"]]
+    dtype = models.DTYPES[model_cfg["dtype"]]
     source = vae.create(vae.SD_VAE_CONFIG, dtype=dtype) if _VAE.value == "random" else _VAE.value
     decoder = vae.latent_decoder(source, cfg.vae.scale, dtype=dtype)
-  sampler = generate.Sampler(denoiser, run.model_cfg, cfg.sample, mesh=run.mesh, decoder=decoder)
+  sampler = generate.Sampler(denoiser, model_cfg, cfg.sample, mesh=sharding.data_mesh(),
+                             decoder=decoder)
   b = _BATCH.value
   t0 = time.perf_counter()
   sampler.sample(list(range(b)), batch_size=b)
@@ -53,7 +54,7 @@ def main(argv):
   dt = time.perf_counter() - t0
   nfe = 2 * cfg.sample.num_steps - 1
   print(f"JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}, "
-        f"{run.model_cfg['img_resolution']} px{' + VAE decoding' if decoder else ''}, "
+        f"{model_cfg['img_resolution']} px{' + VAE decoding' if decoder else ''}, "
         f"{cfg.sample.num_steps} steps ({nfe} network "
         f"evaluations), batch {b}: first batch (with compile) {first:.1f} s; then {_NUM.value} "
         f"images in {dt:.1f} s = {_NUM.value / dt:.1f} images/s")

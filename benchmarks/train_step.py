@@ -11,8 +11,8 @@ calls on GPU), achieved
 FLOP/s (and MFU where the peak is known or given with --peak_tflops), XLA's memory estimate
 (arguments + temporaries per device) and the device's peak bytes in use so far. Then the
 expected step time under the stochastic schedule for p = 0.5 relative to p = 1.0 (EDM) next to
-the ideal ratio from FLOPs, per step and per counted image (SPEC: a step counts batch * mean
-batch_mul images). Uses random data on the device: the input pipeline is measured by
+the ideal ratio from FLOPs, per step and per counted image (as the paper counts images, a step
+counts batch * mean batch_mul images). Uses random data on the device: the input pipeline is measured by
 benchmarks/input_pipeline.py.
 """
 from __future__ import annotations

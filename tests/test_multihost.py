@@ -46,7 +46,7 @@ def restore_params(workdir, cfg):
 
 def test_two_processes_train_the_same_run_as_one(tmp_path):
   multi, single = tmp_path / "2x4", tmp_path / "1x8"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable)
   procs = [subprocess.Popen(["bash", "launch/local.sh", "2", "configs/demo.py", str(multi), *FLAGS],
                             cwd=REPO, env=dict(env, PORT=str(free_port()), DEVICES_PER_PROCESS="4")),
            subprocess.Popen([sys.executable, "-m", "patchdiff.main", "--config=configs/demo.py",

@@ -75,12 +75,33 @@ def test_gradient_guard():
     ("train.loss_scaling", "auto", "train.loss_scaling='auto'"),
     ("model.dtype", "float8", "model.dtype='float8'"),
 ])
-def test_bad_configs_fail_before_compiling_with_the_key_named(key, value, match):
+def test_bad_configs_fail_before_compiling_with_the_key_named(key, value, match, tmp_path):
   cfg = tiny_config(**{key: value})
   if key == "model.img_resolution":
     cfg.data.resolution = 18
+  compiles = watch_compiles()
   with pytest.raises(ValueError, match=match):
-    train.Run(cfg)
+    train.train_and_evaluate(cfg, str(tmp_path))
+  assert not compiles, f"compiled {len(compiles)} program(s) before the error"
+
+
+_COMPILES: list[list[str]] = []  # the lists of the watchers alive; one listener serves them all
+
+
+def watch_compiles() -> list[str]:
+  """A list that from now on collects an entry per XLA compilation of this process."""
+  if not _COMPILES:
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: [w.append(name) for w in _COMPILES] if "backend_compile" in name
+        else None)
+  _COMPILES.append([])
+  return _COMPILES[-1]
+
+
+def test_the_compile_watcher_sees_compilations():
+  compiles = watch_compiles()
+  jax.jit(lambda x: x * 3 + 1)(np.arange(7.0)).block_until_ready()
+  assert len(compiles) == 1
 
 
 def test_checkpoint_from_another_model_is_refused():
@@ -90,12 +111,17 @@ def test_checkpoint_from_another_model_is_refused():
   config_lib.check_compatible(saved, tiny_config(**{"model.dropout": 0.1}), where="ckpt/10")
 
 
-def test_one_compilation_per_bucket_and_none_in_the_loop(tmp_path):
-  compiles = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None)
-  seen = []
-  counts = []
+def test_one_compilation_per_bucket_and_none_in_the_loop(tmp_path, monkeypatch):
+  compiles = watch_compiles()
+  seen, counts, programs = [], [], []
+  compile_steps = train.Run.compile_steps
+
+  def counted(self):
+    before = len(compiles)
+    out = compile_steps(self)
+    programs.append((len(compiles) - before, out[0]))
+    return out
+  monkeypatch.setattr(train.Run, "compile_steps", counted)
 
   def on_step(step, size):
     seen.append(size)
@@ -103,9 +129,12 @@ def test_one_compilation_per_bucket_and_none_in_the_loop(tmp_path):
 
   cfg = tiny_config(**{"train.steps": 40, "sample.grid_size": 0})
   metrics = train.train_and_evaluate(cfg, str(tmp_path), on_step=on_step)
-  # Each bucket visited many times, and nothing compiled once the loop was running.
+  # One program per bucket, each compiled once, before the loop; none inside it.
+  [(compiled_now, by_size)] = programs
+  assert sorted(by_size) == [4, 8, 16] and compiled_now == 3
+  assert len({id(p) for p in by_size.values()}) == 3
   assert {s: seen.count(s) >= 5 for s in (4, 8, 16)} == {4: True, 8: True, 16: True}
-  assert len(set(counts)) == 1, "a compilation happened inside the training loop"
+  assert counts[0] >= 3 and len(set(counts)) == 1, "a compilation happened in the training loop"
   expected = train.Run(cfg).schedule.sizes_at(np.arange(40)).tolist()
   assert seen == expected
   assert np.isfinite(metrics["loss"])
@@ -177,12 +206,17 @@ def test_nonfinite_losses_are_counted_and_the_streak_resets():
   assert int(m["nonfinite_streak"]) == 0 and int(m["nonfinite_total"]) == 2
 
 
-def test_static_loss_scale_leaves_the_update_unchanged():
+def test_static_loss_scale_leaves_the_gradients_unchanged():
+  """The loss is scaled before differentiation and the gradients unscaled after: the gradient
+  norm (what the optimizer sees) is the unscaled one. Adam alone would hide a missing unscale."""
   s1, step1 = _toy_step()
   s2, step2 = _toy_step(loss_scale=1024.0)
   for _ in range(3):
-    s1, _ = step1(s1, _batch())
-    s2, _ = step2(s2, _batch())
+    s1, m1 = step1(s1, _batch())
+    s2, m2 = step2(s2, _batch())
+    assert float(m1["grad_norm"]) > 0
+    np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-6)
   np.testing.assert_allclose(s1["params"]["w"][...], s2["params"]["w"][...], rtol=1e-6)
 
 
