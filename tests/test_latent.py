@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchdiff import config_lib, data, encode_latents, main, patches, train
+from patchdiff import config_lib, data, encode_latents, evaluation, patches, train
 from patchdiff.data import images, latents as latent_files
 from patchdiff.nn import vae
 
@@ -157,7 +157,8 @@ def test_latent_training_and_decoded_samples(latents, vae_dir, tmp_path):
   # The training grid is decoded to pixels by the VAE (4x the latent size).
   grid = np.asarray(Image.open(next(tmp_path.glob("samples_*.png"))))
   assert grid.ndim == 3 and grid.shape[-1] == 3 and min(grid.shape[:2]) >= 2 * RES
-  outdir, images = main.sample_from_checkpoint(cfg, str(tmp_path), seeds="0-2", class_idx=1)
+  outdir, images = evaluation.sample_from_checkpoint(cfg, str(tmp_path), seeds=[0, 1, 2],
+                                                        class_idx=1)
   assert images.shape == (3, RES, RES, 3) and images.dtype == np.uint8
   pngs = sorted((tmp_path / "samples").rglob("*.png"))
   assert len([p for p in pngs if p.name != "grid.png"]) == 3
@@ -165,7 +166,7 @@ def test_latent_training_and_decoded_samples(latents, vae_dir, tmp_path):
   # Without the VAE a latent model's samples cannot become PNGs: a clear error first.
   cfg.vae.path = None
   with pytest.raises(Exception, match="set --config.vae.path"):
-    main.sample_from_checkpoint(cfg, str(tmp_path), seeds="0")
+    evaluation.sample_from_checkpoint(cfg, str(tmp_path), seeds=[0])
 
 
 def test_encode_latents_command_line(vae_dir, image_zip, tmp_path):
