@@ -2,9 +2,10 @@
 
   python benchmarks/parity.py [--reference ../shared/reference]
 
-For each fixture: relative L2 error of D(x, sigma, pos, labels) per patch size, and of the Heun
-sampler's output after 3 and 6 steps (the reference ran in float64; we run float32); and of the
-VAE's posterior mean, std and decoding against diffusers' AutoencoderKL (`vae_tiny`).
+For each fixture: relative L2 error of D(x, sigma, pos, labels) per patch size and of the
+network's part of it, D - c_skip x (D is mostly c_skip x, which hides the network's error); of
+the Heun sampler's output after 3 and 6 steps (the reference ran in float64; we run float32);
+and of the VAE's posterior mean, std and decoding against diffusers' AutoencoderKL (`vae_tiny`).
 """
 from __future__ import annotations
 
@@ -50,8 +51,12 @@ def main():
     with np.load(os.path.join(parity, f"{name}_io.npz")) as io:
       for s in (16, 8, 4):
         lab = io[f"labels_{s}"] if f"labels_{s}" in io.files else None
-        out = d(nhwc(io[f"x_{s}"]), io[f"sigma_{s}"], nhwc(io[f"pos_{s}"]), lab)
-        print(f"{name:<15} {f'D {s}px':<12} {rel(out, nhwc(io[f'D_{s}'])):>14.2e}")
+        x, sigma, ref = nhwc(io[f"x_{s}"]), io[f"sigma_{s}"], nhwc(io[f"D_{s}"])
+        out = d(x, sigma, nhwc(io[f"pos_{s}"]), lab)
+        skip = (0.25 / (sigma.astype(np.float64) ** 2 + 0.25)).reshape(-1, 1, 1, 1) * x
+        print(f"{name:<15} {f'D {s}px':<12} {rel(out, ref):>14.2e}")
+        net = rel(np.asarray(out, np.float64) - skip, ref - skip)
+        print(f"{name:<15} {f'D-cskip {s}px':<12} {net:>14.2e}")
       lab = io["sampler_labels"] if "sampler_labels" in io.files else None
       for n in (3, 6):
         out = sampling.heun_sample(d, nhwc(io["sampler_latents"]), num_steps=n, labels=lab)

@@ -63,9 +63,10 @@ def test_matches_diffusers(tiny, tiny_outputs):
   mean, std, decoded = tiny_outputs
   assert mean.shape == std.shape == (2, 8, 8, 4) and mean.dtype == np.float32
   assert decoded.shape == (2, 32, 32, 3)
-  assert rel_l2(mean, nhwc(io["posterior_mean"])) < 1e-4
-  assert rel_l2(std, nhwc(io["posterior_std"])) < 1e-4
-  assert rel_l2(decoded, nhwc(io["decoded"])) < 1e-4
+  # Measured on the CPU: 2e-7, 4e-8 and 5e-7.
+  assert rel_l2(mean, nhwc(io["posterior_mean"])) < 1e-6
+  assert rel_l2(std, nhwc(io["posterior_std"])) < 1e-6
+  assert rel_l2(decoded, nhwc(io["decoded"])) < 2e-6
 
 
 def test_state_dict_round_trips_the_fixture(tiny):
