@@ -1,4 +1,4 @@
-"""Tests of the torch-archive reader (`patchdiff.torch_pickle`) on archives written by the tests
+"""Tests of the torch-archive reader (`patchdiff.nn.torch_pickle`) on archives written by the tests
 (`torch_archive`, no torch): tensors, TorchScript objects, damaged files, malicious pickles."""
 import collections
 import os
