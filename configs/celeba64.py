@@ -1,6 +1,6 @@
 """CelebA 64x64, unconditional, DDPM++ with Patch Diffusion: the paper's main pixel experiment.
 
-Published command (SPEC section 6): ddpmpp, batch 256, channel_mult 1,2,2,2, lr 2e-4, dropout 0.05,
+The authors' published command: ddpmpp, batch 256, channel_mult 1,2,2,2, lr 2e-4, dropout 0.05,
 augment 0, real_p 0.5, 200 Mimg, EMA 0.5 Mimg, fp32. Paper FID 1.77 in ~24 h on 8 V100s; the EDM
 baseline (p=1, `:edm`) 1.66 in ~48 h. Ablation of p (`:p=F`): FID 14.51 / 3.05 / 2.10 / 1.77 / 1.65
 / 1.66 for p = 0 / 0.1 / 0.25 / 0.5 / 0.75 / 1.0; the progressive schedule 2.05. Data: the zip of

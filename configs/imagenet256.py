@@ -1,6 +1,6 @@
 """ImageNet 256x256, class-conditional, Latent Patch Diffusion with classifier-free guidance.
 
-Published command (SPEC section 6): as LSUN (adm, lr 1e-4, EMA 50 Mimg, dropout 0.10, fp16, loss
+The authors' published command: as LSUN (adm, lr 1e-4, EMA 50 Mimg, dropout 0.10, fp16, loss
 scale 100, real_p 0.5, 4x32x32 latents, patches 16 and 32), conditional on the 1,000 classes, batch
 4096, 2500 Mimg. Labels are dropped (zeroed) for 10% of samples in training and sampling uses
 guidance w = 1.3 (D = D_u + w (D_c - D_u)), 256 Heun steps with S_churn 40. Paper FID 2.72 (ADM

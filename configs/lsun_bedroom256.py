@@ -1,6 +1,6 @@
 """LSUN Bedroom 256x256, unconditional, Latent Patch Diffusion (ADM on Stable Diffusion latents).
 
-Published command (SPEC section 6): adm, batch 1024, lr 1e-4, EMA 50 Mimg, dropout 0.10, fp16 with
+The authors' published command: adm, batch 1024, lr 1e-4, EMA 50 Mimg, dropout 0.10, fp16 with
 loss scale 100, 200 Mimg, real_p 0.5 on 4x32x32 latents (patches 16 and 32). Sampler: 256 Heun
 steps, S_churn 40, S_min 0.05, S_max 50, S_noise 1.003. Paper FID 2.75. The authors released no
 latent code: latents are precomputed with sd-vae-ft-ema (posterior mean and std; a fresh sample per

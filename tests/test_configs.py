@@ -13,7 +13,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PIXEL = ["celeba64", "ffhq64", "afhqv2_cat64", "afhqv2_dog64", "afhqv2_wild64"]
 LATENT = ["lsun_bedroom256", "lsun_church256", "imagenet256"]
 
-# SPEC section 6 (and EDM's recipes where the authors published none):
+# The authors' published commands (EDM's recipes where they published none):
 # batch, lr, dropout, Mimg, EMA Mimg, dtype, loss scale, label_dim.
 PUBLISHED = {
     "celeba64": (256, 2e-4, 0.05, 200, 0.5, "float32", 1.0, 0),
@@ -144,6 +144,25 @@ def test_vae_scale_must_match_the_latents():
   pixel.vae.path = "sd-vae-ft-ema"
   with pytest.raises(ValueError, match="patch.latent is False"):
     config_lib.validate(pixel)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("source", "lmdb", "data.source='lmdb' is not one of"),
+    ("labels", True, "data.labels=True but the model's label_dim is 0"),
+    ("twemoji_category", "Flags", "data.twemoji_category='Flags': needs data.source='twemoji'"),
+    ("latent_layout", "CHW", "data.latent_layout='CHW' is not one of"),
+])
+def test_validate_checks_the_data_section(key, value, message):
+  cfg = config_lib.finalize(load("ffhq64"))
+  config_lib.validate(cfg)  # no data.path yet: files are checked when the input is built
+  cfg.data[key] = value
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(cfg)
+
+
+def test_data_defaults_are_base_config_data():
+  assert config_lib.base_config().data.to_dict() == config_lib.DATA_DEFAULTS
+  assert config_lib.data_config(None) == config_lib.DATA_DEFAULTS
 
 
 # One experiment of each kind; the smoke variants of the others are the same configs.

@@ -9,7 +9,7 @@ Sources (`data.source`; the keys and defaults are `config_lib.DATA_DEFAULTS`):
              labels), a pure function of the seed: for smoke runs and benchmarks, never for science.
 Every source feeds the one patch pipeline (`pipeline.py`): order, crops, coordinates and the
 multi-host split are a pure function of (seed, step). TensorFlow is imported only when an input
-is built.
+is built, by the modules here.
 """
 from __future__ import annotations
 
@@ -85,8 +85,6 @@ def build_input(data_cfg,
   `channels`: the model's input channels; a source with another count is an error (None: any;
   the synthetic source makes this many, default 3).
   """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
   cfg = config_lib.data_config(data_cfg, label_dim)
   res, src, label_dim = cfg["resolution"], cfg["source"], int(label_dim)
   if schedule.resolution != res:
@@ -131,7 +129,7 @@ def build_input(data_cfg,
     if lat.labels is not None:
       _check_label_range(lat.labels, label_dim, lat.path,
                          [f"{lat.path}[{i}]" for i in range(len(lat.labels))])
-    ds = pipeline.build_patch_pipeline(latents.latent_fetch(tf, lat, res, int(seed)),
+    ds = pipeline.build_patch_pipeline(latents.latent_fetch(lat, res, int(seed)),
                                        len(lat.mean), res, False, schedule, batch_size,
                                        total_steps, labels=lat.labels, **common)
     return InputIterator(ds, len(lat.mean), lat.channels, src, cfg["cache"])
@@ -146,7 +144,7 @@ def build_input(data_cfg,
     ds = pipeline.make_patch_dataset(pixels, schedule, batch_size, total_steps, labels=labels,
                                      **common)
   else:
-    fetch = images.encoded_fetch(tf, [enc.data[i] for i in kept], res)
+    fetch = images.encoded_fetch([enc.data[i] for i in kept], res)
     ds = pipeline.build_patch_pipeline(fetch, len(kept), res, True, schedule, batch_size,
                                        total_steps, labels=labels, **common)
   return InputIterator(ds, len(kept), 3, src, cfg["cache"],

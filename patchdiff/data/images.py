@@ -357,7 +357,10 @@ def decode_all(enc: Encoded, resolution: int, skip_corrupt: bool = True,
   return pixels, kept, bad
 
 
-def encoded_fetch(tf, blobs: list[bytes], res: int):
+def encoded_fetch(blobs: list[bytes], res: int):
+  """The pipeline's `fetch` for data.cache=False: each step decodes its samples' images."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   found = png.decoder() if png.ENABLED else None
   usable = [png.plain_rgb8(b, res) for b in blobs] if found else []
   if not any(usable):

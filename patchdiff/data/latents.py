@@ -148,13 +148,14 @@ def _tf_normal_from_counter(tf, seed: int, counters):
   return tf.cast(r * tf.cos((2.0 * np.pi) * u2), tf.float32)
 
 
-def latent_fetch(tf, lat: Latents, res: int, seed: int):
+def latent_fetch(lat: Latents, res: int, seed: int):
   """The pipeline's `fetch` for latents: crops of `mean`, plus `std` times fresh noise for (mean,
   std) files. Sample k's noise at pixel (row, col) of the *source* latent (before any flip),
   channel c, is sqrt(-2 ln(1 - u1)) cos(2 pi u2) with u1, u2 = uniform_from_counter of the
   streams STREAM_EPS_U1, STREAM_EPS_U2 at counter k * R*R*C + (row * R + col) * C + c."""
-  mean, std, layout = lat.mean, lat.std, lat.layout
-  channels = lat.channels
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  mean, std, layout, channels = lat.mean, lat.std, lat.layout, lat.channels
 
   def take(arr):
     def read(idx):
