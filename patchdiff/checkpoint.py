@@ -71,11 +71,9 @@ def save_weights(workdir: str, denoiser: nnx.Module, config: ml_collections.Conf
                  step: int = 0) -> None:
   """Writes a sampling-only checkpoint (the denoiser's weights as the `ema` item, and the
   config), synchronously."""
-  if isinstance(denoiser, nnx.Module):
-    _, params, buffers = nnx.split(denoiser, nnx.Param, ...)
-    denoiser = dict(params=params, buffers=buffers)
+  _, params, buffers = nnx.split(denoiser, nnx.Param, ...)
   mgr = manager(workdir, max_to_keep=None, async_save=False)
-  _save(mgr, step, config, denoiser, force=True)
+  _save(mgr, step, config, dict(params=params, buffers=buffers), force=True)
   mgr.wait_until_finished()
   mgr.close()
 

@@ -5,8 +5,6 @@ into an orbax checkpoint that `--mode=sample` restores:
 """
 from __future__ import annotations
 
-from flax import nnx
-
 from patchdiff.nn.models import count_params, load_torch_state_dict  # noqa: F401
 from patchdiff.nn.torch_io import read_state_dict  # noqa: F401
 
@@ -17,8 +15,7 @@ def main(argv):
   cfg = flags.FLAGS.config
   sd = read_state_dict(flags.FLAGS.input)
   denoiser = load_torch_state_dict(sd, cfg.model)
-  _, params, buffers = nnx.split(denoiser, nnx.Param, ...)
-  checkpoint.save_weights(flags.FLAGS.output, dict(params=params, buffers=buffers), cfg, step=0)
+  checkpoint.save_weights(flags.FLAGS.output, denoiser, cfg, step=0)
   print(f"wrote {count_params(denoiser):,} parameters to {flags.FLAGS.output}")
 
 

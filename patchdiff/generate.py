@@ -17,7 +17,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from patchdiff import sampling
+from patchdiff import sampling, sharding
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -75,8 +75,7 @@ class Sampler:
     self.decoder = decoder
     self.model_cfg = model_cfg
     self.scfg = sample_cfg
-    self.mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",),
-                                      axis_types=(jax.sharding.AxisType.Auto,))
+    self.mesh = mesh or sharding.data_mesh()
     self.devices = self.mesh.devices.size
     self.sharding = NamedSharding(self.mesh, P(self.mesh.axis_names))
 
