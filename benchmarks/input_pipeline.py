@@ -15,8 +15,8 @@ Prints samples/s (patches per second) and full images/s (samples * (s/R)^2) per 
 samples per CPU-second of this process (a load-independent measure of cost: on k idle cores the
 rate can reach at most k times it), the cores other processes kept busy meanwhile (Linux; a figure
 taken with others > 0 is not one of an idle machine), and, as a baseline, the rate of PNG decoding
-alone. Uncached rows decode these PNGs with `png.decoder_name()` (libspng via pyspng when
-installed; `--png_decoder tensorflow` forces TensorFlow's decoder, the fallback, for comparison).
+alone. Uncached rows decode these PNGs with `png.decoder_name()` (imagecodecs when installed;
+`--png_decoder tensorflow` forces TensorFlow's decoder, the fallback, for comparison).
 """
 from __future__ import annotations
 
@@ -122,39 +122,25 @@ def decode_only(path: str, seconds: float, repeats: int) -> float:
 
 
 def other_decoders(path: str, repeats: int) -> None:
-  """Single-process PNG decoders for comparison: PIL on one thread, pyspng (if installed) on one
-  and two threads (it holds the GIL, so two threads show what a thread pool can get), and the
-  uncached pipeline's libspng binding (`png.decoder_name()`) on one and two threads."""
+  """PNG decoders alone: PIL on one thread, and the uncached pipeline's (`png.decoder_name()`) on
+  one and two threads (a second thread only helps a decoder that releases the GIL)."""
   import threading  # pylint: disable=import-outside-toplevel
   with zipfile.ZipFile(path) as zf:
     blobs = [zf.read(n) for n in sorted(zf.namelist()) if n.endswith(".png")]
-  decoders = {"PIL": lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))}
-  try:
-    import pyspng  # pylint: disable=import-outside-toplevel
-    decoders["pyspng"] = pyspng.load
-  except ImportError:
-    print("pyspng not installed: skipped")
+  out = np.empty((len(blobs), R, R, 3), np.uint8)
+  runs = {"PIL": (1, lambda lo, hi: [np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+                                     for b in blobs[lo:hi]])}
   found = png.decoder()
   if found is not None:
-    name, batch = found
-    out = np.empty((len(blobs), R, R, 3), np.uint8)
-    usable = [True] * len(blobs)
-
-    def run_batch(part: list[int]):
-      batch(blobs, usable, part, out[part[0]:part[0] + len(part)])
-    decoders[name] = run_batch
-  for name, fn in decoders.items():
-    for threads in ((1,) if name == "PIL" else (1, 2)):
+    runs[found[0]] = (2, lambda lo, hi: found[1](blobs, [True] * len(blobs), list(range(lo, hi)),
+                                                 out[lo:hi]))
+  for name, (most, fn) in runs.items():
+    for threads in range(1, most + 1):
       best = 0.0
+      bounds = np.linspace(0, len(blobs), threads + 1).astype(int)
       for _ in range(repeats):
-        if found is not None and name == found[0]:  # contiguous ranges of indices
-          bounds = np.linspace(0, len(blobs), threads + 1).astype(int)
-          workers = [threading.Thread(target=fn, args=(list(range(lo, hi)),))
-                     for lo, hi in zip(bounds[:-1], bounds[1:])]
-        else:
-          parts = [blobs[i::threads] for i in range(threads)]
-          workers = [threading.Thread(target=lambda part: [fn(b) for b in part], args=(part,))
-                     for part in parts]
+        workers = [threading.Thread(target=fn, args=(lo, hi))
+                   for lo, hi in zip(bounds[:-1], bounds[1:])]
         t0 = time.perf_counter()
         for w in workers:
           w.start()
@@ -178,9 +164,9 @@ def main(argv=None):
                   help="rows with the images cached in memory (on), streamed (off), or both")
   ap.add_argument("--mix_only", action="store_true", help="only the p=real_p mix rows")
   ap.add_argument("--png_decoder", choices=("auto", "tensorflow"), default="auto",
-                  help="auto: libspng via pyspng if installed, else TensorFlow (uncached rows)")
+                  help="auto: imagecodecs if installed, else TensorFlow (uncached rows)")
   ap.add_argument("--decoders", action="store_true",
-                  help="also time PIL and pyspng (if installed) decoding the same PNGs")
+                  help="also time PIL and the pipeline's decoder decoding the same PNGs")
   args = ap.parse_args(argv)
   if args.png_decoder == "tensorflow":
     png.ENABLED = False

@@ -537,7 +537,7 @@ def test_config_dict_or_partial_dict(tool_zip):
   assert_same(a, b)
 
 
-# --- fast PNG path of data.cache=False (libspng via pyspng) ------------------------------------
+# --- fast PNG path of data.cache=False (imagecodecs) --------------------------------------------
 
 
 def png_bytes(arr: np.ndarray, bit_depth: int = 8, color_type: int = 2,
@@ -601,21 +601,17 @@ def require_png_decoder():
   except under CI, where a missing pinned package fails it."""
   found = png.decoder()
   if found is None:
-    msg = "the fast PNG decoder (pyspng, pinned in requirements.txt) is not installed"
+    msg = "the fast PNG decoder (imagecodecs, pinned in requirements.txt) is not installed"
     if os.environ.get("CI", "").lower() == "true":
       pytest.fail(msg)
     pytest.skip(msg)
   return found
 
 
-def counting_decoder(monkeypatch, garble=(), backend="best"):
-  """Wraps the libspng decoder (the best binding, or pyspng.load's with backend="load"): counts
-  the images it decoded; positions in `garble` (of every call) are zeroed and reported as not
-  decoded, as if libspng had refused them."""
+def counting_decoder(monkeypatch, garble=()):
+  """Wraps the fast PNG decoder: counts the images it decoded; positions in `garble` (of every
+  call) are zeroed and reported as not decoded, as if the decoder had refused them."""
   name, fn = require_png_decoder()
-  if backend == "load":
-    import pyspng
-    name, fn = "pyspng.load", png._spng_load(pyspng.load)  # pylint: disable=protected-access
   calls = []
 
   def wrapped(blobs, usable, index, out):
@@ -627,7 +623,7 @@ def counting_decoder(monkeypatch, garble=(), backend="best"):
     calls.append(len(index) - len(failed))
     return sorted(failed)
 
-  monkeypatch.setattr(png, "_SPNG", [(name, wrapped)])
+  monkeypatch.setattr(png, "_DECODER", [(name, wrapped)])
   monkeypatch.setattr(png, "ENABLED", True)
   return calls
 
@@ -641,14 +637,14 @@ def test_png_fast_path_classification(kinds_folder):
   assert not plain(blob, R // 2) and not plain(blob[:40], R) and not plain(None, R)
 
 
-@pytest.mark.parametrize("garble, backend", [((), "best"), ((0, 3, 5), "best"), ((), "load")])
-def test_spng_path_equals_tensorflow_path(kinds_folder, monkeypatch, garble, backend):
+@pytest.mark.parametrize("garble", [(), (0, 3, 5)])
+def test_fast_png_path_equals_tensorflow_path(kinds_folder, monkeypatch, garble):
   root, fast = kinds_folder
   n, names = len(fast), sorted(fast)  # the folder source's order
   cfg = dict(source="folder", path=str(root), cache=False)
-  calls = counting_decoder(monkeypatch, garble, backend)
+  calls = counting_decoder(monkeypatch, garble)
   streamed = full_batches(cfg, n)
-  # Only the plain R x R RGB PNGs went through libspng (less those it "refused").
+  # Only the plain R x R RGB PNGs went through the fast decoder (less those it "refused").
   assert sum(calls) == sum(fast[names[i]] for b in streamed for m, i in enumerate(b["index"])
                            if m not in garble) > 0
   monkeypatch.setattr(png, "ENABLED", False)
@@ -682,19 +678,19 @@ def test_corrupt_png_in_zip_uncached(tmp_path, rgb_images, caplog, monkeypatch):
     build(dict(source="zip", path=str(path), cache=False, skip_corrupt=False))
 
 
-def test_without_pyspng_uncached_is_unchanged(kinds_folder, tool_zip, rgb_images, monkeypatch,
+def test_without_imagecodecs_uncached_is_unchanged(kinds_folder, tool_zip, rgb_images, monkeypatch,
                                              caplog):
   import sys
   root, fast = kinds_folder
-  monkeypatch.setitem(sys.modules, "pyspng", None)  # import pyspng -> ImportError
-  monkeypatch.setattr(png, "_SPNG", [])
+  monkeypatch.setitem(sys.modules, "imagecodecs", None)  # import imagecodecs -> ImportError
+  monkeypatch.setattr(png, "_DECODER", [])
   monkeypatch.setattr(png, "ENABLED", True)
   with caplog.at_level(logging.WARNING):
     assert png.decoder_name() == "tensorflow"
     cfg = dict(source="folder", path=str(root), cache=False)
     streamed = full_batches(cfg, len(fast))
     zipped = collect(build(dict(source="zip", path=str(tool_zip[0]), cache=False, hflip=True)))
-  assert caplog.text.count("pyspng is not available") == 1
+  assert caplog.text.count("imagecodecs is not available") == 1
   assert_same(streamed, full_batches(dict(cfg, cache=True), len(fast)))
   check_crops(zipped, rgb_images)
 
@@ -724,4 +720,4 @@ def test_exit_with_a_live_uncached_pipeline(tmp_path):
   done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                         timeout=120, check=False)
   assert done.returncode == 0, done.stderr[-2000:]
-  assert "decoder: libspng" in done.stdout or "decoder: pyspng" in done.stdout
+  assert f"decoder: {png.decoder_name()}" in done.stdout and "imagecodecs" in done.stdout

@@ -384,7 +384,7 @@ def encoded_fetch(blobs: list[bytes], res: int):
     full = tf.ensure_shape(full, [None, res, res, 3])
     miss, rest = tf.ensure_shape(miss, [None]), tf.ensure_shape(rest, [None])
 
-    def patch():  # the images libspng did not take, as `decode_image_tf` has them
+    def patch():  # the images the fast decoder did not take, as `decode_image_tf` has them
       x = tf.map_fn(lambda e: decode_image_tf(e, res), rest,
                     fn_output_signature=tf.TensorSpec([res, res, 3], tf.uint8),
                     parallel_iterations=4)
