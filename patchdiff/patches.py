@@ -31,12 +31,6 @@ def coord_grid(offset_i, offset_j, size: int, resolution: int, xp=np):
   return xp.stack(xp.broadcast_arrays(x[:, None, :], y[:, :, None]), axis=-1)
 
 
-def full_grid(batch: int, resolution: int, xp=np):
-  """Coordinates of the whole image (offset 0, size R), as the sampler uses at every step."""
-  zeros = xp.zeros((batch,), dtype=xp.int32)
-  return coord_grid(zeros, zeros, resolution, resolution, xp=xp)
-
-
 def batch_mul(size: int, resolution: int) -> int:
   """How many times more samples a step of patch `size` draws than a full-image step.
 
