@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from patchdiff import config_lib
+from patchdiff import config_lib, sharding
 
 
 def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
@@ -49,10 +49,9 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
   n, c, lr = len(enc.data), vae.latent_channels, res // f
   scale, shift = vae.scaling_factor, vae.shift_factor
 
-  devices = jax.devices()
-  mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  shard = NamedSharding(mesh, P("data"))
-  b = -(-batch // len(devices)) * len(devices)  # one compiled shape for every call
+  mesh = sharding.data_mesh()
+  shard = NamedSharding(mesh, P(mesh.axis_names))
+  b = -(-batch // mesh.size) * mesh.size  # one compiled shape for every call
   encode = vae_lib.encode_fn(vae)
 
   @jax.jit

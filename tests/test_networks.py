@@ -134,7 +134,7 @@ def test_dropout_is_active_only_in_training():
   d = models.create_denoiser(dict(DDPMPP_TINY, dropout=0.5))
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   sigma = jnp.array([0.5, 1.0])
-  pos = patches.full_grid(2, 16, xp=jnp)
+  pos = patches.coord_grid(np.zeros(2, np.int32), np.zeros(2, np.int32), 16, 16, xp=jnp)
   e1, e2 = d(x, sigma, pos), d(x, sigma, pos)
   np.testing.assert_array_equal(e1, e2)
   t1 = d(x, sigma, pos, train=True, key=jax.random.key(1))
@@ -151,7 +151,8 @@ def test_ncsnpp_variant_builds_and_runs():
   d = models.create_denoiser(cfg)
   assert "8x8_aux_residual" in d.model.enc_names
   assert d.model.map_noise.freqs.shape == (16,)  # Fourier, channel_mult_noise 2: 32 / 2
-  out = d(jnp.zeros((2, 8, 8, 3)), jnp.ones((2,)), patches.full_grid(2, 8, xp=jnp))
+  zeros = np.zeros(2, np.int32)
+  out = d(jnp.zeros((2, 8, 8, 3)), jnp.ones((2,)), patches.coord_grid(zeros, zeros, 8, 8, xp=jnp))
   assert out.shape == (2, 8, 8, 3) and np.all(np.isfinite(out))
 
 

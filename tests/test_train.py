@@ -129,10 +129,12 @@ def test_one_compilation_per_bucket_and_none_in_the_loop(tmp_path, monkeypatch):
 
   cfg = tiny_config(**{"train.steps": 40, "sample.grid_size": 0})
   metrics = train.train_and_evaluate(cfg, str(tmp_path), on_step=on_step)
-  # One program per bucket, each compiled once, before the loop; none inside it.
+  # One program per bucket, each for its own batch shape, compiled before the loop (with the
+  # few eager scalar ops tracing runs); none inside it.
   [(compiled_now, by_size)] = programs
-  assert sorted(by_size) == [4, 8, 16] and compiled_now == 3
-  assert len({id(p) for p in by_size.values()}) == 3
+  assert sorted(by_size) == [4, 8, 16] and 3 <= compiled_now <= 6
+  for size, program in by_size.items():
+    assert program.args_info[0][1]["image"].shape == (4 * 16 // size, size, size, 3)
   assert {s: seen.count(s) >= 5 for s in (4, 8, 16)} == {4: True, 8: True, 16: True}
   assert counts[0] >= 3 and len(set(counts)) == 1, "a compilation happened in the training loop"
   expected = train.Run(cfg).schedule.sizes_at(np.arange(40)).tolist()
@@ -326,7 +328,8 @@ def test_bfloat16_compute_keeps_float32_weights_and_tracks_float32():
   assert dtypes == {jnp.dtype(jnp.float32)}
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 16, 16, 3)), jnp.float32)
-  pos = jnp.asarray(patches.full_grid(2, 16), jnp.float32)
+  pos = jnp.asarray(patches.coord_grid(np.zeros(2, np.int32), np.zeros(2, np.int32), 16, 16),
+                    jnp.float32)
   sigma = jnp.array([0.5, 3.0])
   a, b = ref(x, sigma, pos), half(x, sigma, pos)
   assert b.dtype == jnp.float32
