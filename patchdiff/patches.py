@@ -19,8 +19,8 @@ def coord_grid(offset_i, offset_j, size: int, resolution: int, xp=np):
   x is the column (width) index and y the row index of each pixel in the full image, mapped by
   (v / (R - 1) - 0.5) * 2 so that the full image spans exactly [-1, 1]. Offsets are the crops'
   top row (i) and left column (j); they may lie outside [0, R - size] for extrapolated canvases.
-  `xp` is numpy, jax.numpy or anything with their asarray, arange, broadcast_arrays and stack
-  (the tf.data pipeline passes TF's; `size` may then be a tensor).
+  `xp` is numpy or jax.numpy. The tf.data pipeline crops the full image's grid of this function
+  exactly, the sampler and the extrapolation canvas call it with their offsets.
   """
   r = xp.arange(size, dtype=xp.float32)
   rows = xp.asarray(offset_i, dtype=xp.float32)[:, None] + r[None, :]  # (B, size)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import atexit
 import threading
 import time
-import types
 
 import numpy as np
 from absl import logging
@@ -64,19 +63,6 @@ def tf_uniform_from_counter(tf, seed: int, counters):
   z = _tf_mix64(tf, tf.bitwise.bitwise_xor(tf.constant(key, tf.uint64), z))
   top = tf.bitwise.right_shift(z, tf.constant(11, tf.uint64))
   return tf.cast(top, tf.float64) * (1.0 / (1 << 53))
-
-
-def tf_numpy(tf):
-  """The numpy functions `patches.coord_grid` calls, on TF tensors (sizes may be tensors)."""
-  def broadcast_arrays(*xs):
-    shape = tf.shape(xs[0])
-    for x in xs[1:]:
-      shape = tf.broadcast_dynamic_shape(shape, tf.shape(x))
-    return [tf.broadcast_to(x, shape) for x in xs]
-
-  return types.SimpleNamespace(
-      float32=tf.float32, stack=tf.stack, broadcast_arrays=broadcast_arrays,
-      asarray=lambda x, dtype: tf.cast(x, dtype), arange=lambda n, dtype: tf.range(n, dtype=dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +296,9 @@ def build_patch_pipeline(fetch, num_examples: int, resolution: int, is_uint8: bo
   seed_j = stream_seed(seed, STREAM_OFFSET_J)
   seed_f = stream_seed(seed, STREAM_FLIP)
   n64 = tf.constant(n, tf.int64)
-  xp = tf_numpy(tf)
+  # The coordinates of the whole image by the one definition; a patch's are their exact crop
+  # (computing them per patch in the graph made the cached pipeline 30% slower).
+  grid = tf.constant(coord_grid(np.zeros(1), np.zeros(1), res, res))
 
   def fn(step):
     t = step - start_step
@@ -336,7 +324,8 @@ def build_patch_pipeline(fetch, num_examples: int, resolution: int, is_uint8: bo
     x = fetch(SampleDraws(step, s, k, index, oi, oj, flip))
     if is_uint8:
       x = x / 127.5 - 1.0
-    out = {"image": x, "pos": coord_grid(oi, oj, s, res, xp=xp), "step": step,
+    out = {"image": x, "pos": crop_patches(tf, grid, tf.zeros([b], tf.int32), oi, oj,
+                                            tf.zeros([b], tf.bool), s, res), "step": step,
            "offset_i": oi, "offset_j": oj, "index": index, "flip": flip, "counter": k}
     if labels_t is not None:
       out["label"] = tf.one_hot(tf.gather(labels_t, index), int(label_dim), dtype=tf.float32)
