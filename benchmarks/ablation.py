@@ -1,16 +1,19 @@
-"""The paper's ablations in miniature: the demo's model and recipe on all 4,009 Twemoji at 32 px.
+"""The paper's ablations in miniature: the demo's model and recipe on Twemoji at 32 px.
 
   pip install matplotlib==3.10.8      # for the curves only
   python benchmarks/ablation.py --out=runs/ablation --minutes=20 --cores=0,1
   python benchmarks/ablation.py --out=runs/ablation --report=docs/ablation   # table, curves, grids
 
-Every run trains `configs/demo.py:all` (the demo recipe on the whole set) with one change, for
+`--data=all` (default) trains on all 4,009 images, `--data=smileys` on the demo's 168 images of
+the "Smileys & Emotion" category (its 10% subset: 17 images). Every run trains
+`configs/demo.py` (`:all` for all images) with one change, for
 the same expected training time on one CPU core: the step count of each run is --minutes
 divided by its mean step time, from per-bucket step times measured once on that core
 (`benchmarks/train_step.py --json`). Runs go two at a time, each pinned to its own core
 (`taskset`), so pairs run on equal terms. Each run measures itself --points times (FID of
 --fid_samples EMA samples against the Inception statistics of all 4,009 images, and the
-multi-scale SWD against as many training images; `train.fid_every`), and its TensorBoard log
+multi-scale SWD against as many training images; `train.fid_every`; FID against the Inception
+statistics of all the training images of `--data`), and its TensorBoard log
 keeps the figures with the training time they were reached at (`train_seconds`: the loop's
 time without compiling and measuring). A run that was interrupted resumes from its checkpoint
 when the command is repeated; finished runs are skipped.
@@ -62,6 +65,20 @@ REPLICATES = {"edm_seed1": "edm", "p0.5_seed1": "p0.5"}
 # Runs measured at fewer points than --points (same budget; the last point is the end).
 FEWER_POINTS = {"edm_seed1": 1, "p0.5_seed1": 1, "p0.5_sizes16_32": 2}
 CONFIG = os.path.join(REPO, "configs", "demo.py")
+# --data: (config argument added to every run, size of the 10% subset, what the data are)
+DATA = {"all": (",all", 400, "all 4,009 images"),
+        "smileys": ("", 17, "the 168 Smileys & Emotion images")}
+
+
+def run_spec(name: str, data: str) -> tuple[str, dict, str]:
+  """RUNS[name] for the data `data`: its config argument and overrides."""
+  arg, overrides, about = RUNS[name]
+  suffix, subset, _ = DATA[data]
+  arg = arg.replace(",all", suffix)
+  if "data.limit" in overrides:
+    overrides = dict(overrides, **{"data.limit": subset})
+    about = about.replace("(400 images)", f"({subset} images)")
+  return arg, overrides, about
 
 
 def load_config(arg: str, overrides: dict):
@@ -112,15 +129,17 @@ def train_all(args) -> None:
   os.makedirs(args.out, exist_ok=True)
   ref = os.path.join(args.out, "fid_ref_twemoji32.npz")
   log = os.path.join(args.out, "ablation.log")
-  base = [sys.executable, "-m", "patchdiff.main", f"--config={CONFIG}:all"]
+  data_arg = DATA[args.data][0][1:]
+  base = [sys.executable, "-m", "patchdiff.main",
+          f"--config={CONFIG}:{data_arg}" if data_arg else f"--config={CONFIG}"]
   if not os.path.isfile(ref):
-    print("Inception statistics of the 4,009 training images ...", flush=True)
+    print(f"Inception statistics of {DATA[args.data][2]} ...", flush=True)
     run(base + [f"--workdir={args.out}", "--mode=fid_ref", f"--ref={ref}"], log, None)
   calib = os.path.join(args.out, "bucket_seconds.json")
   cores = [int(c) for c in args.cores.split(",")]
   if not os.path.isfile(calib):
     print(f"timing the three buckets on core {cores[0]} ...", flush=True)
-    run([sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"), f"--config={CONFIG}:all",
+    run([sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"), base[-1],
          "--steps=20", "--warmup=3", f"--json={calib}"], log, cores[0])
   with open(calib, encoding="utf-8") as f:
     bucket_seconds = {int(k): v["seconds"] for k, v in json.load(f).items()}
@@ -129,7 +148,7 @@ def train_all(args) -> None:
   names = args.runs.split(",") if args.runs else list(RUNS)
   plan = {}
   for name in names:
-    arg, overrides, _ = RUNS[name]
+    arg, overrides, _ = run_spec(name, args.data)
     per_step = mean_step_seconds(load_config(arg, overrides), bucket_seconds)
     every = max(1, int(round(args.minutes * 60 / per_step / args.points)))
     steps = every * args.points
@@ -181,7 +200,8 @@ def report(args) -> None:
   with open(os.path.join(args.out, "bucket_seconds.json"), encoding="utf-8") as f:
     bucket_seconds = {int(k): v["seconds"] for k, v in json.load(f).items()}
   rows = {}
-  for name, (arg, overrides, about) in RUNS.items():
+  for name in RUNS:
+    arg, overrides, about = run_spec(name, args.data)
     workdir = os.path.join(args.out, name)
     scalars = read_scalars(workdir) if os.path.isdir(workdir) else {}
     if "fid" not in scalars:
@@ -255,7 +275,7 @@ def report(args) -> None:
   axes[0].set_xlabel("training time on one CPU core (minutes, from the timed step costs)")
   axes[1].set_xlabel("images seen, counted as the paper does (kimg)")
   for ax in axes:
-    ax.set_ylabel(f"FID ({args.fid_samples} samples vs all 4,009 images)")
+    ax.set_ylabel(f"FID ({args.fid_samples} samples vs {DATA[args.data][2]})")
     ax.grid(alpha=0.3)
   axes[1].legend(fontsize=8)
   fig.tight_layout()
@@ -273,6 +293,8 @@ def main():
   parser.add_argument("--fid_samples", type=int, default=1000, help="EMA samples per FID")
   parser.add_argument("--cores", default="0,1", help="CPU cores, one run on each at a time")
   parser.add_argument("--runs", default=None, help="comma-separated subset of the runs")
+  parser.add_argument("--data", default="all", choices=sorted(DATA),
+                      help="all 4,009 Twemoji, or the demo's 168 Smileys & Emotion images")
   parser.add_argument("--report", default=None, help="write the table, curves and grids here "
                       "from the finished runs (no training)")
   args = parser.parse_args()
