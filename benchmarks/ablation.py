@@ -51,7 +51,7 @@ RUNS = {
     "p0.25": ("p=0.25,all", {}, "p = 0.25, stochastic"),
     "p0.5_progressive": ("p=0.5,schedule=progressive,all", {}, "p = 0.5, progressive schedule"),
     "edm_subset": ("edm,all", {"data.limit": 400, "data.twemoji_subset_seed": 0},
-                   "p = 1.0 on a random 10% subset (400 images)"),
+                   "p = 1.0 on a random 10% subset"),
     "p0.5_subset": ("p=0.5,all", {"data.limit": 400, "data.twemoji_subset_seed": 0},
                     "p = 0.5 on the same 10% subset"),
     "p0.5_sizes16_32": ("p=0.5,all", {"patch.sizes": (16, 32), "patch.probs": (0.5, 0.5)},
@@ -77,7 +77,7 @@ def run_spec(name: str, data: str) -> tuple[str, dict, str]:
   arg = arg.replace(",all", suffix)
   if "data.limit" in overrides:
     overrides = dict(overrides, **{"data.limit": subset})
-    about = about.replace("(400 images)", f"({subset} images)")
+    about += f" ({subset} images)"
   return arg, overrides, about
 
 

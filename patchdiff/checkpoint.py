@@ -33,9 +33,13 @@ def manager(workdir: str, max_to_keep: int | None = 3, async_save: bool = True,
   return ocp.CheckpointManager(directory, options=options)
 
 
+def _ema_item(params: Any, buffers: Any) -> dict[str, Any]:
+  return dict(params=params, buffers=buffers)
+
+
 def split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
   """A training state (or its abstract shapes) -> the `ema` and `train` items."""
-  ema = dict(params=state["ema"], buffers=state["buffers"])
+  ema = _ema_item(state["ema"], state["buffers"])
   return ema, {k: v for k, v in state.items() if k not in ("ema", "buffers")}
 
 
@@ -44,10 +48,11 @@ def join_state(ema: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
   return dict(train, ema=ema["params"], buffers=ema["buffers"])
 
 
-def _abstract(tree):
+def _abstract(tree, sharding: jax.sharding.Sharding | None = None):
+  """Restore targets of `tree`'s leaves, laid out with `sharding` (default: their own)."""
   return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      tree)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=sharding or getattr(x, "sharding", None)), tree)
 
 
 def _save(mgr: ocp.CheckpointManager, step: int, config: ml_collections.ConfigDict, ema: Any,
@@ -73,7 +78,7 @@ def save_weights(workdir: str, denoiser: nnx.Module, config: ml_collections.Conf
   config), synchronously."""
   _, params, buffers = nnx.split(denoiser, nnx.Param, ...)
   mgr = manager(workdir, max_to_keep=None, async_save=False)
-  _save(mgr, step, config, dict(params=params, buffers=buffers), force=True)
+  _save(mgr, step, config, _ema_item(params, buffers), force=True)
   mgr.wait_until_finished()
   mgr.close()
 
@@ -121,9 +126,7 @@ def load_ema(workdir: str, cfg: ml_collections.ConfigDict, step: int | None = No
     config_lib.check_compatible(restore_config(mgr, step), cfg, where=f"{mgr.directory}/{step}")
     graphdef, params, buffers = nnx.split(models.abstract_denoiser(cfg.model), nnx.Param, ...)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        dict(params=params, buffers=buffers))
+    target = _abstract(_ema_item(params, buffers), sharding)
     ema = mgr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(target)))["ema"]
   finally:
     mgr.close()

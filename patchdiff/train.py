@@ -250,7 +250,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   reference: list[np.ndarray] = []  # full-size training images, for SWD of the sample grids
   pixels = evaluation.pixel_model(cfg)
   want_reference = jax.process_count() == 1 and cfg.sample.grid_size >= 2 and pixels
-  decoder = None if pixels else evaluation.latent_decoder(cfg)
+  decoder = evaluation.latent_decoder(cfg)  # None for a pixel model
   show_samples = pixels or decoder is not None
   if not show_samples:
     logging.info("no sample grids: a latent model needs vae.path to decode its samples")

@@ -10,13 +10,10 @@ build time, with TensorFlow's decoder. imagecodecs releases the GIL while it dec
 tf.data map's parallel calls decode on every core. Without imagecodecs, everything goes through
 `decode_image_tf` (logged once).
 
-Chosen by `python benchmarks/input_pipeline.py --cache off --mix_only --decoders --num_images 4000
---seconds 5 --repeats 3` (uncached zip, p=0.5 mix, samples/s, best of 3; 2 idle cores, runs
-alternated): a ctypes binding of pyspng's libspng 17,689 and 18,352; imagecodecs 2026.3.6's
-libspng 19,714 and 19,061, its libpng 18,881 and 18,342. Decoding alone on 1 / 2 threads: 12,748 /
-25,324 images/s (imagecodecs' libspng), 11,415 / 22,945 (ctypes). OpenCV 5.0's `cv2.imdecode` did
-not scale to a second thread (9,190 / 9,028) and gave 7,550 samples/s where the ctypes binding gave
-9,610 under the same load.
+Measured with `python benchmarks/input_pipeline.py --seconds 4 --repeats 3 --stat median` on 2
+idle cores (uncached zip, p=0.5 mix): 16,946 samples/s with this decoder; 18,151 with the ctypes
+binding into pyspng's private module that it replaced (the same command at commit e27627d), which
+skipped the checksum verification that imagecodecs does.
 """
 from __future__ import annotations
 
