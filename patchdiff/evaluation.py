@@ -170,10 +170,13 @@ def sample_from_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: i
                            class_idx: int | None = None, fmt: str = "png",
                            outdir: str | None = None, canvas: int | None = None,
                            outpaint: str | None = None, inpaint: str | None = None,
-                           mask: str | None = None) -> tuple[str, np.ndarray]:
-  """Restores EMA weights from `workdir` and writes samples of `seeds` (PNGs in folders of 1,000
-  and a grid, or one .npz of uint8 images and their seeds); returns (outdir, images kept: all
-  for npz, else the grid's).
+                           mask: str | None = None, keep_all: bool = False
+                           ) -> tuple[str, np.ndarray]:
+  """Restores EMA weights from `workdir` and writes samples of `seeds`: PNGs in folders of 1,000,
+  or one `samples.npz` (`arr_0` the uint8 NHWC images, `arr_1` the class of each for conditional
+  models, `seeds`: the keys OpenAI's ADM evaluation suite reads), written batch by batch as the
+  samples arrive; and a grid. Returns (outdir, the grid's images, or with `keep_all` every
+  image, held in one array).
 
   Every argument is checked before the checkpoint is read or anything is compiled.
   """
@@ -208,27 +211,42 @@ def sample_from_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: i
   sampler = generate.Sampler(denoiser, m, cfg.sample, mesh=mesh, decoder=decoder)
   outdir = outdir or os.path.join(workdir, "samples", f"step_{step:08d}")
   writer = jax.process_index() == 0
-  kept: list[np.ndarray] = []
+  size = canvas or (known.image.shape[0] if known is not None else r)
+  npz = None
+  if fmt == "npz" and writer:
+    npz = images_io.NpzStream(os.path.join(outdir, "samples.npz"), "arr_0",
+                              (len(seeds), size, size, c), np.uint8)
+  kept = np.zeros((len(seeds) if keep_all else min(cfg.sample.grid_size, len(seeds)), size, size,
+                   c), np.uint8)
+  done = 0
   t0 = time.perf_counter()
 
   def on_batch(batch_seeds, images):
+    nonlocal done
     images = images_io.to_uint8(images)
     if fmt == "png" and writer:
       images_io.save_pngs(images, batch_seeds, outdir)
-    if fmt == "npz" or sum(len(k) for k in kept) < cfg.sample.grid_size:
-      kept.append(images)
-  sampler.sample(seeds, batch_size=batch, class_idx=class_idx, canvas=canvas, known=known,
-                 on_batch=on_batch)
+    if npz is not None:
+      npz.append(images)
+    kept[done:done + len(images)] = images[:max(len(kept) - done, 0)]
+    done += len(images)
+  try:
+    sampler.sample(seeds, batch_size=batch, class_idx=class_idx, canvas=canvas, known=known,
+                   on_batch=on_batch)
+  except BaseException:
+    if npz is not None:
+      npz.abort()
+    raise
   dt = time.perf_counter() - t0
-  images = np.concatenate(kept)
-  if writer:
-    os.makedirs(outdir, exist_ok=True)
-    if fmt == "npz":
-      np.savez(os.path.join(outdir, "samples.npz"), images=images, seeds=np.asarray(seeds))
-    if cfg.sample.grid_size:
-      images_io.save_grid(images[:cfg.sample.grid_size], os.path.join(outdir, "grid.png"))
+  if npz is not None:
+    extra = {}
+    if m["label_dim"]:
+      extra["arr_1"] = generate.seed_classes(seeds, m["label_dim"], class_idx)
+    npz.close(**extra, seeds=np.asarray(seeds, np.int64))
+  if writer and cfg.sample.grid_size:
+    images_io.save_grid(kept[:cfg.sample.grid_size], os.path.join(outdir, "grid.png"))
   logging.info("wrote %d samples to %s (%.2f images/s)", len(seeds), outdir, len(seeds) / dt)
-  return outdir, images
+  return outdir, kept
 
 
 def fid_reference(cfg: ml_collections.ConfigDict, inception_path: str | None, out: str) -> str:
@@ -272,7 +290,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = No
                                         cfg.model.img_resolution)
   base = default_seeds(cfg) if seeds is None else list(seeds)
   span = max(base) - min(base) + 1
-  outdir, images = sample_from_checkpoint(cfg, workdir, step, seeds=base, batch=batch, fmt="npz")
+  outdir, images = sample_from_checkpoint(cfg, workdir, step, seeds=base, batch=batch, fmt="npz",
+                                          keep_all=True)
   result = dict(num_images=len(images))
   if not latent:  # SWD and KID compare with training images
     reference = reference_images(cfg, len(images))
@@ -286,7 +305,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = No
     for k in range(fid_sets):
       if k:
         _, images = sample_from_checkpoint(cfg, workdir, step, seeds=[s + k * span for s in base],
-                                           batch=batch, fmt="npz",
+                                           batch=batch, fmt="npz", keep_all=True,
                                            outdir=os.path.join(outdir, f"set_{k}"))
       feats = inception.features(model, images)
       fids.append(metrics.frechet_distance(*metrics.feature_statistics(feats), *ref_stats))

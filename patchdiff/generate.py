@@ -111,10 +111,7 @@ class Sampler:
       latents = jax.vmap(lambda k: jax.random.normal(k, (size, size, c)))(keys)
       labels = None
       if label_dim:
-        cls = (jnp.full((len(batch),), class_idx) if class_idx is not None else
-               jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 0,
-                                                     label_dim))(keys))
-        labels = jax.nn.one_hot(cls, label_dim)
+        labels = jax.nn.one_hot(_classes(keys, label_dim, class_idx), label_dim)
       pos = jax.device_put(canvas_grid(len(batch), size, r), self.sharding)
       kw = {}
       if known is not None:
@@ -138,6 +135,19 @@ class Sampler:
       dt = time.perf_counter() - t0
       logging.info("sampled %d/%d images (%.2f images/s)", done, len(seeds), done / dt)
     return np.concatenate(out) if out else None
+
+
+def _classes(keys: jax.Array, label_dim: int, class_idx: int | None) -> jax.Array:
+  """The class of each seed's sample: `class_idx` for all, else drawn from the seed's key."""
+  if class_idx is not None:
+    return jnp.full(keys.shape, class_idx, jnp.int32)
+  return jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 0, label_dim))(keys)
+
+
+def seed_classes(seeds: Sequence[int], label_dim: int, class_idx: int | None = None) -> np.ndarray:
+  """(N,) int64: the class `Sampler.sample` conditions each seed's sample on."""
+  keys = jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds, np.uint32)))
+  return np.asarray(_classes(keys, label_dim, class_idx), np.int64)
 
 
 def _gather(x: jax.Array) -> np.ndarray:

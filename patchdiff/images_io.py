@@ -1,8 +1,10 @@
-"""Images in and out: [-1, 1] floats to uint8, sample grids and numbered PNG files."""
+"""Images in and out: [-1, 1] floats to uint8, sample grids, numbered PNG files, and sample
+sets written to one .npz as they arrive."""
 from __future__ import annotations
 
 import math
 import os
+import zipfile
 
 import numpy as np
 from PIL import Image
@@ -45,3 +47,64 @@ def save_pngs(images: np.ndarray, seeds, outdir: str, per_folder: int = 1000) ->
     _pil(image).save(path)
     paths.append(path)
   return paths
+
+
+class NpzStream:
+  """Writes an uncompressed `.npz` whose first array, `name` of `shape` and `dtype`, arrives in
+  batches of rows; the other arrays, small, are given to `close`.
+
+  Memory: one batch; the file is written under a temporary name and renamed when `close` has
+  checked that every row arrived, so a run that stops early leaves no `.npz` behind. Each member is
+  a plain `.npy` (ZIP64 where it passes 4 GiB), so `np.load` and any `.npz` reader read it, e.g.
+  with `name="arr_0"` the sample files of OpenAI's ADM evaluation suite.
+  """
+
+  def __init__(self, path: str, name: str, shape: tuple[int, ...], dtype):
+    self.path, self.name = path, name
+    self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+    self.rows = 0
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    self._tmp = f"{path}.partial"
+    self._zip = zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+    self._member = self._zip.open(f"{name}.npy", "w", force_zip64=True)
+    np.lib.format.write_array_header_2_0(
+        self._member, dict(descr=np.lib.format.dtype_to_descr(self.dtype), fortran_order=False,
+                           shape=self.shape))
+
+  def append(self, rows: np.ndarray) -> None:
+    rows = np.ascontiguousarray(rows, self.dtype)
+    if rows.shape[1:] != self.shape[1:] or self.rows + len(rows) > self.shape[0]:
+      self.abort()
+      raise ValueError(f"{self.path}: rows of shape {rows.shape} do not fit {self.name} "
+                       f"{self.shape} after {self.rows} rows")
+    self._member.write(rows.data)
+    self.rows += len(rows)
+
+  def close(self, **arrays: np.ndarray) -> str:
+    """Adds `arrays` next to the streamed one and puts the file in place; returns its path."""
+    if self.rows != self.shape[0]:
+      self.abort()
+      raise ValueError(f"{self.path}: {self.name} got {self.rows} of {self.shape[0]} rows")
+    self._member.close()
+    for key, value in arrays.items():
+      with self._zip.open(f"{key}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
+    self._zip.close()
+    os.replace(self._tmp, self.path)
+    return self.path
+
+  def abort(self) -> None:
+    """Drops the partial file."""
+    try:
+      self._member.close()
+      self._zip.close()
+    finally:
+      if os.path.exists(self._tmp):
+        os.remove(self._tmp)
+
+  def __enter__(self) -> "NpzStream":
+    return self
+
+  def __exit__(self, exc_type, *_) -> None:
+    if exc_type is not None and os.path.exists(self._tmp):
+      self.abort()

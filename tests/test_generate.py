@@ -152,6 +152,9 @@ def test_drawn_classes_follow_the_seed():
     drawn.append(labels.argmax(1))
   np.testing.assert_array_equal(drawn[0], drawn[1])
   assert len(set(drawn[0])) >= 3  # drawn per seed, not one class for all
+  # What the sample files record as each sample's class (`arr_1`) is the class it was drawn with.
+  np.testing.assert_array_equal(generate.seed_classes(seeds, 5), drawn[0])
+  np.testing.assert_array_equal(generate.seed_classes(seeds, 5, class_idx=3), [3] * len(seeds))
 
 
 def test_latent_decoder_divides_by_the_vae_scale():

@@ -105,9 +105,10 @@ def test_sample_cli_seeds_npz_and_outpainting(trained, tmp_path):
   run_main(f"--workdir={trained}", "--mode=sample", "--seeds=4-6", "--batch=2", "--format=npz",
            "--canvas=40", f"--outpaint={tmp_path / 'known.png'}", f"--outdir={out}", *TINY)
   data = np.load(out / "samples.npz")
-  assert data["images"].shape == (3, 40, 40, 3) and data["images"].dtype == np.uint8
+  assert data.files == ["arr_0", "seeds"]  # ADM's evaluator reads arr_0; no labels: unconditional
+  assert data["arr_0"].shape == (3, 40, 40, 3) and data["arr_0"].dtype == np.uint8
   assert data["seeds"].tolist() == [4, 5, 6]
-  for img in data["images"]:
+  for img in data["arr_0"]:
     np.testing.assert_array_equal(img[4:36, 4:36], known)  # held fixed, exactly
     assert img[:4].std() > 0
   # Bad requests fail before the checkpoint is read or anything compiles.
