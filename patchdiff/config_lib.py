@@ -157,7 +157,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss_scale_period = 2000  # dynamic: finite steps before the scale doubles
   c.train.max_nonfinite_steps = 1000  # stop after this many consecutive non-finite losses; 0: never
   c.train.transfer_guard = "disallow"  # implicit host-to-device transfers in the loop: an error
-  c.train.compilation_cache_dir = placeholder(str)  # persistent XLA cache across runs
+  # Persistent XLA cache, so a restart skips compiling. Unset: WORKDIR/xla_cache (unless the
+  # process already has one, e.g. JAX_COMPILATION_CACHE_DIR); "": none.
+  c.train.compilation_cache_dir = placeholder(str)
+  c.train.compile_threads = 0    # buckets compiled at once; 0: all of them
   c.train.log_every = 100
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
@@ -381,6 +384,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"train.transfer_guard={t.transfer_guard!r} is not allow, log or disallow")
   if t.lr <= 0:
     raise ValueError(f"train.lr={t.lr} must be > 0")
+  if not isinstance(t.compile_threads, int) or t.compile_threads < 0:
+    raise ValueError(f"train.compile_threads={t.compile_threads!r} must be an integer >= 0 "
+                     "(0: every bucket at once)")
   if not isinstance(t.fid_every, int) or t.fid_every < 0:
     raise ValueError(f"train.fid_every={t.fid_every!r} must be an integer >= 0")
   if t.fid_every and (not isinstance(t.fid_samples, int) or t.fid_samples < 2):

@@ -5,6 +5,7 @@ is `patchdiff.train_step`; checkpoints are `patchdiff.checkpoint`.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -99,23 +100,47 @@ class Run:
 
   def compile_steps(self) -> tuple[dict[int, Any], dict[int, dict[str, float]]]:
     """One ahead-of-time compiled program per bucket (the loop never compiles again), and each
-    program's compile time, XLA FLOPs per step and memory (bytes)."""
-    compiled, stats = {}, {}
-    for size in self.schedule.active_sizes:
+    program's compile time, XLA FLOPs per step and memory (bytes).
+
+    The buckets are traced and lowered one after the other (Python, under the GIL) and handed to
+    XLA as each is ready, `train.compile_threads` at a time (0: all at once): XLA compiles
+    outside the GIL, so one bucket's compile overlaps the next one's tracing and the other
+    compiles. The programs are the same as compiled one by one.
+    """
+    sizes = list(self.schedule.active_sizes)
+    threads = self.cfg.train.compile_threads or len(sizes)
+    t_all = time.perf_counter()
+    jobs, traced_at = {}, {}
+
+    def compile_one(lowered, t_ready):
       t0 = time.perf_counter()
-      traced = self.trace_step(size)
-      lowered = traced.lower()
-      compiled[size] = lowered.compile()
-      stats[size] = dict(compile_seconds=time.perf_counter() - t0,
-                         model_flops=train_step.jaxpr_flops(traced.jaxpr),
-                         **train_step.program_stats(compiled[size], lowered))
-      s = stats[size]
-      logging.info("compiled the %dpx step (batch %d) in %.1f s: %.4g GFLOP per step (XLA's "
-                   "count: %.4g); memory per device: arguments %.1f MiB, outputs %.1f MiB, "
-                   "temporaries %.1f MiB", size, self.batch_spec(size)["image"].shape[0],
-                   s["compile_seconds"], s["model_flops"] / 1e9, s["flops"] / 1e9,
-                   s["argument_bytes"] / 2**20, s["output_bytes"] / 2**20,
-                   s["temp_bytes"] / 2**20)
+      return lowered.compile(), t_ready, time.perf_counter() - t0
+
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="compile") as pool:
+      for size in sizes:
+        t0 = time.perf_counter()
+        traced = self.trace_step(size)
+        lowered = traced.lower()
+        traced_at[size] = (traced, lowered, time.perf_counter() - t0)
+        jobs[size] = pool.submit(compile_one, lowered, time.perf_counter())
+      compiled, stats = {}, {}
+      for size in sizes:
+        compiled[size], _, seconds = jobs[size].result()
+        traced, lowered, trace_seconds = traced_at[size]
+        stats[size] = dict(compile_seconds=trace_seconds + seconds,
+                           model_flops=train_step.jaxpr_flops(traced.jaxpr),
+                           **train_step.program_stats(compiled[size], lowered))
+        s = stats[size]
+        logging.info("compiled the %dpx step (batch %d) in %.1f s (tracing %.1f s): %.4g GFLOP "
+                     "per step (XLA's count: %.4g); memory per device: arguments %.1f MiB, "
+                     "outputs %.1f MiB, temporaries %.1f MiB", size,
+                     self.batch_spec(size)["image"].shape[0], s["compile_seconds"],
+                     trace_seconds, s["model_flops"] / 1e9, s["flops"] / 1e9,
+                     s["argument_bytes"] / 2**20, s["output_bytes"] / 2**20,
+                     s["temp_bytes"] / 2**20)
+    self.compile_wall_seconds = time.perf_counter() - t_all
+    logging.info("compiled %d buckets in %.1f s (%d at a time)", len(sizes),
+                 self.compile_wall_seconds, threads)
     return compiled, stats
 
   def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -149,6 +174,25 @@ class PreemptionWatch:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+
+def use_compilation_cache(path: str | None, workdir: str) -> str | None:
+  """Points JAX's persistent compilation cache at `path` (None: WORKDIR/xla_cache, unless the
+  process already has a cache, e.g. from JAX_COMPILATION_CACHE_DIR; "": no cache). Every
+  program that takes a second or more to compile is kept there, so a restart loads the step's
+  programs instead of compiling them. Returns the cache directory in use."""
+  current = jax.config.jax_compilation_cache_dir
+  if path is None:
+    path = current or os.path.join(workdir, "xla_cache")
+  if not path:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  if path != current:
+    jax.config.update("jax_compilation_cache_dir", path)
+    from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
+    compilation_cache.reset_cache()  # a cache opened earlier in the process keeps its directory
+  logging.info("persistent compilation cache: %s", path)
+  return path
 
 
 def _schedule_digest(cfg: ml_collections.ConfigDict, sizes: np.ndarray) -> str:
@@ -185,10 +229,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   """
   cfg = config_lib.finalize(cfg)
   tcfg = cfg.train
-  if tcfg.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", tcfg.compilation_cache_dir)
   run = Run(cfg, devices)
   os.makedirs(workdir, exist_ok=True)
+  use_compilation_cache(tcfg.compilation_cache_dir, workdir)
   from clu import metric_writers  # pylint: disable=import-outside-toplevel
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 

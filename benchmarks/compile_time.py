@@ -1,0 +1,70 @@
+"""Start-up cost of training: compiling every bucket's step, one at a time against all at once,
+and again from the persistent compilation cache (what a restart pays).
+
+  python benchmarks/compile_time.py --config=configs/ffhq64.py --config.train.batch_size=1
+
+Each measurement runs in a fresh process (so no in-memory cache helps) with the trainer's own
+`Run.compile_steps`, and prints the wall time from the first trace to the last program:
+  1. `train.compile_threads=1`, no persistent cache: the buckets one after the other;
+  2. `train.compile_threads=0` (the default), no persistent cache: all buckets at once;
+  3. the default again, twice, with a persistent cache in a fresh folder: the first run fills
+     it, the second is a restart.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl import app, flags
+from ml_collections import config_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
+_CHILD = flags.DEFINE_string("child", None, "internal: compile once and print JSON")
+flags.mark_flags_as_required(["config"])
+
+
+def _child(cache: str) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  from patchdiff import train  # pylint: disable=import-outside-toplevel
+  train.use_compilation_cache(cache, tempfile.gettempdir())
+  run = train.Run(_CONFIG.value)
+  _, stats = run.compile_steps()
+  print(json.dumps(dict(wall=run.compile_wall_seconds, platform=jax.devices()[0].platform,
+                        buckets={str(k): v["compile_seconds"] for k, v in stats.items()})))
+
+
+def _measure(argv: list[str], threads: int, cache: str) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), *argv, f"--config.train.compile_threads={threads}",
+         f"--child={cache}"]
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=REPO)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv):
+  if _CHILD.value is not None:
+    _child("" if _CHILD.value == "none" else _CHILD.value)
+    return
+  args = [a for a in sys.argv[1:] if not a.startswith("--child")]
+  rows = []
+  with tempfile.TemporaryDirectory() as cache:
+    for label, threads, where in (("one bucket at a time, no cache", 1, "none"),
+                                  ("all buckets at once, no cache", 0, "none"),
+                                  ("all at once, filling a fresh cache", 0, cache),
+                                  ("restart: all from the cache", 0, cache)):
+      r = _measure(args, threads, where)
+      rows.append((label, r))
+      buckets = ", ".join(f"{k}px {v:.1f} s" for k, v in r["buckets"].items())
+      print(f"{label:>38}: {r['wall']:6.1f} s wall ({r['platform']}; per bucket, trace + "
+            f"compile: {buckets})", flush=True)
+  del argv
+
+
+if __name__ == "__main__":
+  app.run(main)
