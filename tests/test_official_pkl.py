@@ -284,6 +284,8 @@ def test_damaged_snapshots(reference, tmp_path):
   check(snapshot(b"garbage!"), "not a torch.save file")
   check(snapshot(legacy_save(Storage(np.zeros(1, np.float32)), protocol=1000)),
         "protocol version 1000, expected 1001")
+  assert payload.count(b"NtQ") == 1  # the persistent id's sixth item, None
+  check(snapshot(payload.replace(b"NtQ", b"K\x00\x85tQ")), "storage 0 is a view of another storage")
   count = len(payload) - 16 - 8
   check(snapshot(payload[:count] + (5).to_bytes(8, "little") + payload[count + 8:]),
         "storage 0 holds 5 elements; its reference says 4")

@@ -200,7 +200,8 @@ def test_a_pickle_cannot_change_what_later_pickles_get(module, name):
   # BUILD with (None, {"__defaults__": ()}) on the global itself: setattr on it if it were allowed.
   pkl = (b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\nN}X\x0c\x00\x00\x00"
          b"__defaults__)s\x86b.")
-  defaults = torch_pickle._rebuild_tensor_v2.__defaults__  # pylint: disable=protected-access
+  rebuild = torch_pickle._rebuild_tensor_v2  # pylint: disable=protected-access
+  defaults = rebuild.__defaults__
   with pytest.raises(torch_pickle.TorchPickleError):
     torch_pickle.unpickle(pkl)
-  assert torch_pickle._rebuild_tensor_v2.__defaults__ == defaults  # pylint: disable=protected-access
+  assert rebuild.__defaults__ == defaults

@@ -41,8 +41,9 @@ more callables where a caller knows a format), `state_dict` (an object graph -> 
 array}`, with `torch.nn.Module.state_dict`'s names for modules), `InertObject`,
 `ScriptObject`, `PersistentObject`, `TorchModule`, `TorchPickleError`.
 
-Not read: sparse and quantised tensors, storages of types not in `STORAGE_DTYPES`, the storage
-views of pre-1.0 legacy files, and NumPy arrays (only NumPy scalars).
+Not read: sparse and quantised tensors, storages of types not in `STORAGE_DTYPES`, storage views
+in legacy files (a persistent id whose sixth item is not None), and NumPy arrays (only NumPy
+scalars).
 """
 from __future__ import annotations
 
@@ -287,8 +288,8 @@ def _reconstruct_persistent_obj(meta):
                            f"type {meta.get('type')!r:.40}, class_name "
                            f"{meta.get('class_name')!r:.80}")
   state = meta.get("state")
-  obj = _inert_class(PersistentObject, meta["class_name"])()
-  obj.version = meta.get("version")
+  obj = PersistentObject()
+  obj.qualname, obj.version = meta["class_name"], meta.get("version")
   if state is not None:
     obj.__setstate__(state)
   return obj
@@ -378,10 +379,10 @@ class RestrictedUnpickler(pickle.Unpickler):
 
   `storage` maps a persistent id's (key, dtype, numel) to the storage's flat array (None: the
   pickle may not reference storages; storages embedded as `_load_from_bytes` are read all the
-  same). `extra_globals` admits further `(module, name) ->
-  callable` entries; everything else that the pickle names is refused in `find_class`, before
-  any lookup, so no module is imported and nothing from the file runs. `source` names the file
-  in errors.
+  same). `extra_globals` admits further `(module, name) -> callable` entries; everything else
+  that the pickle names is refused in `find_class`, before any lookup, so no module is imported
+  and nothing from the file runs. The functions admitted are sealed (`_Callable`): BUILD cannot
+  change them for later pickles. `source` names the file in errors.
   """
 
   def __init__(self, file: BinaryIO, *, source: str,
@@ -412,16 +413,16 @@ class RestrictedUnpickler(pickle.Unpickler):
     if self._storage is None:
       raise TorchPickleError(f"{self.source}: the pickle references a storage ({pid!r:.80}) "
                              "outside a torch archive")
-    # Zip archives: ('storage', type, key, location, numel); the legacy format adds the storage
-    # view's metadata, None since torch 1.0.
+    # Zip archives: ('storage', type, key, location, numel); the legacy format adds a sixth item,
+    # a storage view's metadata, which torch writes as None.
     if (not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage"
         or not isinstance(pid[1], _StorageType) or not isinstance(pid[1].dtype, np.dtype)
         or not isinstance(pid[2], str)
         or not isinstance(pid[4], int) or pid[4] < 0):
       raise TorchPickleError(f"{self.source}: unrecognised persistent id {pid!r:.120}")
     if len(pid) == 6 and pid[5] is not None:
-      raise TorchPickleError(f"{self.source}: storage {pid[2]} is a view of another storage "
-                             "(pre-1.0 torch), which is not read")
+      raise TorchPickleError(f"{self.source}: storage {pid[2]} is a view of another storage, "
+                             "which is not read")
     kind, key, numel = pid[1], pid[2], pid[4]
     return _Storage(key, self._storage(key, kind.dtype, numel))
 
