@@ -191,3 +191,17 @@ def test_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.pt"):
     torch_pickle.read_archive(tmp_path / "nope.pt")
   assert zipfile.is_zipfile(_write(tmp_path / "ok.pt", collections.OrderedDict(a=np.zeros(1))))
+
+
+@pytest.mark.parametrize("module,name", [("torch._utils", "_rebuild_tensor_v2"),
+                                         ("torch.nn.modules.container", "ModuleDict"),
+                                         ("torch", "float32"), ("collections", "OrderedDict")])
+def test_a_pickle_cannot_change_what_later_pickles_get(module, name):
+  # BUILD with (None, {"__defaults__": ()}) on the global itself: setattr on it if it were allowed.
+  pkl = (b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\nN}X\x0c\x00\x00\x00"
+         b"__defaults__)s\x86b.")
+  rebuild = torch_pickle._rebuild_tensor_v2  # pylint: disable=protected-access
+  defaults = rebuild.__defaults__
+  with pytest.raises(torch_pickle.TorchPickleError):
+    torch_pickle.unpickle(pkl)
+  assert rebuild.__defaults__ == defaults

@@ -98,7 +98,9 @@ def read(path: str | os.PathLike) -> Any:
   """What a weights file holds: `.npz` and `.safetensors` -> {name: array}; a `.pt`/`.pth` zip
   archive (`torch.save` or TorchScript) -> its object graph, read by `torch_pickle` without torch
   and without running anything from the file; a legacy (non-zip) `.pt`/`.pth` -> {name: array}
-  by `torch.load(weights_only=True)`, which needs torch."""
+  by `torch.load(weights_only=True)`, which needs torch; a `.pkl` (a pickle such as EDM's
+  `network-snapshot-*.pkl`) -> its object graph, read by `torch_pickle.load` without torch and
+  without running anything from the file (see `read_snapshot`)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"weights file {path} does not exist")
@@ -112,9 +114,11 @@ def read(path: str | os.PathLike) -> Any:
       return load_file(path)
     except Exception as e:  # safetensors raises its own error types for damaged files
       raise ValueError(f"cannot read weights {path}: {e}") from e
+  if ext == ".pkl":
+    return torch_pickle.load(path)
   if ext not in (".pt", ".pth"):
     raise ValueError(f"unsupported weights file {path}: expected .npz, .pt or .pth (PyTorch), "
-                     "or .safetensors")
+                     ".pkl (an official network snapshot), or .safetensors")
   with open(path, "rb") as f:
     if f.read(4) == b"PK\x03\x04":
       return torch_pickle.read_archive(path)
@@ -131,6 +135,74 @@ def read(path: str | os.PathLike) -> Any:
           if hasattr(v, "numpy")}
 
 
+_OPAQUE = object()
+
+
+def _plain(value: Any) -> Any:
+  """`value` as Python data (NumPy scalars as Python numbers) where it is None, a bool, number or
+  string, or a list, tuple or string-keyed dict of such; else `_OPAQUE`."""
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, (list, tuple)):
+    items = [_plain(v) for v in value]
+    return _OPAQUE if _OPAQUE in items else tuple(items) if isinstance(value, tuple) else items
+  if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+    items = {k: _plain(v) for k, v in value.items()}
+    return _OPAQUE if _OPAQUE in items.values() else items
+  return _OPAQUE
+
+
+def _plain_items(attrs: Any, public: bool = False) -> dict[str, Any]:
+  """The string-keyed entries of `attrs` whose values are plain (see `_plain`)."""
+  if not isinstance(attrs, dict):
+    return {}
+  return {k: p for k, v in attrs.items() if isinstance(k, str)
+          and not (public and k.startswith("_")) and (p := _plain(v)) is not _OPAQUE}
+
+
+def read_snapshot(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The `ema` network of an official `network-snapshot-*.pkl` (EDM / Patch Diffusion training):
+  its state dict, named as `torch.nn.Module.state_dict` names it (`model.enc.16x16_conv.weight`),
+  and what the file says about it:
+
+  - `class_name`: the network's class (`Patch_EDMPrecond`, `EDMPrecond`, ...);
+  - `model_class`: the class of its `model` submodule (`SongUNet`, `DhariwalUNet`), or None;
+  - `init_args`, `init_kwargs`: the arguments the network was built with, as
+    `torch_utils.persistence` records them (empty where absent; kwargs with plain values only);
+  - `attributes`: its other public attributes with plain values (`img_resolution`,
+    `img_channels` (with the coordinate channels for patch networks), `label_dim`, `use_fp16`,
+    `sigma_min`, `sigma_max`, `sigma_data`, ...).
+
+  Values are Python data (NumPy scalars as Python numbers). Raises `TorchPickleError` for a file
+  that is damaged or names a refused global, ValueError for one without an `ema` network.
+  """
+  path = os.fspath(path)
+  graph = read(path)
+  net = graph.get("ema") if isinstance(graph, dict) else None
+  state = torch_pickle.state_dict(net) if isinstance(net, torch_pickle.InertObject) else {}
+  if not state:
+    what = f"keys {sorted(map(str, graph))}" if isinstance(graph, dict) else type(graph).__name__
+    raise ValueError(f"{path} holds no network under 'ema' ({what}); expected an official "
+                     "network snapshot, dict(ema=<network>, ...)")
+  attrs = net.attributes
+  modules = attrs.get("_modules")
+  model = modules.get("model") if isinstance(modules, dict) else None
+  init_args = _plain(attrs.get("_init_args", ()))
+  info = {
+      "class_name": net.qualname,
+      "model_class": model.qualname if isinstance(model, torch_pickle.InertObject) else None,
+      "init_args": list(init_args) if isinstance(init_args, (list, tuple)) else [],
+      "init_kwargs": _plain_items(attrs.get("_init_kwargs")),
+      "attributes": _plain_items(attrs, public=True),
+  }
+  return state, info
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Arrays by dotted name from a weights file (see `read`)."""
+  """Arrays by dotted name from a weights file (see `read`); for a `.pkl` network snapshot, its
+  `ema` network's (see `read_snapshot`)."""
+  if os.path.splitext(os.fspath(path))[1].lower() == ".pkl":
+    return read_snapshot(path)[0]
   return torch_pickle.state_dict(read(path))
