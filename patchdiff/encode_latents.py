@@ -18,13 +18,12 @@ by shard, and draws a fresh posterior sample per epoch (`data.latents.load_laten
 
 Memory: a background thread reads and decodes the next chunks of --chunk images while the VAE
 encodes one; at most 4 chunks are held (one being read and decoded, two waiting, one being
-encoded), each its encoded bytes plus R x R x 3 uint8 pixels, and one shard of latents,
+encoded), each its encoded files plus R x R x 3 uint8 pixels, and one shard of latents,
 2 x S x C x (R/f)^2 x 4 bytes. Beyond these, the VAE and the runtime, the only memory that grows
-with the dataset is the source's listing: its file names (tens of bytes per image; for a zip,
-`data.images.ZipIndex`), and with --labels its class ids (8 bytes each; reading a zip's
-dataset.json takes ~200 bytes per image while it is parsed, before encoding starts). ImageNet at
-256 px with the defaults (chunk 512, shard 4096): 4 x 512 x (192 KiB of pixels + ~110 KiB encoded)
-= ~600 MiB in flight plus a 128 MiB shard.
+with the dataset is the source's listing: names and class ids, ~85 bytes per image of a labelled
+zip (`data.images.ZipIndex`), ~340 bytes per image while the listing is built, before encoding
+starts. ImageNet at 256 px with the defaults (chunk 512, shard 4096): 384 MiB of pixels plus the
+encoded files of 4 x 512 images, a 128 MiB shard, ~110 MiB of listing.
 
 Resuming: spec.json, written first, records what is encoded (the source and its fingerprint, the
 number of images, labels, resolution, the VAE's weights digest and compute dtype, the shard size).
@@ -220,6 +219,7 @@ class _Prefetch:
       for x in self._items:
         if not self._put((x, None)):
           return
+        del x  # held by the queue and then the consumer only
       self._put((self._END, None))
     except BaseException as e:  # pylint: disable=broad-except  (handed to the consumer)
       self._put((None, e))
@@ -285,9 +285,9 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
   n, c, lr = len(listing), vae.latent_channels, res // f
   scale, shift = vae.scaling_factor, vae.shift_factor
   k_all = -(-n // shard_size)
-  where = (listing.origin if src == "tfds"
-           else os.path.abspath(os.path.expanduser(os.fspath(cfg["path"]))))
-  spec = dict(format=latent_files.SHARDS_FORMAT, source=f"{src}:{where}",
+  source = (listing.origin if src == "tfds"  # "tfds:<name or directory>"
+            else f"{src}:{os.path.abspath(os.path.expanduser(os.fspath(cfg['path'])))}")
+  spec = dict(format=latent_files.SHARDS_FORMAT, source=source,
               source_fingerprint=listing.fingerprint, num_images=n, labels=bool(cfg["labels"]),
               resolution=res, vae=vae_digest(vae), vae_dtype=jnp.dtype(dtype).name,
               vae_path=os.path.abspath(os.fspath(vae_path)), shape=[c, lr, lr],
@@ -325,15 +325,19 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
         part = listing.read(lo, min(lo + chunk, stop))
         pixels, kept, bad = images.decode_all(part, res, cfg["skip_corrupt"], allow_none=True)
         labels = part.labels[kept] if cfg["labels"] else None
-        yield (k, pixels, labels, {part.names[i]: why for i, why in bad.items()},
-               lo + chunk >= stop)
+        bad = {part.names[i]: why for i, why in bad.items()}
+        del part  # the encoded files: not held while the next chunk is read
+        yield k, pixels, labels, bad, lo + chunk >= stop
+        del pixels
 
   mean = np.empty((min(shard_size, n), c, lr, lr), np.float32)
   std = np.empty_like(mean)
   written, read, count, labels, skipped = [], 0, 0, [], {}
   with _Prefetch(decoded(), _PREFETCH) as chunks:
-    for k, pixels, lab, bad, last in chunks:
-      pending = None
+    for item in chunks:
+      k, pixels, lab, bad, last = item
+      del item
+      pending = x = None
       for s in [*range(0, len(pixels), b), None]:  # None: copy out the last batch
         nxt = None
         if s is not None:
@@ -348,6 +352,7 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
           count += m
         pending = nxt
       read += len(pixels) + len(bad)
+      pixels = x = None  # not held while waiting for the next chunk
       skipped.update(bad)
       if lab is not None:
         labels.append(lab.astype(np.int64))

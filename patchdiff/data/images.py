@@ -12,6 +12,9 @@ Sources:
            `tfds_download`), or a prepared directory `path` (`tfds.builder_from_directory`).
            Images are read *encoded* (`tfds.decode.SkipDecoding`) and go through the same decoder
            as files; labels come from the `tfds_label_key` ClassLabel feature.
+Each source is listed before any image is read (`list_source` -> `Listing`: count, labels, a
+fingerprint; a zip's central directory is read by `ZipIndex` into numpy arrays) and read a range
+of examples at a time (`Listing.read(lo, hi)`); `scan` reads them all.
 
 Preprocessing, one TensorFlow function `decode_image_tf` used by both cache modes, so that they
 produce bit-identical pixels:
