@@ -9,9 +9,9 @@ labels, encoded with sd-vae-ft-ema.
 
   python -m patchdiff.encode_latents --vae=sd-vae-ft-ema --source=zip \
       --path=datasets/imagenet-256x256.zip --resolution=256 \
-      --out=datasets/imagenet256-latents.npz --labels
+      --out=datasets/imagenet256-latents --labels
   python -m patchdiff.main --config=configs/imagenet256.py --workdir=runs/imagenet256 \
-      --config.data.path=datasets/imagenet256-latents.npz --config.vae.path=sd-vae-ft-ema
+      --config.data.path=datasets/imagenet256-latents --config.vae.path=sd-vae-ft-ema
 Arguments (config_lib.VARIANT_HELP): `:smoke` (a few CPU steps on synthetic latents), `:p=F`,
 `:schedule=progressive`, `:edm` (p=1: full 32x32 latents only), combined with commas.
 """

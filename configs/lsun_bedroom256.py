@@ -8,9 +8,9 @@ epoch) and sampling decodes to pixels with the same VAE.
 
   python -m patchdiff.encode_latents --vae=sd-vae-ft-ema --source=zip \
       --path=datasets/lsun-bedroom-256x256.zip --resolution=256 \
-      --out=datasets/lsun_bedroom256-latents.npz
+      --out=datasets/lsun_bedroom256-latents
   python -m patchdiff.main --config=configs/lsun_bedroom256.py --workdir=runs/lsun_bedroom256 \
-      --config.data.path=datasets/lsun_bedroom256-latents.npz --config.vae.path=sd-vae-ft-ema
+      --config.data.path=datasets/lsun_bedroom256-latents --config.vae.path=sd-vae-ft-ema
 Arguments (config_lib.VARIANT_HELP): `:smoke` (a few CPU steps on synthetic latents), `:p=F`,
 `:schedule=progressive`, `:edm` (p=1: full 32x32 latents only), combined with commas.
 """

@@ -7,9 +7,9 @@ precomputed with sd-vae-ft-ema; sampling decodes to pixels with it.
 
   python -m patchdiff.encode_latents --vae=sd-vae-ft-ema --source=zip \
       --path=datasets/lsun-church-256x256.zip --resolution=256 \
-      --out=datasets/lsun_church256-latents.npz
+      --out=datasets/lsun_church256-latents
   python -m patchdiff.main --config=configs/lsun_church256.py --workdir=runs/lsun_church256 \
-      --config.data.path=datasets/lsun_church256-latents.npz --config.vae.path=sd-vae-ft-ema
+      --config.data.path=datasets/lsun_church256-latents --config.vae.path=sd-vae-ft-ema
 Arguments (config_lib.VARIANT_HELP): `:smoke` (a few CPU steps on synthetic latents), `:p=F`,
 `:schedule=progressive`, `:edm` (p=1: full 32x32 latents only), combined with commas.
 """

@@ -4,6 +4,7 @@ A config is checked here before anything is compiled; every error names the key 
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import ml_collections
@@ -28,7 +29,7 @@ TWEMOJI_CATEGORIES = ("Smileys & Emotion", "People & Body", "Animals & Nature", 
 # The data section (`cfg.data`, read by `patchdiff.data.build_input`): every key and its default.
 DATA_DEFAULTS: dict[str, Any] = dict(
     source="twemoji",      # one of DATA_SOURCES (see patchdiff/data/__init__.py)
-    path=None,             # folder / dataset_tool zip / .npy or .npz latents / prepared TFDS dir
+    path=None,             # folder / dataset_tool zip / latents (.npy, .npz, shards) / TFDS dir
     resolution=32,         # R: images are centre-cropped and resized to R x R
     hflip=False,           # random horizontal flips (per sample, from (seed, k))
     limit=None,            # use only the first `limit` examples (in source order)
@@ -103,8 +104,10 @@ def data_config(data_cfg, label_dim: int = 0) -> dict[str, Any]:
   if src == "twemoji" and not cfg["cache"]:
     raise ValueError("data.cache=False is not supported for data.source='twemoji' (the "
                      "embedded set is always decoded once and cached as .npz)")
-  if src == "latents" and cfg["path"] and not str(cfg["path"]).lower().endswith((".npy", ".npz")):
-    raise ValueError(f"latent file {cfg['path']} must be .npy or .npz")
+  if (src == "latents" and cfg["path"]
+      and os.path.splitext(str(cfg["path"]).rstrip("/"))[1].lower() not in ("", ".npy", ".npz")):
+    raise ValueError(f"latent file {cfg['path']} must be .npy or .npz, or a folder of shards "
+                     "(a name without a suffix)")
   return cfg
 
 

@@ -1,22 +1,58 @@
-"""Precomputes a dataset's VAE posteriors (mean and std) for Latent Patch Diffusion.
+"""Precomputes a dataset's VAE posteriors (mean and std) for Latent Patch Diffusion, streaming: the
+images are read, decoded and encoded a chunk at a time and the latents written in shards as they
+come, so memory does not grow with the dataset.
 
   python -m patchdiff.encode_latents --vae=sd-vae-ft-ema --source=zip \
-      --path=datasets/lsun-church-256x256.zip --resolution=256 --out=datasets/church-latents.npz
+      --path=datasets/imagenet-256x256.zip --resolution=256 --labels \
+      --out=datasets/imagenet256-latents
 
 Images go through the training decoder (`data.images.decode_image_tf`: alpha on white, centre crop,
-Lanczos resize to --resolution) and the VAE's encoder. The output .npz holds `mean` and `std`
-(N, C, R/f, R/f) float32 (NCHW, `data.latent_layout`'s default), both multiplied by the VAE's
-scaling factor, plus `scaling_factor` and, with --labels, `labels` (N,) int64. Training draws a
-fresh posterior sample per epoch from them (`data.source="latents"`, see `data.latents.load_latents`).
-Arrays are stored uncompressed, so training memory-maps them (`data.cache=False`).
-Corrupt images are skipped and reported by path (or fatal with --noskip_corrupt). The encoded
-files are read into memory (as the pixel pipeline does); pixels are decoded --chunk at a time.
+Lanczos resize to --resolution) and the VAE's encoder. The output is a folder of shards (the format
+is described in `data.latents`): shard k holds the latents of the source's images
+[k S, (k + 1) S) (S = --shard_size) that decoded, in source order, as `mean.npy` and `std.npy`
+(count, C, R/f, R/f) float32 (NCHW), both multiplied by the VAE's scaling factor (the mean after
+subtracting its shift factor), and with --labels `labels.npy` (count,) int64. `manifest.json`,
+written last, lists the shards and records counts, shapes, dtype, scaling factor, source and VAE.
+Training reads the folder (`data.source="latents"`, `data.path=` the folder) memory-mapped shard
+by shard, and draws a fresh posterior sample per epoch (`data.latents.load_latents`).
+
+Memory: a background thread reads and decodes the next chunks of --chunk images while the VAE
+encodes one; at most 4 chunks are held (one being read and decoded, two waiting, one being
+encoded), each its encoded files plus R x R x 3 uint8 pixels, and one shard of latents,
+2 x S x C x (R/f)^2 x 4 bytes. Beyond these, the VAE and the runtime, the only memory that grows
+with the dataset is the source's listing: names and class ids, ~85 bytes per image of a labelled
+zip (`data.images.ZipIndex`), ~340 bytes per image while the listing is built, before encoding
+starts. ImageNet at 256 px with the defaults (chunk 512, shard 4096): 384 MiB of pixels plus the
+encoded files of 4 x 512 images, a 128 MiB shard, ~110 MiB of listing.
+
+Resuming: spec.json, written first, records what is encoded (the source and its fingerprint, the
+number of images, labels, resolution, the VAE's weights digest and compute dtype, the shard size).
+Rerunning the same command skips the finished shards and encodes the rest; a rerun that differs in
+any of these is a ValueError naming the key and both values. Every shard is written under a
+temporary name and renamed whole, so an interrupted run leaves finished shards and no partial one
+(a temporary folder left by a killed process is removed by the rerun).
+
+Several processes or hosts: process p of P (--process_index, --process_count; by default
+`jax.process_index()` and `jax.process_count()`) encodes the contiguous shards
+[floor(p K / P), floor((p + 1) K / P)) of the K shards, on its own devices; the slices never
+overlap and together are every shard in order. The process that finds every shard written writes
+manifest.json (rerunning any process once all are done writes it too). All processes write to the
+same --out folder (a shared filesystem) and must be given the same flags.
+
+Corrupt images are skipped and reported by path (or fatal with --noskip_corrupt).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import tempfile
+import queue
+import shutil
+import threading
 import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -25,33 +61,252 @@ from absl import app, flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from patchdiff import config_lib, sharding
+from patchdiff.data import latents as latent_files
+
+# The spec keys a rerun must match, in the order they are checked (what was given before what
+# follows from it); then any other key but the informative `vae_path`.
+_SPEC_KEYS = ("format", "source", "source_fingerprint", "num_images", "labels", "resolution",
+              "vae", "vae_dtype", "shard_size", "num_shards", "shape", "scaling_factor")
+_INFO_KEYS = ("vae_path",)
+# Decoded chunks waiting for the VAE.
+_PREFETCH = 2
+
+
+def vae_digest(vae) -> str:
+  """SHA-256 of the VAE's weights (diffusers names, PyTorch layout) and its scaling and shift:
+  the same for the same weights wherever the files are."""
+  from patchdiff.nn import vae as vae_lib  # pylint: disable=import-outside-toplevel
+  h = hashlib.sha256(repr((vae.scaling_factor, vae.shift_factor)).encode())
+  for name, a in sorted(vae_lib.state_dict(vae).items()):
+    a = np.ascontiguousarray(a)
+    h.update(f"{name} {a.dtype.str} {a.shape}\n".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _temp_name(final: Path) -> Path:
+  return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _check_spec(path: Path, found: dict[str, Any], want: dict[str, Any]) -> None:
+  rest = sorted(set(found) | set(want) - set(_SPEC_KEYS))
+  for key in _SPEC_KEYS + tuple(rest):
+    if key in _INFO_KEYS or found.get(key) == want.get(key):
+      continue
+    raise ValueError(f"{path.parent} holds an encoding with {key}={found.get(key)!r} "
+                     f"({path}), but this run has {key}={want.get(key)!r}: resume with the "
+                     "flags it was started with, or write to another --out")
+
+
+def _claim_spec(out: Path, spec: dict[str, Any]) -> None:
+  """Writes out/spec.json, or checks the one there against `spec`. The first process to link
+  its complete file there wins; the others compare."""
+  path = out / latent_files.SPEC
+  spec = json.loads(json.dumps(spec))  # tuples as lists, as read back
+  if not path.exists():
+    tmp = _temp_name(path)
+    _write_json(tmp, spec)
+    try:
+      os.link(tmp, path)  # fails if the file exists: never two different specs
+    except FileExistsError:
+      pass
+    finally:
+      tmp.unlink()
+  try:
+    found = json.loads(path.read_text())
+  except (ValueError, OSError) as e:
+    raise ValueError(f"cannot read {path}: {e}") from e
+  _check_spec(path, found, spec)
+
+
+def _write_shard(out: Path, k: int, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> Path:
+  """Shard k's arrays and shard.json, written into a temporary folder renamed to shard-KKKKK."""
+  final = out / latent_files.shard_name(k)
+  tmp = _temp_name(final)
+  tmp.mkdir()
+  try:
+    for name, a in arrays.items():
+      with open(tmp / f"{name}.npy", "wb") as f:
+        np.save(f, a, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    _write_json(tmp / latent_files.SHARD_INFO, info)
+    try:
+      os.rename(tmp, final)
+    except OSError as e:
+      raise ValueError(f"{final} appeared while this process wrote it: another process encodes "
+                       "the same shard (check --process_index and --process_count)") from e
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return final
+
+
+def _shard_done(out: Path, k: int) -> bool:
+  return (out / latent_files.shard_name(k) / latent_files.SHARD_INFO).is_file()
+
+
+def _finish(out: Path, spec: dict[str, Any], origin: str) -> dict[str, Any] | None:
+  """Writes manifest.json once every shard is there (checking each against the spec); None while
+  some shard is missing."""
+  k_all = spec["num_shards"]
+  if not all(_shard_done(out, k) for k in range(k_all)):
+    return None
+  shards, skipped, total = [], {}, 0
+  shape, size = tuple(spec["shape"]), spec["shard_size"]
+  for k in range(k_all):
+    d = out / latent_files.shard_name(k)
+    info = json.loads((d / latent_files.SHARD_INFO).read_text())
+    start, stop = k * size, min((k + 1) * size, spec["num_images"])
+    if (info.get("start"), info.get("stop")) != (start, stop):
+      raise ValueError(f"{d / latent_files.SHARD_INFO} covers images [{info.get('start')}, "
+                       f"{info.get('stop')}), but shard {k} of {out / latent_files.SPEC} is "
+                       f"[{start}, {stop})")
+    count = int(info["count"])
+    names = ["mean", "std"] + (["labels"] if spec["labels"] else [])
+    for name in names:
+      want = (count,) if name == "labels" else (count,) + shape
+      header = np.load(d / f"{name}.npy", mmap_mode="r")
+      if header.shape != want:
+        raise ValueError(f"latent shard file {d / f'{name}.npy'} has shape {header.shape}, "
+                         f"{d / latent_files.SHARD_INFO} says {want}")
+    shards.append(dict(name=d.name, start=start, stop=stop, count=count))
+    skipped.update(info.get("skipped", {}))
+    total += count
+  if not total:
+    raise ValueError(f"no usable images in {origin}: all {spec['num_images']} are unreadable or "
+                     "corrupt")
+  manifest = dict(format=latent_files.SHARDS_FORMAT, spec=spec, num_latents=total,
+                  shape=list(shape), dtype="float32", layout="NCHW",
+                  scaling_factor=spec["scaling_factor"], shards=shards,
+                  num_skipped=len(skipped), skipped=skipped)
+  path = out / latent_files.MANIFEST
+  tmp = _temp_name(path)
+  _write_json(tmp, manifest)
+  os.replace(tmp, path)
+  return manifest
+
+
+class _Prefetch:
+  """Iterates `items`, which a background thread produces at most `depth` ahead; an exception
+  there is raised here. Leaving the `with` block stops the thread and waits for it."""
+
+  _END = object()
+
+  def __init__(self, items: Iterator, depth: int):
+    self._items, self._queue = items, queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+
+  def _put(self, x) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(x, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def _run(self) -> None:
+    try:
+      for x in self._items:
+        if not self._put((x, None)):
+          return
+        del x  # held by the queue and then the consumer only
+      self._put((self._END, None))
+    except BaseException as e:  # pylint: disable=broad-except  (handed to the consumer)
+      self._put((None, e))
+
+  def __enter__(self) -> "_Prefetch":
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    self._thread.join()
+
+  def __iter__(self):
+    while True:
+      x, error = self._queue.get()
+      if error is not None:
+        raise error
+      if x is self._END:
+        return
+      yield x
 
 
 def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
-                   chunk: int = 4096, dtype=jnp.float32) -> dict:
-  """Encodes every usable image of `data_cfg` (keys of `config_lib.DATA_DEFAULTS`) into `out`.
+                   chunk: int = 512, shard_size: int = 4096, dtype=jnp.float32,
+                   process_index: int | None = None, process_count: int | None = None,
+                   on_shard: Callable[[int], None] | None = None) -> dict:
+  """Encodes the usable images of `data_cfg` (keys of `config_lib.DATA_DEFAULTS`) into the folder
+  `out` (see the module docstring), this process's slice of the shards, skipping shards already
+  there. `on_shard(k)` is called after shard k is in place.
 
-  Returns a summary: num_images, num_skipped, skipped ({name: reason}), shape, seconds.
+  Returns a summary: complete (manifest.json written), num_images (latents in the whole folder
+  when complete, else in this process's shards), num_skipped and skipped ({name: reason}) of the
+  same images, shape (num_images, C, R/f, R/f), num_shards, shards_written (this run),
+  shards_resumed (found finished), images_per_s (images read this run / seconds), seconds.
   """
   from patchdiff.nn import vae as vae_lib  # pylint: disable=import-outside-toplevel
   from patchdiff.data import images  # pylint: disable=import-outside-toplevel
-  if not str(out).endswith(".npz"):
-    raise ValueError(f"--out {out} must end in .npz")
+  t0 = time.perf_counter()
+  out = Path(out)
+  if out.suffix:
+    raise ValueError(f"--out {out}: the latents are written as a folder of shards, named without "
+                     "a suffix (data.path of the latent source), e.g. "
+                     "--out=datasets/imagenet256-latents")
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"--out {out} exists and is not a folder")
+  for name, v in (("batch", batch), ("chunk", chunk), ("shard_size", shard_size)):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ValueError(f"{name}={v!r} must be a positive integer")
+  p = jax.process_index() if process_index is None else int(process_index)
+  n_proc = jax.process_count() if process_count is None else int(process_count)
+  if n_proc < 1 or not 0 <= p < n_proc:
+    raise ValueError(f"process_index={p} must lie in [0, process_count={n_proc})")
   cfg = config_lib.data_config(dict(data_cfg, cache=True),
                                label_dim=1 if data_cfg.get("labels") else 0)
-  if cfg["source"] not in ("zip", "folder", "tfds"):
-    raise ValueError(f"data source {cfg['source']!r} holds no images to encode")
+  src = cfg["source"]
+  if src not in ("zip", "folder", "tfds"):
+    raise ValueError(f"data source {src!r} holds no images to encode")
   vae = vae_lib.load_vae(vae_path, dtype=dtype)  # a bad folder fails before any image is read
   res, f = cfg["resolution"], vae.downsample_factor
   if res % f:
     raise ValueError(f"resolution {res} is not divisible by the VAE's downsampling factor {f}")
-  enc = images.scan(cfg)
-  n, c, lr = len(enc.data), vae.latent_channels, res // f
+  listing = images.list_source(cfg)
+  n, c, lr = len(listing), vae.latent_channels, res // f
   scale, shift = vae.scaling_factor, vae.shift_factor
+  k_all = -(-n // shard_size)
+  source = (listing.origin if src == "tfds"  # "tfds:<name or directory>"
+            else f"{src}:{os.path.abspath(os.path.expanduser(os.fspath(cfg['path'])))}")
+  spec = dict(format=latent_files.SHARDS_FORMAT, source=source,
+              source_fingerprint=listing.fingerprint, num_images=n, labels=bool(cfg["labels"]),
+              resolution=res, vae=vae_digest(vae), vae_dtype=jnp.dtype(dtype).name,
+              vae_path=os.path.abspath(os.fspath(vae_path)), shape=[c, lr, lr],
+              scaling_factor=float(scale), shard_size=shard_size, num_shards=k_all)
+  out.mkdir(parents=True, exist_ok=True)
+  _claim_spec(out, spec)
 
-  mesh = sharding.data_mesh()
-  shard = NamedSharding(mesh, P(mesh.axis_names))
+  mine = range(k_all * p // n_proc, k_all * (p + 1) // n_proc)
+  todo = [k for k in mine if not _shard_done(out, k)]
+  for k in todo:  # temporary folders of a killed run
+    for stale in out.glob(f".{latent_files.shard_name(k)}.tmp-*"):
+      shutil.rmtree(stale, ignore_errors=True)
+  logging.info("process %d of %d: shards [%d, %d) of %d (%d images), %d already written",
+               p, n_proc, mine.start, mine.stop, k_all, n, len(mine) - len(todo))
+
+  mesh = sharding.data_mesh(jax.local_devices())
+  layout = NamedSharding(mesh, P(mesh.axis_names))
   b = -(-batch // mesh.size) * mesh.size  # one compiled shape for every call
+  chunk = min(chunk, shard_size)
   encode = vae_lib.encode_fn(vae)
 
   @jax.jit
@@ -61,46 +316,79 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
     mean = scale * (mean - shift)
     return (jnp.transpose(mean, (0, 3, 1, 2)), jnp.transpose(scale * std, (0, 3, 1, 2)))
 
-  t0 = time.perf_counter()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
-    mean = np.lib.format.open_memmap(os.path.join(tmp, "mean.npy"), "w+", np.float32,
-                                     (n, c, lr, lr))
-    std = np.lib.format.open_memmap(os.path.join(tmp, "std.npy"), "w+", np.float32,
-                                    (n, c, lr, lr))
-    kept_all, skipped, done = [], {}, 0
-    for lo in range(0, n, chunk):
-      part = images.Encoded(enc.names[lo:lo + chunk], enc.data[lo:lo + chunk],
-                             {i - lo: e for i, e in enc.errors.items() if lo <= i < lo + chunk},
-                             origin=enc.origin)
-      pixels, kept, bad = images.decode_all(part, res, cfg["skip_corrupt"], allow_none=True)
-      skipped.update({part.names[i]: why for i, why in bad.items()})
-      kept_all.append(kept + lo)
-      for s in range(0, len(pixels), b):
-        x = pixels[s:s + b]
-        m = len(x)
-        if m < b:
-          x = np.concatenate([x, np.zeros((b - m, res, res, 3), np.uint8)])
-        mu, sd = to_latent(jax.device_put(x, shard))
-        mean[done:done + m] = np.asarray(mu)[:m]
-        std[done:done + m] = np.asarray(sd)[:m]
-        done += m
-      logging.info("encoded %d of %d images (%.1f images/s)", done, n,
-                   done / (time.perf_counter() - t0))
-    if not done:
-      raise ValueError(f"no usable images in {enc.origin}: all {n} are unreadable or corrupt")
-    kept = np.concatenate(kept_all)
-    arrays = dict(mean=mean[:done], std=std[:done], scaling_factor=np.float32(scale))
-    if enc.labels is not None:
-      arrays["labels"] = enc.labels[kept].astype(np.int64)
-    partial = out[:-len(".npz")] + ".partial.npz"  # never a half-written `out`
-    np.savez(partial, **arrays)  # uncompressed: memory-mappable; streamed in 16 MiB pieces
-    os.replace(partial, out)
-    del mean, std
-  summary = dict(num_images=done, num_skipped=len(skipped), skipped=skipped,
-                 shape=(done, c, lr, lr), seconds=time.perf_counter() - t0)
-  logging.info("wrote %s: %d latents %s, %d images skipped, %.1f s", out, done,
-               summary["shape"][1:], len(skipped), summary["seconds"])
+  def decoded() -> Iterator[tuple]:
+    """(shard, pixels, labels of the decoded images, {name: reason} of the others, last chunk
+    of its shard?) for every chunk of the shards to do."""
+    for k in todo:
+      start, stop = k * shard_size, min((k + 1) * shard_size, n)
+      for lo in range(start, stop, chunk):
+        part = listing.read(lo, min(lo + chunk, stop))
+        pixels, kept, bad = images.decode_all(part, res, cfg["skip_corrupt"], allow_none=True)
+        labels = part.labels[kept] if cfg["labels"] else None
+        bad = {part.names[i]: why for i, why in bad.items()}
+        del part  # the encoded files: not held while the next chunk is read
+        yield k, pixels, labels, bad, lo + chunk >= stop
+        del pixels
+
+  mean = np.empty((min(shard_size, n), c, lr, lr), np.float32)
+  std = np.empty_like(mean)
+  written, read, count, labels, skipped = [], 0, 0, [], {}
+  with _Prefetch(decoded(), _PREFETCH) as chunks:
+    for item in chunks:
+      k, pixels, lab, bad, last = item
+      del item
+      pending = x = None
+      for s in [*range(0, len(pixels), b), None]:  # None: copy out the last batch
+        nxt = None
+        if s is not None:
+          x = pixels[s:s + b]
+          if len(x) < b:
+            x = np.concatenate([x, np.zeros((b - len(x), res, res, 3), np.uint8)])
+          nxt = (to_latent(jax.device_put(x, layout)), min(b, len(pixels) - s))
+        if pending is not None:  # the previous batch, copied out while this one computes
+          (mu, sd), m = pending
+          mean[count:count + m] = np.asarray(mu)[:m]
+          std[count:count + m] = np.asarray(sd)[:m]
+          count += m
+        pending = nxt
+      read += len(pixels) + len(bad)
+      pixels = x = None  # not held while waiting for the next chunk
+      skipped.update(bad)
+      if lab is not None:
+        labels.append(lab.astype(np.int64))
+      if not last:
+        continue
+      start, stop = k * shard_size, min((k + 1) * shard_size, n)
+      arrays = dict(mean=mean[:count], std=std[:count])
+      if cfg["labels"]:
+        arrays["labels"] = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+      _write_shard(out, k, arrays, dict(index=k, start=start, stop=stop, count=count,
+                                        skipped=skipped))
+      written.append(k)
+      logging.info("shard %d (%d of %d for this process): %d latents, %d images skipped; "
+                   "%.1f images/s", k, len(written), len(todo), count, len(skipped),
+                   read / (time.perf_counter() - t0))
+      count, labels, skipped = 0, [], {}
+      if on_shard is not None:
+        on_shard(k)
+
+  manifest = _finish(out, spec, listing.origin)
+  if manifest is not None:
+    total, skipped = manifest["num_latents"], manifest["skipped"]
+  else:
+    infos = [json.loads((out / latent_files.shard_name(k) / latent_files.SHARD_INFO).read_text())
+             for k in mine]
+    total = sum(int(i["count"]) for i in infos)
+    skipped = {name: why for i in infos for name, why in i["skipped"].items()}
+  seconds = time.perf_counter() - t0
+  summary = dict(complete=manifest is not None, num_images=total, num_skipped=len(skipped),
+                 skipped=skipped, shape=(total, c, lr, lr), num_shards=k_all,
+                 shards_written=len(written), shards_resumed=len(mine) - len(todo),
+                 images_per_s=read / seconds, seconds=seconds)
+  logging.info("%s %s: %d latents %s, %d images skipped, %d shards written, %d resumed, "
+               "%.1f s", "finished" if manifest else "wrote this process's shards of", out,
+               total, summary["shape"][1:], len(skipped), len(written), summary["shards_resumed"],
+               seconds)
   return summary
 
 
@@ -116,9 +404,14 @@ def define_flags() -> None:
   flags.DEFINE_bool("labels", False, "store the class labels (dataset.json / subfolders)")
   flags.DEFINE_integer("limit", None, "the first N images only")
   flags.DEFINE_bool("skip_corrupt", True, "skip corrupt images (else: fail on the first)")
-  flags.DEFINE_string("out", None, "output .npz")
-  flags.DEFINE_integer("batch", 64, "images per VAE call (split over the devices)")
-  flags.DEFINE_integer("chunk", 4096, "images decoded at a time")
+  flags.DEFINE_string("out", None, "output folder of latent shards (resumed if it holds some)")
+  flags.DEFINE_integer("batch", 64, "images per VAE call (split over this process's devices)")
+  flags.DEFINE_integer("chunk", 512, "images read and decoded at a time")
+  flags.DEFINE_integer("shard_size", 4096, "source images per shard")
+  flags.DEFINE_integer("process_index", None, "this process's slice of the shards (default: "
+                       "jax.process_index())")
+  flags.DEFINE_integer("process_count", None, "the number of slices (default: "
+                       "jax.process_count())")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "VAE compute precision")
 
 
@@ -135,9 +428,17 @@ def main(argv):
                   limit=f.limit, skip_corrupt=f.skip_corrupt, tfds_name=f.tfds_name,
                   tfds_data_dir=f.tfds_data_dir)
   s = encode_dataset(data_cfg, f.vae, f.out, batch=f.batch, chunk=f.chunk,
+                     shard_size=f.shard_size, process_index=f.process_index,
+                     process_count=f.process_count,
                      dtype=jnp.bfloat16 if f.dtype == "bfloat16" else jnp.float32)
-  print(f"wrote {f.out}: {s['num_images']} latents of shape {s['shape'][1:]} "
-        f"({s['num_skipped']} images skipped) in {s['seconds']:.1f} s")
+  what = f"{s['num_images']} latents of shape {s['shape'][1:]} ({s['num_skipped']} images skipped)"
+  if s["complete"]:
+    print(f"wrote {f.out}: {what} in {s['seconds']:.1f} s ({s['shards_written']} of "
+          f"{s['num_shards']} shards this run, {s['images_per_s']:.1f} images/s)")
+  else:
+    print(f"wrote this process's shards to {f.out}: {what} in {s['seconds']:.1f} s; other "
+          "processes' shards are still missing (the last process to finish writes "
+          f"{latent_files.MANIFEST})")
 
 
 if __name__ == "__main__":

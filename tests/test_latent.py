@@ -52,10 +52,10 @@ def image_zip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def latents(vae_dir, image_zip, tmp_path_factory):
   path, _ = image_zip
-  out = tmp_path_factory.mktemp("latents") / "latents.npz"
+  out = tmp_path_factory.mktemp("latents") / "latents"
   summary = encode_latents.encode_dataset(
       dict(source="zip", path=str(path), resolution=RES, labels=True), str(vae_dir), str(out),
-      batch=3, chunk=4)
+      batch=3, chunk=2, shard_size=3)  # shards of 3, 2 (image 5 is corrupt) and 2 latents
   return out, summary
 
 
@@ -64,10 +64,10 @@ def test_encode_latents_writes_scaled_posteriors(latents, vae_dir, image_zip):
   path, labels = image_zip
   assert summary["num_images"] == 7 and summary["shape"] == (7, 4, 8, 8)
   assert list(summary["skipped"]) == [f"{path}:00000/img00000005.png"]
-  with np.load(out) as f:
-    assert sorted(f.files) == ["labels", "mean", "scaling_factor", "std"]
-    mean, std, scale = f["mean"], f["std"], float(f["scaling_factor"])
-    np.testing.assert_array_equal(f["labels"], np.delete(labels, 5))
+  mean, std, stored, manifest = latent_files.read_shards(out)
+  assert [s["count"] for s in manifest["shards"]] == [3, 2, 2]
+  mean, std, scale = np.asarray(mean), np.asarray(std), manifest["scaling_factor"]
+  np.testing.assert_array_equal(stored, np.delete(labels, 5))
   model = vae.load_vae(vae_dir)
   assert scale == pytest.approx(model.scaling_factor)
   # The same images through the training decoder and the VAE directly.
@@ -78,8 +78,9 @@ def test_encode_latents_writes_scaled_posteriors(latents, vae_dir, image_zip):
                              rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(std, scale * np.transpose(np.asarray(s), (0, 3, 1, 2)),
                              rtol=1e-4, atol=1e-6)
-  # Stored uncompressed, so training memory-maps the arrays.
-  assert isinstance(latent_files.load_latents(out, 8).mean, np.memmap)
+  # Training memory-maps the shards.
+  lat = latent_files.load_latents(out, 8)
+  assert all(isinstance(a, np.memmap) for a in lat.mean.parts + lat.std.parts)
 
 
 def test_latent_source_labels_and_bad_input(latents):
@@ -87,8 +88,7 @@ def test_latent_source_labels_and_bad_input(latents):
   schedule = patches.PatchSchedule(sizes=(4, 8), probs=(0.5, 0.5), resolution=8, seed=0)
   cfg = dict(source="latents", path=str(out), resolution=8, labels=True, latent_scale=0.18215)
   it = data.build_input(cfg, schedule, 4, 6, label_dim=CLASSES, channels=4)
-  with np.load(out) as f:
-    stored = f["labels"]
+  stored = latent_files.read_shards(out)[2]
   for batch in (next(it) for _ in range(6)):
     assert batch["image"].shape[-1] == 4 and batch["label"].shape[-1] == CLASSES
     # Each sample's one-hot label is its latent's class.
@@ -107,14 +107,14 @@ def test_latent_source_labels_and_bad_input(latents):
 def test_encode_latents_bad_input(vae_dir, image_zip, tmp_path):
   path, _ = image_zip
   data = dict(source="zip", path=str(path), resolution=RES)
+  out = tmp_path / "x"
   with pytest.raises(FileNotFoundError, match="no config.json"):
-    encode_latents.encode_dataset(data, str(tmp_path), str(tmp_path / "x.npz"))
+    encode_latents.encode_dataset(data, str(tmp_path), str(out))
   with pytest.raises(ValueError, match="resolution 30 is not divisible by the VAE's downsampling"):
-    encode_latents.encode_dataset(dict(data, resolution=30), str(vae_dir), str(tmp_path / "x.npz"))
+    encode_latents.encode_dataset(dict(data, resolution=30), str(vae_dir), str(out))
   with pytest.raises(ValueError, match="img00000005.png"):
-    encode_latents.encode_dataset(dict(data, skip_corrupt=False), str(vae_dir),
-                                  str(tmp_path / "x.npz"))
-  assert not list(tmp_path.glob("*.npz"))  # nothing half-written
+    encode_latents.encode_dataset(dict(data, skip_corrupt=False), str(vae_dir), str(out))
+  assert [p.name for p in out.iterdir()] == ["spec.json"]  # nothing half-written
 
 
 def latent_config(latent_path, vae_path):
@@ -173,13 +173,13 @@ def test_encode_latents_command_line(vae_dir, image_zip, tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   path, _ = image_zip
-  out = tmp_path / "l.npz"
+  out = tmp_path / "l"
   cmd = [sys.executable, "-m", "patchdiff.encode_latents", f"--vae={vae_dir}", "--source=zip",
          f"--path={path}", f"--resolution={RES}", "--limit=3", f"--out={out}"]
   done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   assert f"wrote {out}: 3 latents of shape (4, 8, 8)" in done.stdout
-  with np.load(out) as f:
-    assert f["mean"].shape == (3, 4, 8, 8) and "labels" not in f.files
+  mean, _, labels, _ = latent_files.read_shards(out)
+  assert mean.shape == (3, 4, 8, 8) and labels is None
   missing = subprocess.run(cmd[:-1], capture_output=True, text=True, check=False, timeout=300)
   assert missing.returncode != 0 and "--out is required" in missing.stderr

@@ -264,6 +264,53 @@ def test_zip_errors(tmp_path, rgb_images):
     build(dict(source="zip", path=str(tmp_path / "notzip.zip")))
 
 
+def test_zip_listing_reads_what_zipfile_reads(tmp_path, monkeypatch, rgb_images):
+  """`images.list_zip` reads the central directory itself: stored, deflated and bzip2 members, a
+  name entered twice (its last entry counts), a non-ASCII name, a comment, zip64 records and data
+  before the archive read as `zipfile` reads them."""
+  members = [("b/x.png", encode(rgb_images[0]), zipfile.ZIP_DEFLATED),
+             ("a.png", encode(rgb_images[1]), zipfile.ZIP_STORED),
+             ("c.PNG", encode(rgb_images[2]), zipfile.ZIP_BZIP2),
+             ("d.png", b"first entry", zipfile.ZIP_STORED),
+             ("\u00e9t\u00e9.png", encode(rgb_images[3]), zipfile.ZIP_DEFLATED),
+             ("notes.txt", b"not an image", zipfile.ZIP_DEFLATED),
+             ("d.png", encode(rgb_images[4]), zipfile.ZIP_DEFLATED)]
+  images_in = ["a.png", "b/x.png", "c.PNG", "d.png", "\u00e9t\u00e9.png"]
+  meta = {"labels": [[n, i] for i, n in enumerate(images_in)] + [["d.png", 9]]}
+
+  def write(path, prefix=b""):
+    with open(path, "wb") as f:
+      f.write(prefix)
+      with zipfile.ZipFile(f, "w") as zf, pytest.warns(UserWarning, match="Duplicate name"):
+        for name, blob, method in members:
+          zf.writestr(name, blob, compress_type=method)
+        zf.writestr("dataset.json", json.dumps(meta))
+        zf.comment = b"a comment"
+    return path
+
+  plain = write(tmp_path / "plain.zip")
+  with monkeypatch.context() as m:  # zip64 records for every size and offset, and the count
+    m.setattr(zipfile, "ZIP64_LIMIT", 2)
+    m.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 1)
+    z64 = write(tmp_path / "z64.zip", prefix=b"data before the archive" * 3)
+  for path in (plain, z64):
+    listing = images.list_zip(path, use_labels=True)
+    enc = listing.read(0, len(listing))
+    with zipfile.ZipFile(path) as zf:
+      assert enc.names == [f"{path}:{n}" for n in images_in]
+      assert enc.data == [zf.read(n) for n in images_in] and not enc.errors
+    np.testing.assert_array_equal(enc.labels, [0, 1, 2, 9, 4])
+    part = listing.read(1, 3)
+    assert part.names == enc.names[1:3] and part.data == enc.data[1:3]
+    np.testing.assert_array_equal(part.labels, [1, 2])
+    assert images.list_zip(path, limit=2).read(0, 2).names == enc.names[:2]
+  # The fingerprint follows the members' names and contents, not the file.
+  assert images.list_zip(plain).fingerprint == images.list_zip(z64).fingerprint
+  members[1] = ("a.png", encode(rgb_images[5]), zipfile.ZIP_STORED)
+  assert images.list_zip(write(tmp_path / "other.zip")).fingerprint != images.list_zip(
+      plain).fingerprint
+
+
 # --- corrupt files ----------------------------------------------------------------------------
 
 
@@ -349,6 +396,18 @@ def test_tfds_by_name_and_from_directory(tiny_tfds, rgb_images):
     build(dict(by_name, tfds_split="test"), label_dim=3)
   with pytest.raises(ValueError, match="not prepared.*tfds_download is False"):
     build(dict(source="tfds", tfds_name="mnist", tfds_data_dir=str(data_dir)))
+
+
+def test_tfds_listing_reads_slices(tiny_tfds, rgb_images):
+  data_dir, labels = tiny_tfds
+  cfg = config_lib.data_config(dict(source="tfds", tfds_name="patchdiff_tiny_test",
+                                    tfds_data_dir=str(data_dir), labels=True, limit=6), 3)
+  listing = images.list_tfds(cfg, use_labels=True)
+  whole = images.scan_tfds(cfg, use_labels=True)
+  assert len(listing) == 6 == len(whole.data) and listing.class_names == ["a", "b", "c"]
+  part = listing.read(2, 5)
+  assert part.names == whole.names[2:5] and part.data == whole.data[2:5]
+  np.testing.assert_array_equal(part.labels, labels[2:5])
 
 
 # --- latents ----------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ iterator of patch batches the trainer consumes.
 Sources (`data.source`; the keys and defaults are `config_lib.DATA_DEFAULTS`):
   twemoji    the embedded Twemoji set (`twemoji.py`: PIL, decoded once and cached as .npz).
   folder, zip, tfds  encoded images (`images.py`), decoded once (data.cache=True) or every step.
-  latents    precomputed latents, .npy or .npz (`latents.py`), float, used as stored.
+  latents    precomputed latents, .npy or .npz or a folder of shards from `encode_latents`
+             (`latents.py`), float, used as stored.
   synthetic  `limit` (default 256) random arrays N(0, 0.5^2) of `channels` channels (and random
              labels), a pure function of the seed: for smoke runs and benchmarks, never for science.
 Every source feeds the one patch pipeline (`pipeline.py`): order, crops, coordinates and the
@@ -121,8 +122,9 @@ def build_input(data_cfg,
     if not cfg["path"]:
       raise ValueError("data.source='latents' needs data.path")
     path = Path(cfg["path"]).expanduser()
-    if not path.is_file():
-      raise ValueError(f"data.path {path} is not a file (data.source='latents')")
+    if not path.is_file() and not path.is_dir():
+      raise ValueError(f"data.path {path} is not a file (data.source='latents': a .npy/.npz "
+                       "file or a folder of shards)")
     lat = latents.load_latents(path, res, cfg["latent_layout"], cfg["labels"], cfg["cache"],
                                cfg["limit"], scale=cfg["latent_scale"])
     check_channels(lat.channels, f"latent file {lat.path}")
