@@ -57,11 +57,14 @@ class InputIterator:
     return next(self._it)
 
 
-def _check_label_range(labels: np.ndarray, label_dim: int, where: str, names) -> None:
+def _check_label_range(labels: np.ndarray, label_dim: int, where: str, names=None) -> None:
+  """Every label in [0, label_dim); the first that is not is named by `names[m]`, or as
+  `where[m]` without names."""
   bad = np.flatnonzero((labels < 0) | (labels >= label_dim))
   if bad.size:
     m = int(bad[0])
-    raise ValueError(f"{where}: label {int(labels[m])} of {names[m]} is out of range for "
+    name = names[m] if names is not None else f"{where}[{m}]"
+    raise ValueError(f"{where}: label {int(labels[m])} of {name} is out of range for "
                      f"label_dim={label_dim} ({bad.size} labels out of range in all)")
 
 
@@ -129,8 +132,7 @@ def build_input(data_cfg,
                                cfg["limit"], scale=cfg["latent_scale"])
     check_channels(lat.channels, f"latent file {lat.path}")
     if lat.labels is not None:
-      _check_label_range(lat.labels, label_dim, lat.path,
-                         [f"{lat.path}[{i}]" for i in range(len(lat.labels))])
+      _check_label_range(lat.labels, label_dim, lat.path)
     ds = pipeline.build_patch_pipeline(latents.latent_fetch(lat, res, int(seed)),
                                        len(lat.mean), res, False, schedule, batch_size,
                                        total_steps, labels=lat.labels, **common)
