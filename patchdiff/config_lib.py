@@ -354,8 +354,10 @@ def _batch_per_device(tcfg: ml_collections.ConfigDict) -> int | None:
   return None if m is None else int(m)
 
 
-def accumulation_rounds(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[int, int]:
-  """{patch size: k}: each bucket's step accumulates gradients over k micro-batches.
+def accumulation_rounds(cfg: ml_collections.ConfigDict, num_devices: int,
+                        sizes: tuple[int, ...] | None = None) -> dict[int, int]:
+  """{patch size: k} for the buckets `sizes` (default: those the patch schedule draws): each
+  bucket's step accumulates gradients over k micro-batches.
 
   A bucket's per-device batch is b = train.batch_size * batch_mul / num_devices. With
   train.batch_per_device = m unset or b <= m the bucket is one round (k = 1); otherwise it runs
@@ -365,10 +367,11 @@ def accumulation_rounds(cfg: ml_collections.ConfigDict, num_devices: int) -> dic
   """
   m = _batch_per_device(cfg.train)
   sched = patch_schedule(cfg)
+  sizes = sched.active_sizes if sizes is None else tuple(sizes)
   if m is None:
-    return {s: 1 for s in sched.active_sizes}
+    return {s: 1 for s in sizes}
   per_device = {}  # full images first: their batch is the smallest
-  for s in sorted(sched.active_sizes, reverse=True):
+  for s in sorted(sizes, reverse=True):
     total = cfg.train.batch_size * patches.batch_mul(s, sched.resolution)
     if total % num_devices:
       raise ValueError(f"train.batch_size={cfg.train.batch_size}: the {total} samples of the "

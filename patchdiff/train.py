@@ -88,11 +88,14 @@ class Run:
   def train_step_fn(self, size: int) -> Callable:
     a, c = self.schedule.count_line(size)
     b = self.cfg.train.batch_size
+    n = self.mesh.devices.size
+    rounds = self.rounds.get(size) or config_lib.accumulation_rounds(  # a bucket never drawn
+        self.cfg, n, sizes=(size,))[size]
     # Replicated state: each device sums its rounds' gradients, then one all-reduce per step.
     local = self.mesh if self.cfg.mesh.param_sharding == "replicated" else None
     return train_step.make_train_step(self.graphdef, self.optimizer, self.cfg.train,
-                                      (a * b, c * b), self.cfg.seed, rounds=self.rounds[size],
-                                      shards=self.mesh.devices.size, mesh=local)
+                                      (a * b, c * b), self.cfg.seed, rounds=rounds, shards=n,
+                                      mesh=local)
 
   def trace_step(self, size: int):
     """The train step for `size` px patches, traced for the mesh (state donated): `.jaxpr`
