@@ -81,8 +81,9 @@ def make_grad_fn(graphdef, tcfg: ml_collections.ConfigDict, rounds: int = 1, sha
 
   With `mesh` (the batch split over all its axes, the parameters replicated on it), the rounds
   run under `shard_map`: every device sums the gradients of its own micro-batches and the
-  devices add their sums once, after the last round, as DDP without gradient sync in all but
-  the last round does. Without it, XLA partitions the scan and all-reduces each round's gradient.
+  devices add their sums once, after the last round (one all-reduce per step). Without it (the
+  fsdp layout), XLA partitions the scan; the CPU backend then reduces every round's gradient
+  inside the loop.
   """
   if rounds < 1 or shards < 1:
     raise ValueError(f"rounds={rounds} and shards={shards} must be positive")
