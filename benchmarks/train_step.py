@@ -3,6 +3,8 @@
   python benchmarks/train_step.py --config=configs/demo.py                    # CPU, tiny model
   python benchmarks/train_step.py --config=configs/ffhq64.py --config.train.batch_size=64 \
       --config.model.dtype=bfloat16                                          # GPU / TPU
+  python benchmarks/train_step.py --config=configs/imagenet256.py \
+      --config.train.batch_per_device=128                                    # accumulation
 
 For every bucket (R/4, R/2, R): the global batch of that bucket (batch * R/s), the median step
 time over --steps timed steps (each waited for), samples/s, the model's FLOPs per step (convolutions and matrix products of
@@ -13,7 +15,9 @@ FLOP/s (and MFU where the peak is known or given with --peak_tflops), XLA's memo
 expected step time under the stochastic schedule for p = 0.5 relative to p = 1.0 (EDM) next to
 the ideal ratio from FLOPs, per step and per counted image (as the paper counts images, a step
 counts batch * mean batch_mul images). Uses random data on the device: the input pipeline is measured by
-benchmarks/input_pipeline.py.
+benchmarks/input_pipeline.py. With --config.train.batch_per_device, each bucket's step
+accumulates over the `rounds` micro-batches the trainer would use (the `rounds` column): the step
+time is that of the whole global batch, the memory that of the micro-batches.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from patchdiff import patches, train, train_step  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff import config_lib, patches, train, train_step  # noqa: E402  pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps per bucket (after --warmup)")
@@ -69,7 +73,8 @@ def main(argv):
   r = run.schedule.resolution
   print(f"JAX {jax.__version__}, {jax.device_count()} x {device.device_kind}, "
         f"model.dtype={run.model_cfg['dtype']}, batch {cfg.train.batch_size}, mesh "
-        f"{dict(run.mesh.shape)}, params/state {cfg.mesh.param_sharding}")
+        f"{dict(run.mesh.shape)}, params/state {cfg.mesh.param_sharding}, batch_per_device "
+        f"{cfg.train.get('batch_per_device')}")
   state = run.init_state()
   rng = np.random.default_rng(0)
   rows = {}
@@ -97,17 +102,19 @@ def main(argv):
       times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     flops = train_step.jaxpr_flops(traced.jaxpr)
-    rows[size] = row = dict(batch=b, seconds=med, flops=flops, compile_s=compile_s,
-                            xla_bytes=st["argument_bytes"] + st["temp_bytes"],
+    rounds = config_lib.accumulation_rounds(run.cfg, run.mesh.devices.size, sizes=(size,))[size]
+    rows[size] = row = dict(batch=b, rounds=rounds, seconds=med, flops=flops,
+                            compile_s=compile_s, xla_bytes=st["argument_bytes"] + st["temp_bytes"],
                             peak_bytes=_peak_bytes(device))
     if len(rows) == 1:
-      print(f"{'bucket':>7} {'batch':>6} {'step ms':>9} {'samples/s':>10} {'GFLOP/step':>11} "
-            f"{'TFLOP/s':>8} {'MFU':>6} {'XLA MiB':>8} {'peak MiB':>9} {'compile s':>9}",
+      print(f"{'bucket':>7} {'batch':>6} {'rounds':>6} {'step ms':>9} {'samples/s':>10} "
+            f"{'GFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6} {'XLA MiB':>8} {'peak MiB':>9} "
+            f"{'compile s':>9}",
             flush=True)
     achieved = row["flops"] / row["seconds"]
     mfu = f"{100 * achieved / peak:5.1f}%" if peak else "    -"
     peak_mib = f"{row['peak_bytes'] / 2**20:9.0f}" if row["peak_bytes"] else "        -"
-    print(f"{size:>5}px {row['batch']:>6} {1e3 * row['seconds']:>9.2f} "
+    print(f"{size:>5}px {row['batch']:>6} {row['rounds']:>6} {1e3 * row['seconds']:>9.2f} "
           f"{row['batch'] / row['seconds']:>10.0f} {row['flops'] / 1e9:>11.1f} "
           f"{achieved / 1e12:>8.3f} {mfu:>6} {row['xla_bytes'] / 2**20:>8.0f} {peak_mib} "
           f"{row['compile_s']:>9.1f}", flush=True)

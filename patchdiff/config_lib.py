@@ -144,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256       # global batch of a full-size step
+  # Gradient accumulation: the most samples a device computes at once (see accumulation_rounds);
+  # None computes each device's whole share of the batch at once. Results do not depend on it.
+  c.train.batch_per_device = placeholder(int)
   c.train.steps = 1000           # 0: from duration_mimg
   c.train.duration_mimg = placeholder(float)  # training length in Mimg, counted as the paper does
   c.train.lr = 2e-4
@@ -350,8 +353,56 @@ def patch_schedule(cfg: ml_collections.ConfigDict,
                                total_steps=total_steps or cfg.train.steps)
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the key and value of the first inconsistency found."""
+def _batch_per_device(tcfg: ml_collections.ConfigDict) -> int | None:
+  m = tcfg.get("batch_per_device")
+  if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m <= 0):
+    raise ValueError(f"train.batch_per_device={m!r} must be a positive integer or None")
+  return None if m is None else int(m)
+
+
+def accumulation_rounds(cfg: ml_collections.ConfigDict, num_devices: int,
+                        sizes: tuple[int, ...] | None = None) -> dict[int, int]:
+  """{patch size: k} for the buckets `sizes` (default: those the patch schedule draws): each
+  bucket's step accumulates gradients over k micro-batches.
+
+  A bucket's per-device batch is b = train.batch_size * batch_mul / num_devices. With
+  train.batch_per_device = m unset or b <= m the bucket is one round (k = 1); otherwise it runs
+  k = ceil(b / m) rounds of b / k samples per device, and k must divide b (else a ValueError
+  naming the key, the bucket and a value that works). The results are those of k = 1: the
+  rounds sum the gradient of the mean loss over the whole batch.
+  """
+  m = _batch_per_device(cfg.train)
+  sched = patch_schedule(cfg)
+  sizes = sched.active_sizes if sizes is None else tuple(sizes)
+  if m is None:
+    return {s: 1 for s in sizes}
+  per_device = {}  # full images first: their batch is the smallest
+  for s in sorted(sizes, reverse=True):
+    total = cfg.train.batch_size * patches.batch_mul(s, sched.resolution)
+    if total % num_devices:
+      raise ValueError(f"train.batch_size={cfg.train.batch_size}: the {total} samples of the "
+                       f"{s}px bucket do not split over the {num_devices} devices")
+    per_device[s] = total // num_devices
+  rounds = {}
+  for s, b in per_device.items():
+    k = -(-b // m)
+    if b % k:
+      common = int(np.gcd.reduce(list(per_device.values())))
+      fits = max(d for d in range(1, min(m, common) + 1) if common % d == 0)
+      raise ValueError(f"train.batch_per_device={m}: the {s}px bucket has {b} samples per "
+                       f"device, which do not split into {k} equal micro-batches of at most "
+                       f"{m}; train.batch_per_device={fits} (a divisor of every bucket's "
+                       "per-device batch) would")
+    rounds[s] = k
+  return rounds
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ValueError naming the key and value of the first inconsistency found.
+
+  With `num_devices` (the mesh's), train.batch_per_device is checked against every bucket's
+  per-device batch too (`accumulation_rounds`).
+  """
   m = models.resolve(cfg.model)
   r = m["img_resolution"]
   if cfg.data.resolution != r:
@@ -374,6 +425,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for key in ("batch_size", "steps", "log_every", "checkpoint_every"):
     if not isinstance(t[key], int) or t[key] <= 0:
       raise ValueError(f"train.{key}={t[key]!r} must be a positive integer")
+  _batch_per_device(t)
+  if num_devices is not None:
+    accumulation_rounds(cfg, num_devices)
   if t.loss_scaling not in ("static", "dynamic"):
     raise ValueError(f"train.loss_scaling={t.loss_scaling!r} is not 'static' or 'dynamic'")
   if not t.loss_scale > 0:

@@ -39,13 +39,18 @@ class Run:
 
   def __init__(self, cfg: ml_collections.ConfigDict, devices=None):
     cfg = config_lib.finalize(cfg)
-    config_lib.validate(cfg)
+    config_lib.validate(cfg, num_devices=len(jax.devices() if devices is None else devices))
     self.cfg = cfg
     self.model_cfg = models.resolve(cfg.model)
     self.schedule = config_lib.patch_schedule(cfg)
     self.mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_batch(cfg.train.batch_size, self.mesh, jax.process_count(),
                          "train.batch_size")
+    # Gradient-accumulation rounds per bucket (train.batch_per_device; 1: none).
+    self.rounds = config_lib.accumulation_rounds(cfg, self.mesh.devices.size)
+    if max(self.rounds.values()) > 1:
+      logging.info("gradient accumulation (train.batch_per_device=%d): rounds per bucket %s",
+                   cfg.train.batch_per_device, self.rounds)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, sharding.BATCH)
     self.optimizer = train_step.make_optimizer(cfg.train)
@@ -84,8 +89,14 @@ class Run:
   def train_step_fn(self, size: int) -> Callable:
     a, c = self.schedule.count_line(size)
     b = self.cfg.train.batch_size
+    n = self.mesh.devices.size
+    rounds = self.rounds.get(size) or config_lib.accumulation_rounds(  # a bucket never drawn
+        self.cfg, n, sizes=(size,))[size]
+    # Replicated state: each device sums its rounds' gradients, then one all-reduce per step.
+    local = self.mesh if self.cfg.mesh.param_sharding == "replicated" else None
     return train_step.make_train_step(self.graphdef, self.optimizer, self.cfg.train,
-                                      (a * b, c * b), self.cfg.seed)
+                                      (a * b, c * b), self.cfg.seed, rounds=rounds, shards=n,
+                                      mesh=local)
 
   def trace_step(self, size: int):
     """The train step for `size` px patches, traced for the mesh (state donated): `.jaxpr`

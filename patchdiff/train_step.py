@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
 
 from patchdiff.nn import edm
 
@@ -63,13 +64,99 @@ def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
 
 
+def make_grad_fn(graphdef, tcfg: ml_collections.ConfigDict, rounds: int = 1, shards: int = 1,
+                 mesh: Mesh | None = None) -> Callable:
+  """grad_fn(params, buffers, batch, key, scale) -> (grads, loss): the gradient of scale times
+  the mean per-sample loss of the batch, and that mean (unscaled).
+
+  Sample i of the batch (its row in the global batch) draws its noise level, noise and dropout
+  from `edm.sample_keys(key, i)`, whatever micro-batch computes it.
+
+  `rounds` > 1 accumulates the gradient over that many micro-batches in one `lax.scan`. The
+  batch is taken as `shards` contiguous blocks, one per device of the mesh in order (how the
+  batch is sharded), and micro-batch j holds the j-th `rounds`-th of every block: each device
+  computes on rows it holds, and reshaping the batch to (shards, rounds, micro) moves no data
+  between devices. Each round adds the gradient of scale * (its per-sample losses summed) / B,
+  so the sum is the gradient of the mean over the whole batch.
+
+  With `mesh` (the batch split over all its axes, the parameters replicated on it), the rounds
+  run under `shard_map`: every device sums the gradients of its own micro-batches and the
+  devices add their sums once, after the last round (one all-reduce per step). Without it (the
+  fsdp layout), XLA partitions the scan; the CPU backend then reduces every round's gradient
+  inside the loop.
+  """
+  if rounds < 1 or shards < 1:
+    raise ValueError(f"rounds={rounds} and shards={shards} must be positive")
+  if mesh is not None and shards != mesh.devices.size:
+    raise ValueError(f"shards={shards} differs from the mesh's {mesh.devices.size} devices")
+
+  def accumulate(params, buffers, batch, index, key, scale, b, blocks):
+    """The gradient and the summed per-sample losses of the rows of `batch` (global row numbers
+    `index`), in `rounds` rounds over `blocks` contiguous blocks; B = b."""
+
+    def loss_fn(params, part, idx):  # scale * (the part's per-sample losses summed) / B
+      model = nnx.merge(graphdef, params, buffers)
+      per_sample = edm.denoising_loss(model, part["image"], part["pos"], part.get("label"),
+                                      edm.sample_keys(key, idx), train=True,
+                                      p_mean=tcfg.p_mean, p_std=tcfg.p_std)
+      total = per_sample.sum()
+      return total * (scale / b), total
+
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    if rounds == 1:
+      (_, total), grads = value_and_grad(params, batch, index)
+      return grads, total
+    rows = index.shape[0]
+    if rows % (blocks * rounds):
+      raise ValueError(f"a batch of {rows} does not split into {blocks} blocks x {rounds} rounds")
+    micro = rows // (blocks * rounds)
+
+    def split(x):  # (rows, ...) -> (rounds, blocks * micro, ...); a device's rows stay on it
+      x = x.reshape(blocks, rounds, micro, *x.shape[1:])
+      return jnp.swapaxes(x, 0, 1).reshape(rounds, blocks * micro, *x.shape[3:])
+
+    def body(carry, xs):
+      grads, total = carry
+      (_, t), g = value_and_grad(params, *xs)
+      return (jax.tree_util.tree_map(jnp.add, grads, g), total + t), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (grads, total), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
+                                     (jax.tree_util.tree_map(split, batch), split(index)))
+    return grads, total
+
+  def grad_fn(params, buffers, batch, key, scale):
+    b = batch["image"].shape[0]
+    index = jnp.arange(b, dtype=jnp.int32)
+    if rounds == 1 or mesh is None:
+      grads, total = accumulate(params, buffers, batch, index, key, scale, b, shards)
+      return grads, total / b
+    axes = tuple(mesh.axis_names)
+
+    def per_device(params, buffers, batch, index, key, scale):
+      grads, total = accumulate(params, buffers, batch, index, key, scale, b, 1)
+      return jax.lax.psum((grads, total), axes)
+
+    grads, total = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P(), P(axes), P(axes), P(), P()),
+        out_specs=P(), check_vma=False)(params, buffers, batch, index, key, scale)
+    return grads, total / b
+
+  return grad_fn
+
+
 def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
-                    count: tuple[float, float], seed: int) -> Callable:
+                    count: tuple[float, float], seed: int, rounds: int = 1, shards: int = 1,
+                    mesh: Mesh | None = None) -> Callable:
   """train_step(state, batch) -> (state, metrics); the step's key is folded from (seed, step).
 
   `count` = (a, c) in images: the step counts c images and a + c * step were counted before
   it (`PatchSchedule.count_line` times the batch size); the learning-rate ramp and the EMA
   half-life follow that count, as in the official loop.
+
+  `rounds` > 1 accumulates the gradient over micro-batches of the batch, each device working on
+  its own `shards`-th of it (see `make_grad_fn`, also for `mesh`); the step is otherwise the
+  same, one optimizer update on the whole batch's gradient.
 
   The loss is multiplied by `state["loss_scale"]` before differentiation and the gradients are
   divided by it again (EDM's --ls leaves them scaled; Adam barely notices either way). Static
@@ -80,19 +167,12 @@ def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
   dynamic = tcfg.loss_scaling == "dynamic"
   lr_fn = learning_rate_fn(tcfg.lr, tcfg.lr_rampup_kimg)
   offset, images = float(count[0]), float(count[1])
+  grad_fn = make_grad_fn(graphdef, tcfg, rounds, shards, mesh)
 
   def train_step(state, batch):
     key = jax.random.fold_in(base_key, state["step"])
     scale = state["loss_scale"]
-
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, state["buffers"])
-      per_sample = edm.denoising_loss(model, batch["image"], batch["pos"], batch.get("label"),
-                                      key, train=True, p_mean=tcfg.p_mean, p_std=tcfg.p_std)
-      loss = per_sample.mean()
-      return loss * scale, loss
-
-    (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grads, loss = grad_fn(state["params"], state["buffers"], batch, key, scale)
     grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
     grads_finite = _all_finite(grads) if dynamic else None
     grads = sanitize_grads(grads)

@@ -74,6 +74,8 @@ def test_gradient_guard():
     ("mesh.param_sharding", "zero3", "mesh.param_sharding='zero3'"),
     ("train.loss_scaling", "auto", "train.loss_scaling='auto'"),
     ("model.dtype", "float8", "model.dtype='float8'"),
+    ("train.batch_per_device", 0, "train.batch_per_device=0 must be a positive integer"),
+    ("train.batch_per_device", 3, "train.batch_per_device=3: the 8px bucket has 8 samples"),
 ])
 def test_bad_configs_fail_before_compiling_with_the_key_named(key, value, match, tmp_path):
   cfg = tiny_config(**{key: value})

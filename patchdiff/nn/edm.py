@@ -61,18 +61,35 @@ class Denoiser(nnx.Module):
     return c_skip * x + c_out * f_x.astype(jnp.float32)
 
 
+def sample_keys(key, index):
+  """Per-sample keys fold_in(key, i) for the sample indices `index` (any shape), so that a
+  sample's draws depend on its index alone, not on the batch it is computed in."""
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.ravel(index)).reshape(
+      jnp.shape(index))
+
+
 def denoising_loss(denoiser, images, pos, labels, key, *, train: bool = True,
                    p_mean: float = P_MEAN, p_std: float = P_STD):
   """EDM loss per sample: sum over pixels of lambda(sigma) (D(y + n) - y)^2, shape (B,).
 
   Summed, not averaged, per sample as in the official code, so a small patch contributes a
   proportionally smaller loss; the caller averages over samples.
+
+  `key` is one typed key (sample i then draws from `sample_keys(key, i)`) or a (B,) array of
+  per-sample keys. Each sample draws its noise level, its noise and its dropout masks from its
+  own key, so a sample's loss does not depend on which other samples share its batch: the
+  micro-batches of gradient accumulation draw what the whole batch draws.
   """
-  k_sigma, k_noise, k_drop = jax.random.split(key, 3)
   b = images.shape[0]
-  sigma = sample_sigma(k_sigma, b, p_mean, p_std)
+  keys = key if jnp.ndim(key) else sample_keys(key, jnp.arange(b))
+  if keys.shape != (b,):
+    raise ValueError(f"denoising_loss: {keys.shape} keys for a batch of {b}")
+  parts = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
+  k_sigma, k_noise, k_drop = parts[:, 0], parts[:, 1], parts[:, 2]
+  ln_sigma = jax.vmap(lambda k: jax.random.normal(k, (), jnp.float32))(k_sigma)
+  sigma = jnp.exp(ln_sigma * p_std + p_mean)
   s4 = sigma.reshape(-1, 1, 1, 1)
-  noise = jax.random.normal(k_noise, images.shape, jnp.float32) * s4
+  noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], jnp.float32))(k_noise) * s4
   d = denoiser(images + noise, sigma, pos, labels, train=train, key=k_drop)
   per_elem = loss_weight(s4, denoiser.sigma_data) * jnp.square(d - images)
   return per_elem.reshape(b, -1).sum(axis=1)

@@ -2,7 +2,9 @@
 
 Module and attribute names follow the official PyTorch modules (`enc['16x16_block0'].conv0.weight`)
 so that official state dicts map one to one; only the array layouts differ (conv HWIO, linear (in, out)).
-Dropout takes an explicit key, so a forward pass is a pure function of (params, inputs, key).
+Dropout takes an explicit key, so a forward pass is a pure function of (params, inputs, key). The
+key is one typed key for the whole batch or a (B,) array of keys, one per sample (sample i's masks
+then come from key i alone, whatever batch it is computed in).
 """
 from __future__ import annotations
 
@@ -211,12 +213,30 @@ def group_norm(x, num_groups: int, weight, bias, eps: float):
   return (xg.reshape(b, h, w, c) * weight + bias).astype(x.dtype)
 
 
+def split_keys(key, n: int) -> list:
+  """n keys from `key`: one key gives n keys, a (B,) array of per-sample keys gives n such
+  arrays (each sample's key split on its own); None gives n Nones."""
+  if key is None:
+    return [None] * n
+  if jnp.ndim(key) == 0:
+    return list(jax.random.split(key, n))
+  parts = jax.vmap(lambda k: jax.random.split(k, n))(key)
+  return [parts[:, i] for i in range(n)]
+
+
+def _bernoulli(key, shape, p: float):
+  """Bernoulli(p) of `shape`, from one key or from per-sample keys (B,) for shape[0] == B."""
+  if jnp.ndim(key) == 0:
+    return jax.random.bernoulli(key, p, shape)
+  return jax.vmap(lambda k: jax.random.bernoulli(k, p, shape[1:]))(key)
+
+
 def dropout(x, rate: float, key, train: bool):
   if not train or rate == 0:
     return x
   if key is None:
     raise ValueError("dropout in training mode needs a PRNG key")
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  keep = _bernoulli(key, x.shape, 1.0 - rate)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
@@ -303,10 +323,6 @@ class UNetBlock(nnx.Module):
       a = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, h, w, c)
       x = (self.proj(a) + x) * self.skip_scale
     return x
-
-
-def _block_keys(key, n):
-  return [None] * n if key is None else list(jax.random.split(key, n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,9 +436,9 @@ class SongUNet(nnx.Module):
     return jax.nn.silu(self.map_layer1(emb))
 
   def __call__(self, x, noise_labels, class_labels=None, *, train: bool = False, key=None):
-    key_emb, key_blocks = (None, None) if key is None else jax.random.split(key)
+    key_emb, key_blocks = split_keys(key, 2)
     emb = self.embed(noise_labels, class_labels, train=train, key=key_emb)
-    keys = iter(_block_keys(key_blocks, len(self.enc_names) + len(self.dec_names)))
+    keys = iter(split_keys(key_blocks, len(self.enc_names) + len(self.dec_names)))
 
     skips = []
     aux = x
@@ -474,7 +490,7 @@ def _drop_labels(labels, rate: float, key, train: bool):
     return labels
   if key is None:
     raise ValueError("label dropout in training mode needs a PRNG key")
-  keep = jax.random.uniform(key, (labels.shape[0], 1)) >= rate
+  keep = ~_bernoulli(key, (labels.shape[0], 1), rate)
   return labels * keep.astype(labels.dtype)
 
 
@@ -543,7 +559,7 @@ class DhariwalUNet(nnx.Module):
     self.out_conv = Conv2d(cout, out_channels, 3, **init_zero, rngs=rngs, dtype=dtype)
 
   def __call__(self, x, noise_labels, class_labels=None, *, train: bool = False, key=None):
-    key_emb, key_blocks = (None, None) if key is None else jax.random.split(key)
+    key_emb, key_blocks = split_keys(key, 2)
     emb = positional_embedding(noise_labels, self.model_channels)
     b = emb.shape[0]
     emb = jax.nn.silu(self.map_layer0(emb))
@@ -553,7 +569,7 @@ class DhariwalUNet(nnx.Module):
                          key_emb, train)
       emb = emb + self.map_label(tmp)
     emb = jax.nn.silu(emb)
-    keys = iter(_block_keys(key_blocks, len(self.enc_names) + len(self.dec_names)))
+    keys = iter(split_keys(key_blocks, len(self.enc_names) + len(self.dec_names)))
 
     skips = []
     for name in self.enc_names:
