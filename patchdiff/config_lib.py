@@ -141,12 +141,6 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256       # global batch of a full-size step
-  # Fine-tuning: start from these weights instead of a fresh init (see patchdiff/pretrained.py):
-  # a patchdiff workdir (its latest checkpoint's EMA) or WORKDIR@STEP, an official state dict
-  # (.npz/.pt/.pth/.safetensors) or network-snapshot .pkl, also EDM's (no coordinate inputs).
-  # Ignored when the workdir already holds a checkpoint (the run resumes from it).
-  c.train.init_from = placeholder(str)
-  c.train.init_reset_labels = False  # init_from: the label embedding keeps its fresh init
   c.train.steps = 1000           # 0: from duration_mimg
   c.train.duration_mimg = placeholder(float)  # training length in Mimg, counted as the paper does
   c.train.lr = 2e-4
@@ -176,6 +170,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.fid_samples = 1000     # samples per FID (seeds sample.seed ...; the grid is their start)
   c.train.fid_ref = placeholder(str)  # reference statistics; default: WORKDIR/fid_ref.npz, made once
   c.train.inception = placeholder(str)  # FID Inception weights; default: the installed package's
+  # Fine-tuning: start from these weights instead of a fresh init (see patchdiff/pretrained.py):
+  # a patchdiff workdir (its latest checkpoint's EMA) or WORKDIR@STEP, an official state dict
+  # (.npz/.pt/.pth/.safetensors) or network-snapshot .pkl, also EDM's (no coordinate inputs).
+  # Ignored when the workdir already holds a checkpoint (the run resumes from it).
+  c.train.init_from = placeholder(str)
+  c.train.init_reset_labels = False  # init_from: the label embedding keeps its fresh init
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_steps = 18
