@@ -176,6 +176,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.fid_samples = 1000     # samples per FID (seeds sample.seed ...; the grid is their start)
   c.train.fid_ref = placeholder(str)  # reference statistics; default: WORKDIR/fid_ref.npz, made once
   c.train.inception = placeholder(str)  # FID Inception weights; default: the installed package's
+  # Fine-tuning: start from these weights instead of a fresh init (see patchdiff/pretrained.py):
+  # a patchdiff workdir (its latest checkpoint's EMA) or WORKDIR@STEP, an official state dict
+  # (.npz/.pt/.pth/.safetensors) or network-snapshot .pkl, also EDM's (no coordinate inputs).
+  # Ignored when the workdir already holds a checkpoint (the run resumes from it).
+  c.train.init_from = placeholder(str)
+  c.train.init_reset_labels = False  # init_from: the label embedding keeps its fresh init
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_steps = 18
@@ -441,6 +447,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise ValueError(f"train.transfer_guard={t.transfer_guard!r} is not allow, log or disallow")
   if t.lr <= 0:
     raise ValueError(f"train.lr={t.lr} must be > 0")
+  init_from = t.get("init_from")
+  if init_from is not None and (not isinstance(init_from, str) or not init_from.strip()):
+    raise ValueError(f"train.init_from={init_from!r} must be a path (a weights file, or a "
+                     "workdir as WORKDIR or WORKDIR@STEP) or None")
+  if not isinstance(t.get("init_reset_labels", False), (bool, np.bool_)):
+    raise ValueError(f"train.init_reset_labels={t.init_reset_labels!r} must be a bool")
   if not isinstance(t.compile_threads, int) or t.compile_threads < 0:
     raise ValueError(f"train.compile_threads={t.compile_threads!r} must be an integer >= 0 "
                      "(0: every bucket at once)")
@@ -480,12 +492,18 @@ def check_compatible(saved: Mapping[str, Any], cfg: ml_collections.ConfigDict, w
     old = models.resolve(saved["model"])
   except (KeyError, ValueError) as e:
     raise ValueError(f"checkpoint {where} has an unreadable model config: {e}") from None
-  new = models.resolve(cfg.model)
-  diffs = [f"model.{k}: checkpoint {old.get(k)!r} vs config {new.get(k)!r}"
-           for k in SHAPE_KEYS if _norm(old.get(k)) != _norm(new.get(k))]
+  diffs = model_differences(old, cfg.model)
   if diffs:
     raise ValueError(f"checkpoint {where} was written by an incompatible model config:\n  "
                      + "\n  ".join(diffs))
+
+
+def model_differences(saved_model: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> list[str]:
+  """`model.KEY: checkpoint A vs config B` for each of SHAPE_KEYS on which a checkpoint's model
+  config and `model_cfg` differ."""
+  old, new = models.resolve(saved_model), models.resolve(model_cfg)
+  return [f"model.{k}: checkpoint {old.get(k)!r} vs config {new.get(k)!r}"
+          for k in SHAPE_KEYS if _norm(old.get(k)) != _norm(new.get(k))]
 
 
 def _norm(v):

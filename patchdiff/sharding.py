@@ -81,6 +81,14 @@ def state_shardings(mesh: Mesh, tree: Any, mode: str, min_size: int = 2 ** 12) -
   return jax.tree_util.tree_map(one, tree)
 
 
+def put(tree: Any, shardings: Any) -> Any:
+  """Host arrays (the same on every process) -> global arrays laid out as `shardings` (a tree of
+  the same structure); each device receives only its shard."""
+  return jax.tree_util.tree_map(
+      lambda a, s: jax.make_array_from_callback(np.shape(a), s, lambda index: a[index]),
+      tree, shardings)
+
+
 def check_batch(global_batch: int, mesh: Mesh, process_count: int, what: str) -> None:
   """The global batch must split evenly over the devices and the processes."""
   n = mesh.devices.size

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from patchdiff import (checkpoint, config_lib, data, evaluation, generate, images_io, metrics,
-                       patches, sharding, train_step)
+                       patches, pretrained, sharding, train_step)
 from patchdiff.nn import models
 
 # ---------------------------------------------------------------------------------------------
@@ -63,13 +63,23 @@ class Run:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
         self.state_shardings)
 
-  def _fresh_state(self):
-    return train_step.init_train_state(self._init_graphdef, self._init_fn(), self.optimizer,
+  def _fresh_state(self, weights=None):
+    variables = self._init_fn()
+    if weights:
+      variables = models.set_variables(self._init_graphdef, variables, weights)
+    return train_step.init_train_state(self._init_graphdef, variables, self.optimizer,
                                       self.cfg.train.loss_scale)
 
-  def init_state(self):
-    """A freshly initialised training state, laid out on the mesh."""
-    return jax.jit(self._fresh_state, out_shardings=self.state_shardings)()
+  def init_state(self, weights: dict[str, np.ndarray] | None = None):
+    """A freshly initialised training state, laid out on the mesh. `weights` ({official tensor
+    name: host array in our layout, the same on every process}, see `pretrained.load`) replace
+    the fresh values of the variables they name; the EMA starts as a copy of the result, the
+    optimizer state, step and counters fresh."""
+    if not weights:
+      return jax.jit(self._fresh_state, out_shardings=self.state_shardings)()
+    placed = sharding.put(weights, sharding.state_shardings(self.mesh, weights,
+                                                            self.cfg.mesh.param_sharding))
+    return jax.jit(self._fresh_state, out_shardings=self.state_shardings)(placed)
 
   def batch_spec(self, size: int) -> dict[str, jax.ShapeDtypeStruct]:
     b = self.cfg.train.batch_size * patches.batch_mul(size, self.schedule.resolution)
@@ -252,6 +262,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if start is not None:
     config_lib.check_compatible(checkpoint.restore_config(mgr, start), cfg,
                                 where=f"{mgr.directory}/{start}")
+  init_weights = None  # train.init_from: read and checked here, before anything is compiled
+  if tcfg.get("init_from") and start is None:
+    init_weights = pretrained.load(tcfg.init_from, cfg)
+  elif tcfg.get("init_from"):
+    logging.info("train.init_from=%s is ignored: the workdir holds a checkpoint, the run "
+                 "resumes from its step %d", tcfg.init_from, start)
   first = start or 0
   sizes = run.schedule.sizes_at(np.arange(first, tcfg.steps))
   digest = _schedule_digest(cfg, sizes)
@@ -280,7 +296,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   # ---- State: fresh, or restored into this run's layout (whatever layout wrote it).
   train_seconds = 0.0  # time spent in the loop's steps, without compiling, sampling and FID
   if start is None:
-    state = run.init_state()
+    state = run.init_state(init_weights.values if init_weights else None)
   else:
     state, progress = checkpoint.restore_state(mgr, start, run.abstract_state)
     if progress.get("data_position", start) != start:

@@ -178,3 +178,103 @@ def _pop_resample_filters(denoiser: edm.Denoiser, arrays: dict[str, np.ndarray])
         problems.append(f"{name}: resample filter {array.reshape(-1).tolist()} does not match "
                         f"the config's resample_filter {list(conv.resample_filter)}")
   return problems
+
+
+def torch_state_dict(denoiser: edm.Denoiser) -> dict[str, np.ndarray]:
+  """The official state dict of `denoiser` (the inverse of `load_torch_state_dict`): every
+  tensor under its official name in PyTorch layout, and EDM's `resample_filter` buffer of each
+  resampling conv."""
+  out = torch_io.state_dict(denoiser, TORCH_LAYERS)
+  for path, node in nnx.iter_graph(denoiser):
+    if isinstance(node, networks.Conv2d) and (node.up or node.down):
+      taps = networks._resample_filter(node.resample_filter)  # pylint: disable=protected-access
+      out[".".join(map(str, path)) + ".resample_filter"] = taps[None, None]
+  return out
+
+
+def input_weights(denoiser: edm.Denoiser) -> list[str]:
+  """Official names of the weights that read the network's input channels (the image's, then the
+  two coordinate channels): the first conv's, and those of the NCSN++ encoders' auxiliary input
+  path (see `SongUNet.input_convs`)."""
+  return [f"model.{name}.weight" for name in denoiser.model.input_convs]
+
+
+LABEL_PREFIX = "model.map_label."
+
+
+def pretrained_values(state_dict: Mapping[str, Any], model_config, *, reset_labels: bool = False,
+                      where: str = "state dict", notes: tuple[str, ...] = ()
+                      ) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+  """The weights of `state_dict` (official names, PyTorch layout) for the denoiser of
+  `model_config`, checked: ({official name: array in our layout}, the input weights that were
+  widened with zeros for the coordinate channels, the variables left out (to keep their fresh
+  initialisation)).
+
+  - A network without coordinate inputs (EDM's, whose input weights read `img_channels`
+    channels) gets zero weights for the two coordinate channels in every layer that reads the
+    input (`input_weights`): the patch network then computes the file's function whatever the
+    coordinates.
+  - A label embedding (`model.map_label.*`) of another label dimension than model.label_dim is an
+    error unless `reset_labels`; with `reset_labels` the file's label embedding is ignored and
+    the model's is left out.
+
+  Raises one ValueError, headed by `where`, listing a few of the missing, unexpected and
+  mis-shaped tensors (of each kind), the other problems found, and `notes` (hints about the
+  file) when anything does not fit.
+  """
+  arrays = {k: np.asarray(v) for k, v in state_dict.items()}
+  if arrays and not any(k.startswith("model.") for k in arrays):
+    arrays = {"model." + k: v for k, v in arrays.items()}
+  c = resolve(model_config)
+  denoiser = abstract_denoiser(model_config)
+  targets = torch_io.state_dict(denoiser, TORCH_LAYERS)  # name -> ShapeDtypeStruct
+  problems = _pop_resample_filters(denoiser, arrays)
+
+  ours = [n for n in targets if n.startswith(LABEL_PREFIX)]
+  label_weight = arrays.get(LABEL_PREFIX + "weight")  # (out, label_dim)
+  file_dim = int(label_weight.shape[1]) if label_weight is not None and label_weight.ndim > 1 else 0
+  fresh: list[str] = []
+  if reset_labels or file_dim != c["label_dim"]:
+    if not reset_labels:
+      problems.append(
+          f"label dimension: the file's label embedding takes {file_dim} labels "
+          + (f"({LABEL_PREFIX}weight {label_weight.shape})" if file_dim else "(it has none)")
+          + f", the config's model.label_dim={c['label_dim']}; set "
+          "train.init_reset_labels=True to start the label embedding from its fresh "
+          "initialisation")
+    arrays = {k: v for k, v in arrays.items() if not k.startswith(LABEL_PREFIX)}
+    fresh = ours
+
+  zeroed = []
+  inputs = input_weights(denoiser)
+  for name in inputs:
+    array, want = arrays.get(name), targets[name].shape
+    if (array is not None and array.ndim == 4 and array.shape[1] == want[1] - COORD_CHANNELS
+        and array.shape[:1] + array.shape[2:] == want[:1] + want[2:]):
+      pad = np.zeros((want[0], COORD_CHANNELS) + want[2:], array.dtype)
+      arrays[name] = np.concatenate([array, pad], axis=1)  # the coordinates come last
+      zeroed.append(name)
+  if zeroed and len(zeroed) != len(inputs):
+    problems.append(f"coordinate inputs: {zeroed} read {c['img_channels']} input channels "
+                    f"(no coordinates), {sorted(set(inputs) - set(zeroed))} do not")
+  what = ("the model config (" + ", ".join(
+      f"{k}={list(c[k]) if isinstance(c[k], tuple) else c[k]!r}" for k in
+      ("arch", "img_resolution", "img_channels", "label_dim", "model_channels", "channel_mult",
+       "num_blocks", "attn_resolutions")) + ")")
+  try:
+    values = torch_io.match(denoiser, arrays, TORCH_LAYERS, where=where, what=what,
+                            problems=problems, absent=fresh, limit=5)
+  except ValueError as e:
+    raise ValueError("\n  ".join([str(e), *notes])) from None
+  return values, zeroed, fresh
+
+
+def set_variables(graphdef, variables, values: Mapping[str, Any]):
+  """`variables` (the state of the denoiser `graphdef`) with the tensors named in `values`
+  ({official name: array in our layout}) replaced, `variables` itself unchanged; traceable
+  inside a jit."""
+  denoiser = nnx.merge(graphdef, variables, copy=True)
+  for name, (var, _) in torch_io.variables(denoiser, TORCH_LAYERS).items():
+    if name in values:
+      var.set_value(jnp.asarray(values[name], var.dtype))
+  return nnx.state(denoiser)

@@ -369,20 +369,25 @@ class SongUNet(nnx.Module):
     enc = {}
     cout = in_channels
     caux = in_channels
+    inputs = []  # the convs that read the network's input (see `input_convs`)
     for level, mult in enumerate(channel_mult):
       res = img_resolution >> level
       if level == 0:
         cin = cout
         cout = model_channels
         enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, **init, rngs=rngs, dtype=dtype)
+        inputs.append(f"enc.{res}x{res}_conv")
       else:
         enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
-        if encoder_type == "skip":
+        if encoder_type == "skip":  # every aux_skip reads the input, downsampled
           enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, 0, down=True,
                                                 resample_filter=resample_filter, rngs=rngs,
                                                 dtype=dtype)
           enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, 1, **init, rngs=rngs, dtype=dtype)
+          inputs.append(f"enc.{res}x{res}_aux_skip")
         if encoder_type == "residual":
+          if level == 1:  # the first aux_residual reads the input; the next, the one before's sum
+            inputs.append(f"enc.{res}x{res}_aux_residual")
           enc[f"{res}x{res}_aux_residual"] = Conv2d(caux, cout, 3, down=True,
                                                     resample_filter=resample_filter,
                                                     fused_resample=True, **init, rngs=rngs,
@@ -418,6 +423,9 @@ class SongUNet(nnx.Module):
                                               dtype=dtype)
     self.enc_names = tuple(enc)
     self.dec_names = tuple(dec)
+    # The layers whose weights read the input channels (image and coordinates) directly: the
+    # first conv, and the encoder's auxiliary input path where the architecture has one.
+    self.input_convs = tuple(inputs)
     self.enc = nnx.Dict(enc)
     self.dec = nnx.Dict(dec)
 
@@ -553,6 +561,7 @@ class DhariwalUNet(nnx.Module):
                                                    **block_kwargs)
     self.enc_names = tuple(enc)
     self.dec_names = tuple(dec)
+    self.input_convs = (f"enc.{img_resolution}x{img_resolution}_conv",)  # reads the input
     self.enc = nnx.Dict(enc)
     self.dec = nnx.Dict(dec)
     self.out_norm = GroupNorm(cout)

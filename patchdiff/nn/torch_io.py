@@ -8,7 +8,7 @@ tensor's name is its path in the module graph (`enc.16x16_block0.conv0.weight`).
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,15 +52,19 @@ def state_dict(module: nnx.Module, layers: Layers) -> dict[str, Any]:
   return out
 
 
-def load(module: nnx.Module, arrays: Mapping[str, Any], layers: Layers, *,
-         where: str = "state dict", what: str = "the network",
-         names: Mapping[str, str] | None = None, problems: list[str] | None = None) -> None:
-  """Sets every variable of `module` from `arrays` (PyTorch names and layout), in place.
+def match(module: nnx.Module, arrays: Mapping[str, Any], layers: Layers, *,
+          where: str = "state dict", what: str = "the network",
+          names: Mapping[str, str] | None = None, problems: Sequence[str] = (),
+          absent: Collection[str] = (), limit: int | None = None) -> dict[str, np.ndarray]:
+  """`arrays` (PyTorch names and layout) checked against the variables of `module`: {name: the
+  array in our layout and the variable's dtype} for every variable but those named in `absent`
+  (which `arrays` need not hold). Nothing is set.
 
-  A linear weight may come as the equivalent 1x1 conv weight (out, in, 1, 1). Nothing is set
-  unless every tensor fits: otherwise one ValueError lists every missing, unexpected and
-  mis-shaped tensor with its shapes, and the caller's own `problems`. `names` gives the file's
-  name of a tensor stored under another name, for the messages.
+  A linear weight may come as the equivalent 1x1 conv weight (out, in, 1, 1). Unless every
+  tensor fits, one ValueError lists every missing, unexpected and mis-shaped tensor with its
+  shapes (at most `limit` of each kind, with the count of the rest), and the caller's own
+  `problems`. `names` gives the file's name of a tensor stored under another name, for the
+  messages.
   """
   names = names or {}
   targets = variables(module, layers)
@@ -76,16 +80,38 @@ def load(module: nnx.Module, arrays: Mapping[str, Any], layers: Layers, *,
     if array.shape != expected:
       mis_shaped.append(f"{names.get(name, name)}: expected shape {expected}, got {array.shape}")
     else:
-      values[name] = array.transpose(np.argsort(_TO_TORCH[layout])) if layout else array
+      array = array.transpose(np.argsort(_TO_TORCH[layout])) if layout else array
+      values[name] = np.asarray(array, var.dtype)
   for name, (var, layout) in targets.items():
-    if name not in arrays:
+    if name not in arrays and name not in absent:
       missing.append(f"missing tensor {names.get(name, name)} {torch_shape(layout, var.shape)}")
   if missing or unexpected or mis_shaped or problems:
     raise ValueError(
         f"{where}: the tensors do not match {what} ({len(missing)} missing, {len(unexpected)} "
         f"unexpected, {len(mis_shaped)} mis-shaped):\n  "
-        + "\n  ".join(sorted(missing) + sorted(unexpected) + sorted(mis_shaped) + (problems or [])))
-  for name, (var, _) in targets.items():
+        + "\n  ".join(_first(missing, limit) + _first(unexpected, limit)
+                      + _first(mis_shaped, limit) + list(problems)))
+  return values
+
+
+def _first(lines: list[str], limit: int | None) -> list[str]:
+  """`lines` sorted, cut to `limit` with a line counting the rest."""
+  lines = sorted(lines)
+  if limit is None or len(lines) <= limit:
+    return lines
+  return lines[:limit] + [f"... and {len(lines) - limit} more like these"]
+
+
+def load(module: nnx.Module, arrays: Mapping[str, Any], layers: Layers, *,
+         where: str = "state dict", what: str = "the network",
+         names: Mapping[str, str] | None = None, problems: list[str] | None = None) -> None:
+  """Sets every variable of `module` from `arrays` (PyTorch names and layout), in place.
+
+  Nothing is set unless every tensor fits (see `match`, whose ValueError lists every problem).
+  """
+  values = match(module, arrays, layers, where=where, what=what, names=names,
+                 problems=problems or ())
+  for name, (var, _) in variables(module, layers).items():
     var.set_value(jnp.asarray(values[name], var.dtype))
 
 
