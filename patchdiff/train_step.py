@@ -64,6 +64,20 @@ def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
 
 
+# uint8 pixel value v -> v / 127.5 - 1 in float32, as a table: the value numpy and TensorFlow
+# compute (correctly rounded), bit for bit; XLA's division on CPU differs by 1 ulp for some v.
+_PIXEL_VALUES = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1)
+
+
+def model_images(x: jax.Array) -> jax.Array:
+  """A batch's images as the network takes them: uint8 pixels (what pixel sources send to the
+  device, a quarter of float32's bytes) -> v / 127.5 - 1 in float32; float images (latents,
+  synthetic data) as they are."""
+  if x.dtype == jnp.uint8:
+    return jnp.asarray(_PIXEL_VALUES)[x.astype(jnp.int32)]
+  return x
+
+
 def make_grad_fn(graphdef, tcfg: ml_collections.ConfigDict, rounds: int = 1, shards: int = 1,
                  mesh: Mesh | None = None) -> Callable:
   """grad_fn(params, buffers, batch, key, scale) -> (grads, loss): the gradient of scale times
@@ -96,7 +110,8 @@ def make_grad_fn(graphdef, tcfg: ml_collections.ConfigDict, rounds: int = 1, sha
 
     def loss_fn(params, part, idx):  # scale * (the part's per-sample losses summed) / B
       model = nnx.merge(graphdef, params, buffers)
-      per_sample = edm.denoising_loss(model, part["image"], part["pos"], part.get("label"),
+      per_sample = edm.denoising_loss(model, model_images(part["image"]), part["pos"],
+                                      part.get("label"),
                                       edm.sample_keys(key, idx), train=True,
                                       p_mean=tcfg.p_mean, p_std=tcfg.p_std)
       total = per_sample.sum()

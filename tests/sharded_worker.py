@@ -31,7 +31,7 @@ def batches(cfg):
     b = cfg.train.batch_size * patches.batch_mul(size, cfg.model.img_resolution)
     offsets = rng.integers(0, cfg.model.img_resolution - size + 1, (b, 2))
     pos = patches.coord_grid(offsets[:, 0], offsets[:, 1], size, cfg.model.img_resolution)
-    out.append(dict(image=rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32), pos=pos))
+    out.append(dict(image=rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8), pos=pos))
   return out
 
 

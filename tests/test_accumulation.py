@@ -141,7 +141,7 @@ def _batches(cfg, n):
   out = []
   for _ in range(n):
     offsets = rng.integers(0, r - SIZE + 1, (b, 2))
-    out.append(dict(image=rng.uniform(-1, 1, (b, SIZE, SIZE, 3)).astype(np.float32),
+    out.append(dict(image=rng.integers(0, 256, (b, SIZE, SIZE, 3), dtype=np.uint8),
                     pos=patches.coord_grid(offsets[:, 0], offsets[:, 1], SIZE, r)))
   return out
 

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from reference_draws import reference_flips, reference_offsets
 
+from patchdiff import train_step
 from patchdiff.data import pipeline, twemoji
 from patchdiff.patches import PatchSchedule, batch_mul, coord_grid, uniform_from_counter
 
@@ -69,14 +71,13 @@ def test_shapes_and_dtypes_per_bucket(flipped_run):
     n = BATCH * (R // s)
     assert n == BATCH * batch_mul(s, R)
     seen.add(s)
-    assert b["image"].shape == (n, s, s, 3) and b["image"].dtype == np.float32
+    assert b["image"].shape == (n, s, s, 3) and b["image"].dtype == np.uint8  # as stored
     assert b["pos"].shape == (n, s, s, 2) and b["pos"].dtype == np.float32
     assert b["label"].shape == (n, 5) and b["label"].dtype == np.float32
     assert b["step"].shape == () and b["step"].dtype == np.int64
     assert b["offset_i"].shape == (n,) and b["offset_i"].dtype == np.int32
     assert b["offset_j"].shape == (n,) and b["offset_j"].dtype == np.int32
     assert b["index"].shape == (n,) and b["index"].dtype == np.int64
-    assert b["image"].min() >= -1.0 and b["image"].max() <= 1.0
   assert seen == set(SIZES), "16 steps of this seed should visit every bucket"
 
 
@@ -100,9 +101,7 @@ def test_pixels_pos_offsets_labels(run_name, request, images, labels):
       if flips[m]:
         src = src[:, ::-1]
       want = src[oi[m]:oi[m] + s, oj[m]:oj[m] + s]
-      got = b["image"][m]
-      np.testing.assert_array_equal(np.rint((got + 1.0) * 127.5).astype(np.uint8), want)
-      np.testing.assert_allclose(got, want.astype(np.float32) / 127.5 - 1.0, rtol=0, atol=1e-6)
+      np.testing.assert_array_equal(b["image"][m], want)  # the stored pixels, exactly
     # Coordinates: patches.coord_grid of the (unflipped) crop offsets, bit for bit.
     np.testing.assert_array_equal(b["pos"], coord_grid(oi, oj, s, R))
     if "label" in b:
@@ -173,12 +172,19 @@ def test_every_image_once_per_epoch(images):
   assert not np.array_equal(order[:len(other)], other[:len(order)]), "seed must change the order"
 
 
-def test_float_images_pass_through(images):
+def test_float_images_pass_through_and_the_step_maps_pixels_to_them(images):
+  """Float sources are cropped as stored; uint8 sources leave as uint8, and the step's mapping
+  (`train_step.model_images`) gives exactly x / 127.5 - 1 of those pixels in float32."""
   floats = images.astype(np.float32) / 127.5 - 1.0
   a = collect(images, schedule(), BATCH, 4, seed=1)
   b = collect(floats, schedule(), BATCH, 4, seed=1)
   for x, y in zip(a, b):
-    np.testing.assert_allclose(x["image"], y["image"], rtol=0, atol=1e-6)
+    assert x["image"].dtype == np.uint8 and y["image"].dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(train_step.model_images(x["image"])), y["image"])
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(train_step.model_images)(np.arange(256, dtype=np.uint8))),
+      np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1))
+  np.testing.assert_array_equal(train_step.model_images(y["image"]), y["image"])  # floats as is
 
 
 def test_progressive_schedule_and_dataset_object(images):
@@ -334,8 +340,7 @@ def test_crops_exact_at_large_resolution():
       src = imgs[b["index"][m]]
       src = src[:, ::-1] if b["flip"][m] else src
       oi, oj = b["offset_i"][m], b["offset_j"][m]
-      want = src[oi:oi + s, oj:oj + s].astype(np.float32) / 127.5 - 1.0
-      np.testing.assert_array_equal(b["image"][m], want)
+      np.testing.assert_array_equal(b["image"][m], src[oi:oi + s, oj:oj + s])
     np.testing.assert_array_equal(b["pos"], coord_grid(b["offset_i"], b["offset_j"], s, res))
 
 

@@ -60,3 +60,14 @@ def test_streamed_npz_memory_is_one_batch(tmp_path):
   assert (tmp_path / "big.npz").stat().st_size > 64 * batch.nbytes
   with np.load(tmp_path / "big.npz") as data:
     assert data["arr_0"].shape == (4096, 64, 64, 4) and int(data["arr_0"][-1].min()) == 1
+
+
+def test_pixels_go_to_the_network_range_and_back_exactly():
+  """What the step feeds the network for pixel v (`train_step.model_images`) is written back as
+  v by `to_uint8`, for every v; uint8 batches pass through `to_uint8` as they are."""
+  from patchdiff import train_step  # pylint: disable=import-outside-toplevel
+  pixels = np.arange(256, dtype=np.uint8)
+  unit = np.asarray(train_step.model_images(pixels))
+  assert unit.dtype == np.float32 and unit[0] == -1.0 and unit[-1] == 1.0
+  np.testing.assert_array_equal(images_io.to_uint8(unit), pixels)
+  assert images_io.to_uint8(pixels) is pixels

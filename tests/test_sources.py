@@ -64,8 +64,11 @@ def check_crops(batches, full: np.ndarray, labels=None, label_dim=0, uint8=True)
     for m in range(n):
       src = full[idx[m]][:, ::-1] if flips[m] else full[idx[m]]
       want = src[oi[m]:oi[m] + s, oj[m]:oj[m] + s]
-      want = want.astype(np.float32) / 127.5 - 1.0 if uint8 else want
-      np.testing.assert_allclose(b["image"][m], want, rtol=0, atol=1e-6)
+      if uint8:
+        assert b["image"].dtype == np.uint8
+        np.testing.assert_array_equal(b["image"][m], want)  # the pixels as decoded
+      else:
+        np.testing.assert_allclose(b["image"][m], want, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(b["pos"], coord_grid(oi, oj, s, R))
     if labels is not None:
       np.testing.assert_array_equal(b["label"], np.eye(label_dim, dtype=np.float32)[labels[idx]])

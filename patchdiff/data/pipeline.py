@@ -275,8 +275,9 @@ def build_patch_pipeline(fetch, num_examples: int, resolution: int, is_uint8: bo
   Everything but the pixels is decided here: the steps' buckets and sample counters (this host's
   slice), which image each sample takes, its crop offsets and flip, coordinates and labels.
   `fetch` turns those draws into pixel crops (from an in-memory array, from encoded bytes, or
-  from memory-mapped latents). uint8 sources are mapped x -> x / 127.5 - 1 afterwards
-  (`is_uint8`). Elements: see `make_patch_dataset`.
+  from memory-mapped latents). The crops of uint8 sources (`is_uint8`) leave as uint8 (a quarter
+  of float32's bytes to the device); the train step maps them to [-1, 1]. Elements: see
+  `make_patch_dataset`.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
@@ -322,8 +323,8 @@ def build_patch_pipeline(fetch, num_examples: int, resolution: int, is_uint8: bo
       flip = tf.zeros([b], tf.bool)
 
     x = fetch(SampleDraws(step, s, k, index, oi, oj, flip))
-    if is_uint8:
-      x = x / 127.5 - 1.0
+    if is_uint8:  # whole pixel values, copied exactly: back to the 1-byte type they came in
+      x = tf.cast(x, tf.uint8)
     out = {"image": x, "pos": crop_patches(tf, grid, tf.zeros([b], tf.int32), oi, oj,
                                             tf.zeros([b], tf.bool), s, res), "step": step,
            "offset_i": oi, "offset_j": oj, "index": index, "flip": flip, "counter": k}
@@ -358,7 +359,8 @@ def make_patch_dataset(images: np.ndarray, schedule: PatchSchedule, batch_size: 
   must be divisible by P (ValueError otherwise). With P = 1 this is the whole global batch.
 
   Elements are dicts (b = b_t / P):
-    image    (b, s, s, C) float32 in [-1, 1] (uint8 x -> x / 127.5 - 1; float input as is)
+    image    (b, s, s, C) uint8 pixels for uint8 input (the step maps them to [-1, 1]:
+             `train_step.model_images`), float32 as stored for float input
     pos      (b, s, s, 2) float32, channels [x, y] (patches.coord_grid of the offsets)
     label    (b, label_dim) float32 one-hot (only when labels are given)
     step     () int64
