@@ -88,3 +88,31 @@ def compilation_cache(tmp_path_factory):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
+
+
+@pytest.fixture(scope="session")
+def vae_dir(reference, tmp_path_factory):
+  """The tiny diffusers VAE fixture (`parity/vae_tiny_*`) as a diffusers-format folder."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  folder = tmp_path_factory.mktemp("vae")
+  arrays = dict(np.load(reference / "parity" / "vae_tiny_weights.npz"))
+  save_file(arrays, str(folder / "diffusion_pytorch_model.safetensors"))
+  (folder / "config.json").write_text((reference / "parity" / "vae_tiny_config.json").read_text())
+  return folder
+
+
+def run_on_eight_devices(script: str, timeout: int) -> dict:
+  """Runs `tests/<script>` on 8 fake CPU devices and returns the JSON it prints after
+  `RESULTS `."""
+  import json  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+             PYTHONPATH=str(REPO))
+  proc = subprocess.run([sys.executable, f"tests/{script}"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
+  assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+  return json.loads(lines[0][len("RESULTS "):])

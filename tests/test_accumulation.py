@@ -1,10 +1,7 @@
 """Gradient accumulation (train.batch_per_device): the rounds per bucket, the accumulated gradient
 and step against the unsplit ones (on one device and, in a subprocess, on 8 fake CPU devices), the
 program's single scan, and an exact resume."""
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ADM_TINY, REPO
+from conftest import ADM_TINY, run_on_eight_devices
 from patchdiff import config_lib, patches, train, train_step
 from patchdiff.nn import edm, models
 from test_train import _restore_train, tiny_config, watch_compiles
@@ -234,13 +231,7 @@ def test_interrupted_and_resumed_accumulating_run_is_the_same_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def eight_devices():
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONPATH=str(REPO))
-  proc = subprocess.run([sys.executable, "tests/accumulation_worker.py"], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=900)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
-  assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-  return json.loads(lines[0][len("RESULTS "):])
+  return run_on_eight_devices("accumulation_worker.py", timeout=900)
 
 
 @pytest.mark.parametrize("layout", ["data8", "data2_fsdp4"])

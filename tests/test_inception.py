@@ -8,7 +8,6 @@ the compiled programs), plus one batch of 4 with the real weights.
 """
 import hashlib
 import importlib.util
-import os
 import pathlib
 import sys
 

@@ -18,17 +18,6 @@ CLASSES = 3
 
 
 @pytest.fixture(scope="module")
-def vae_dir(reference, tmp_path_factory):
-  """The tiny diffusers VAE fixture as a diffusers-format folder."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  folder = tmp_path_factory.mktemp("vae")
-  arrays = dict(np.load(reference / "parity" / "vae_tiny_weights.npz"))
-  save_file(arrays, str(folder / "diffusion_pytorch_model.safetensors"))
-  (folder / "config.json").write_text((reference / "parity" / "vae_tiny_config.json").read_text())
-  return folder
-
-
-@pytest.fixture(scope="module")
 def image_zip(tmp_path_factory):
   """A dataset_tool zip: 7 labelled 32x32 images and one corrupt PNG (also labelled)."""
   rng = np.random.default_rng(0)

@@ -21,17 +21,6 @@ KW = dict(batch=4, chunk=3, shard_size=5)  # 4 shards of 5 source images, chunks
 
 
 @pytest.fixture(scope="module")
-def vae_dir(reference, tmp_path_factory):
-  """The tiny diffusers VAE fixture as a diffusers-format folder."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  folder = tmp_path_factory.mktemp("vae")
-  arrays = dict(np.load(reference / "parity" / "vae_tiny_weights.npz"))
-  save_file(arrays, str(folder / "diffusion_pytorch_model.safetensors"))
-  (folder / "config.json").write_text((reference / "parity" / "vae_tiny_config.json").read_text())
-  return folder
-
-
-@pytest.fixture(scope="module")
 def image_zip(tmp_path_factory):
   """A dataset_tool zip of N labelled 16x16 PNGs, two of them corrupt."""
   rng = np.random.default_rng(1)

@@ -13,7 +13,7 @@ from conftest import DDPMPP_TINY
 from patchdiff import convert
 from patchdiff.nn import edm, torch_pickle
 from test_networks import nhwc, rel_l2
-from torch_archive import (Call, Global, LEGACY_MAGIC, Script, Shared, Storage, Tensor, View, dumps,
+from torch_archive import (Call, Global, Reduce, LEGACY_MAGIC, Script, Shared, Storage, Tensor, View, dumps,
                            legacy_save, records, write_zip)
 
 SNAPSHOTS = {"ddpmpp_tiny": "Patch_EDMPrecond", "adm_tiny_cond": "Patch_EDMPrecond",
@@ -202,16 +202,6 @@ def _write(path, data: bytes):
 # Malicious and damaged files.
 
 
-class _Reduce:
-  """An object whose pickle calls `func(*args)` on load."""
-
-  def __init__(self, func, *args):
-    self.func, self.args = func, args
-
-  def __reduce__(self):
-    return self.func, self.args
-
-
 def _payloads(marker):
   """(name, pickle bytes, the global the error names): each would create `marker` if it ran."""
   cmd = f"touch {marker}"
@@ -220,7 +210,7 @@ def _payloads(marker):
   return [
       ("posix.system", dumps({"ema": Call("posix", "system", (cmd,))})[0], "posix.system"),
       ("os.system", dumps({"ema": Call("os", "system", (cmd,))})[0], "os.system"),
-      ("os.system by pickle", pickle.dumps({"ema": _Reduce(os.system, cmd)}, protocol=4),
+      ("os.system by pickle", pickle.dumps({"ema": Reduce(os.system, cmd)}, protocol=4),
        f"{os.system.__module__}.system"),
       ("builtins.eval", dumps({"ema": Call("builtins", "eval", (code,))})[0], "builtins.eval"),
       ("unknown class", dumps({"ema": Script("training.networks.SongUNet", {})})[0],

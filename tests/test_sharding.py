@@ -1,15 +1,11 @@
 """The mesh and the state layouts: config errors, the fsdp rule, and (with 8 fake CPU devices in a
 subprocess) sharded steps against one device and checkpoints restored on other topologies."""
-import json
-import os
-import subprocess
-import sys
 
 import ml_collections
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO
+from conftest import run_on_eight_devices
 from patchdiff import sharding
 
 
@@ -53,14 +49,7 @@ def test_batch_must_split_over_devices_and_processes():
 
 @pytest.fixture(scope="module")
 def eight_devices():
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-             PYTHONPATH=str(REPO))
-  proc = subprocess.run([sys.executable, "tests/sharded_worker.py"], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
-  assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-  return json.loads(lines[0][len("RESULTS "):])
+  return run_on_eight_devices("sharded_worker.py", timeout=600)
 
 
 @pytest.mark.parametrize("layout", ["data8", "data2_fsdp4"])

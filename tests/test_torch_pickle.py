@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from patchdiff.nn import torch_pickle
-from torch_archive import Call, Script, Tensor, records, write_zip
+from torch_archive import Call, Reduce, Script, Tensor, records, write_zip
 
 
 def _write(path, obj, prefix="archive"):
@@ -75,28 +75,18 @@ def test_torchscript_layout_and_state_dict(tmp_path):
       "p.a.0", "p.a.1.b"]
 
 
-class _Reduce:
-  """An object whose pickle calls `func(*args)` on load."""
-
-  def __init__(self, func, *args):
-    self.func, self.args = func, args
-
-  def __reduce__(self):
-    return self.func, self.args
-
-
 def _payloads(marker):
   """(name, data.pkl bytes, what the error names): each would create `marker` if it ran."""
   cmd = f"touch {marker}"
   return [
-      ("os.system protocol 2", pickle.dumps(_Reduce(os.system, cmd), protocol=2),
+      ("os.system protocol 2", pickle.dumps(Reduce(os.system, cmd), protocol=2),
        f"{os.system.__module__}.system"),
-      ("os.system protocol 4", pickle.dumps({"w": _Reduce(os.system, cmd)}, protocol=4),
+      ("os.system protocol 4", pickle.dumps({"w": Reduce(os.system, cmd)}, protocol=4),
        f"{os.system.__module__}.system"),
       ("posix system", b"\x80\x02cposix\nsystem\nX" + len(cmd).to_bytes(4, "little")
        + cmd.encode() + b"\x85R.", "posix.system"),
       ("os system via INST", b"(S'" + cmd.encode() + b"'\nios\nsystem\n.", "os.system"),
-      ("builtins eval", pickle.dumps(_Reduce(eval, f"open({str(marker)!r}, 'w')"), protocol=2),
+      ("builtins eval", pickle.dumps(Reduce(eval, f"open({str(marker)!r}, 'w')"), protocol=2),
        ".eval"),
       ("builtins exec after a tensor", records({"w": np.zeros(2, np.float32),
                                                 "x": Call("builtins", "exec",

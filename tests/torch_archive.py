@@ -75,6 +75,16 @@ class Call:
     self.module, self.name, self.args = module, name, tuple(args)
 
 
+class Reduce:
+  """An object whose (plain) pickle calls `func(*args)` on load: a payload for refusal tests."""
+
+  def __init__(self, func, *args):
+    self.func, self.args = func, args
+
+  def __reduce__(self):
+    return self.func, self.args
+
+
 def _global(module: str, name: str) -> bytes:
   return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
 
@@ -99,6 +109,15 @@ class _Writer:
     if self.legacy:
       self.out.append(b"N")
     self.out.append(b"tQ")
+
+  def rebuild_tensor(self, emit_storage, t) -> None:
+    """`torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())`
+    of `t` (offset, size, stride), its storage written by `emit_storage()`."""
+    self.out.append(_global("torch._utils", "_rebuild_tensor_v2") + b"(")
+    emit_storage()
+    for value in (t.offset, t.size, t.stride, False, Call("collections", "OrderedDict")):
+      self.emit(value)
+    self.out.append(b"tR")
 
   def emit(self, obj) -> None:
     w = self.out.append
@@ -136,14 +155,7 @@ class _Writer:
     elif isinstance(obj, Storage):
       self.storage_pid(obj.array, obj.key)
     elif isinstance(obj, View):
-      w(_global("torch._utils", "_rebuild_tensor_v2") + b"(")
-      self.emit(obj.storage)
-      self.emit(obj.offset)
-      self.emit(obj.size)
-      self.emit(obj.stride)
-      self.emit(False)
-      self.emit(Call("collections", "OrderedDict"))
-      w(b"tR")
+      self.rebuild_tensor(lambda: self.emit(obj.storage), obj)
     elif isinstance(obj, tuple):
       w(b"(")
       for item in obj:
@@ -169,14 +181,7 @@ class _Writer:
       strides = tuple(s // a.itemsize for s in a.strides) if a.size else (1,) * a.ndim
       self.emit(Tensor(a, 0, a.shape, strides))
     elif isinstance(obj, Tensor):
-      w(_global("torch._utils", "_rebuild_tensor_v2") + b"(")
-      self.storage_pid(obj.storage, obj.key)
-      self.emit(obj.offset)
-      self.emit(obj.size)
-      self.emit(obj.stride)
-      self.emit(False)
-      self.emit(Call("collections", "OrderedDict"))
-      w(b"tR")
+      self.rebuild_tensor(lambda: self.storage_pid(obj.storage, obj.key), obj)
     elif isinstance(obj, Script):
       module, name = obj.qualname.rsplit(".", 1)
       w(_global(module, name) + b")\x81")
