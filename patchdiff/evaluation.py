@@ -211,19 +211,18 @@ def sample_from_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: i
   sampler = generate.Sampler(denoiser, m, cfg.sample, mesh=mesh, decoder=decoder)
   outdir = outdir or os.path.join(workdir, "samples", f"step_{step:08d}")
   writer = jax.process_index() == 0
-  size = canvas or (known.image.shape[0] if known is not None else r)
-  npz = None
-  if fmt == "npz" and writer:
-    npz = images_io.NpzStream(os.path.join(outdir, "samples.npz"), "arr_0",
-                              (len(seeds), size, size, c), np.uint8)
-  kept = np.zeros((len(seeds) if keep_all else min(cfg.sample.grid_size, len(seeds)), size, size,
-                   c), np.uint8)
-  done = 0
+  npz, kept, done = None, None, 0
   t0 = time.perf_counter()
 
   def on_batch(batch_seeds, images):
-    nonlocal done
+    nonlocal npz, kept, done
     images = images_io.to_uint8(images)
+    if kept is None:  # the images' shape: the canvas's, or the decoder's for a latent model
+      kept = np.zeros((len(seeds) if keep_all else min(cfg.sample.grid_size, len(seeds)),
+                       *images.shape[1:]), np.uint8)
+      if fmt == "npz" and writer:
+        npz = images_io.NpzStream(os.path.join(outdir, "samples.npz"), "arr_0",
+                                  (len(seeds), *images.shape[1:]), np.uint8)
     if fmt == "png" and writer:
       images_io.save_pngs(images, batch_seeds, outdir)
     if npz is not None:

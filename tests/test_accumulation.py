@@ -92,13 +92,13 @@ def test_a_sample_draws_the_same_in_any_batch(conditional_model):
   """Sample i's noise level, noise and dropout masks come from fold_in(key, i): its loss in a
   part of the batch (given its keys) is its loss in the whole batch."""
   den, _, _, _, batch = conditional_model
+  loss = jax.jit(lambda x, pos, label, key: edm.denoising_loss(den, x, pos, label, key))
   key = jax.random.key(7)
-  whole = edm.denoising_loss(den, batch["image"], batch["pos"], batch["label"], key)
-  part = edm.denoising_loss(den, batch["image"][4:], batch["pos"][4:], batch["label"][4:],
-                            edm.sample_keys(key, jnp.arange(4, 8)))
+  whole = loss(batch["image"], batch["pos"], batch["label"], key)
+  part = loss(batch["image"][4:], batch["pos"][4:], batch["label"][4:],
+              edm.sample_keys(key, jnp.arange(4, 8)))
   np.testing.assert_allclose(part, whole[4:], rtol=1e-5)
-  other = edm.denoising_loss(den, batch["image"], batch["pos"], batch["label"],
-                             jax.random.key(8))
+  other = loss(batch["image"], batch["pos"], batch["label"], jax.random.key(8))
   assert not np.allclose(other, whole, rtol=1e-2)  # the key matters
 
 
@@ -234,7 +234,7 @@ def eight_devices():
   return run_on_eight_devices("accumulation_worker.py", timeout=900)
 
 
-@pytest.mark.parametrize("layout", ["data8", "data2_fsdp4"])
+@pytest.mark.parametrize("layout", ["data8"])
 def test_sharded_accumulated_step_matches_the_unsplit_step(eight_devices, layout):
   r = eight_devices
   assert r[f"{layout}_rounds"] == 2 and r[f"{layout}_step"] == [2, 2]
@@ -250,7 +250,7 @@ def test_micro_batches_move_no_batch_data_between_devices(eight_devices):
   replicated, the devices sum their rounds' gradients locally and all-reduce once, after the
   loop (one all-reduce in the entry computation, none in the loop body)."""
   r = eight_devices
-  for layout in ("data8", "data2_fsdp4"):
+  for layout in ("data8",):
     got, ref = r[f"{layout}_collectives"], r[f"{layout}_plain_collectives"]
     for op in ("all-to-all", "collective-permute", "all-gather"):
       total = lambda c: c[f"{op}_entry"] + c[f"{op}_nested"]  # noqa: E731

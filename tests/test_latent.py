@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchdiff import config_lib, data, encode_latents, evaluation, patches, train
+from patchdiff import config_lib, data, encode_latents, evaluation, generate, patches, train
 from patchdiff.data import images, latents as latent_files
 from patchdiff.nn import vae
 
@@ -152,6 +152,16 @@ def test_latent_training_and_decoded_samples(latents, vae_dir, tmp_path):
   pngs = sorted((tmp_path / "samples").rglob("*.png"))
   assert len([p for p in pngs if p.name != "grid.png"]) == 3
   assert np.asarray(Image.open(pngs[0])).shape == (RES, RES, 3)
+  # --format=npz of a conditional model: the images as ADM's evaluator reads them (arr_0) and
+  # each one's class (arr_1), the class the sampler drew for its seed.
+  seeds = list(range(10, 18))
+  evaluation.sample_from_checkpoint(cfg, str(tmp_path), seeds=seeds, fmt="npz",
+                                    outdir=str(tmp_path / "npz"))
+  with np.load(tmp_path / "npz" / "samples.npz") as f:
+    assert f.files == ["arr_0", "arr_1", "seeds"]
+    assert f["arr_0"].shape == (8, RES, RES, 3) and f["arr_0"].dtype == np.uint8
+    np.testing.assert_array_equal(f["arr_1"], generate.seed_classes(seeds, CLASSES))
+    assert f["seeds"].tolist() == seeds
   # Without the VAE a latent model's samples cannot become PNGs: a clear error first.
   cfg.vae.path = None
   with pytest.raises(Exception, match="set --config.vae.path"):
