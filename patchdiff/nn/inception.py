@@ -373,8 +373,9 @@ def features(model: InceptionV3, images: Any, batch_size: int = 64) -> np.ndarra
 
   The images are preprocessed as the model's weights require (`model.preprocessing`).
 
-  Runs in batches of `batch_size` (one jitted program per image size: the last batch is padded
-  with zero images and the padding dropped).
+  Runs in batches of `batch_size` (one jitted program per image size and batch: the last batch
+  is padded with zero images and the padding dropped). Fewer images than `batch_size` run as one
+  batch padded to the next power of two from 8, so small sets of different sizes share programs.
   """
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3:
@@ -384,7 +385,7 @@ def features(model: InceptionV3, images: Any, batch_size: int = 64) -> np.ndarra
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   n = images.shape[0]
-  batch_size = min(batch_size, max(n, 1))  # a handful of images is not padded to a whole batch
+  batch_size = min(batch_size, max(8, 1 << max(n - 1, 0).bit_length()))
   graphdef, state = nnx.split(model)
   out = []
   for start in range(0, n, batch_size):
