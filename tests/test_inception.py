@@ -203,11 +203,13 @@ def test_load_weights(model, tmp_path):
     inception.load_weights(bad)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed")
-def test_load_weights_pth_without_torch(tmp_path):
+def test_load_weights_pth_is_read_without_torch_and_damage_is_named(tmp_path):
+  """A `.pth` is never handed to torch's unpickler: a damaged one is refused by the restricted
+  reader, naming the file."""
+  from patchdiff.nn import torch_pickle  # pylint: disable=import-outside-toplevel
   path = tmp_path / "pt_inception.pth"
   path.write_bytes(b"not read")
-  with pytest.raises(ImportError, match="npz"):
+  with pytest.raises(torch_pickle.TorchPickleError, match="pt_inception.pth"):
     inception.load_weights(path)
 
 

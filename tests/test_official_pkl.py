@@ -1,5 +1,5 @@
 """Official `network-snapshot-*.pkl` files (EDM / Patch Diffusion training): read without torch and
-without running anything from the file (`torch_pickle.load`, `torch_io.read_snapshot`,
+without running anything from the file (`torch_pickle.read_file`, `torch_io.read_snapshot`,
 `convert.read_state_dict`); hand-made snapshots (`torch_archive`) for shared storages, the
 legacy `torch.save` format, malicious and damaged files."""
 import os
@@ -48,7 +48,7 @@ def test_read_snapshot_info(reference, name):
 
 
 def test_snapshot_object_graph(reference):
-  graph = torch_pickle.load(reference / "parity" / "ddpmpp_tiny_snapshot.pkl")
+  graph = torch_pickle.read_file(reference / "parity" / "ddpmpp_tiny_snapshot.pkl")
   assert set(graph) == {"ema", "loss_fn", "augment_pipe", "dataset_kwargs"}
   ema, loss = graph["ema"], graph["loss_fn"]
   assert isinstance(ema, torch_pickle.PersistentObject) and ema.qualname == "Patch_EDMPrecond"
@@ -144,7 +144,7 @@ def test_shared_storages_offsets_and_module_names(tmp_path):
   assert info["class_name"] == "Patch_EDMPrecond" and info["model_class"] is None
   assert info["attributes"] == {"training": False, "img_resolution": 16, "label_dim": 0}
   assert info["init_kwargs"] == {"img_resolution": 16, "model_type": "SongUNet"}
-  graph = torch_pickle.load(path)
+  graph = torch_pickle.read_file(path)
   conv = graph["ema"]["_modules"]["layers"]["_modules"]["0"]
   assert conv["skip_scale"] == 0.5 and isinstance(conv["skip_scale"], np.float64)
   assert repr(graph["ema"]["dtype"]) == "torch.float32"
@@ -185,12 +185,15 @@ def test_legacy_torch_save_file(tmp_path):
          "h": Tensor(np.array([1.5], np.float16), 0, (), ())}
   data = legacy_save(obj)
   for source in (data, _write(tmp_path / "legacy.pt", data)):
-    got = torch_pickle.load(source)
+    got = torch_pickle.read_file(source)
     np.testing.assert_array_equal(got["a"], storage.reshape(3, 4))
     np.testing.assert_array_equal(got["t"], storage.reshape(3, 4).T)
     assert got["i"].dtype == np.int64 and got["i"].tolist() == [5, -6]
     assert got["h"].dtype == np.float16 and got["h"] == 1.5
   assert set(torch_pickle.read_legacy(data)) == set(obj)
+  # A legacy .pth state dict (pytorch-fid's Inception is one) reads without torch.
+  sd = convert.read_state_dict(_write(tmp_path / "legacy.pth", data))
+  np.testing.assert_array_equal(sd["t"], storage.reshape(3, 4).T)
 
 
 def _write(path, data: bytes):

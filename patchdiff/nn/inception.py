@@ -26,8 +26,8 @@ Weights. Nothing is downloaded: `load_weights` reads a file the user installed o
   `benchmarks/inception_parity.py` compares our features with the module run by torch.
 - pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (its SHA-256 begins 6726825d, which
   `load_weights` checks for files named this way; GitHub release "FID weights" of
-  mseitzer/pytorch-fid): the PyTorch port of the same TensorFlow graph, as is (`.pth`: the legacy
-  torch.save format needs torch) or converted once to `.npz` (see `load_weights`).
+  mseitzer/pytorch-fid): the PyTorch port of the same TensorFlow graph, as is (`.pth`, the legacy
+  torch.save format, read without torch) or as `.npz`.
 - NVIDIA's `inception-2015-12-05.pkl` itself is not read. StyleGAN3 and EDM load it with a plain
   unpickler (`pickle` module), so it is a Python pickle, not a torch zip archive.
   A TorchScript module does not pickle by itself (`pickle.dumps` of `default_1.pt` loaded with
@@ -588,16 +588,8 @@ def load_weights(path: str | os.PathLike) -> InceptionV3:
     (`[net.]layers.<conv>.{weight,beta,mean,var}`, e.g. `default_weights_path()`) gives a model
     with `NVIDIA` preprocessing; a state dict in pytorch-fid's naming gives `PYTORCH_FID`.
   - `.npz` or `.safetensors`: arrays keyed by state-dict name, in either naming.
-  - Any other `.pth`/`.pt` (the legacy torch.save format of pytorch-fid's
-    `pt_inception-2015-12-05-6726825d.pth`) is read with `torch.load(map_location="cpu",
-    weights_only=True)`, so it needs torch. Without torch, convert it once to `.npz` where torch
-    is available:
-
-    python -c "import numpy as np, torch; sd = torch.load('pt_inception-2015-12-05-6726825d.pth',
-    map_location='cpu'); np.savez('pt_inception-2015-12-05.npz',
-    **{k: v.numpy() for k, v in sd.items()})"
-
-    (one line; wrapped here).
+  - A `.pth`/`.pt` in the legacy torch.save format (pytorch-fid's
+    `pt_inception-2015-12-05-6726825d.pth`) is read the same way, by `torch_pickle.read_legacy`.
 
   A file that is damaged, or whose tensors are not exactly those of the FID Inception-v3, raises
   a ValueError naming the file and every problem, before any image is processed.

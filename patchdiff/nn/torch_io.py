@@ -121,12 +121,11 @@ def count_params(module: nnx.Module) -> int:
 
 
 def read(path: str | os.PathLike) -> Any:
-  """What a weights file holds: `.npz` and `.safetensors` -> {name: array}; a `.pt`/`.pth` zip
-  archive (`torch.save` or TorchScript) -> its object graph, read by `torch_pickle` without torch
-  and without running anything from the file; a legacy (non-zip) `.pt`/`.pth` -> {name: array}
-  by `torch.load(weights_only=True)`, which needs torch; a `.pkl` (a pickle such as EDM's
-  `network-snapshot-*.pkl`) -> its object graph, read by `torch_pickle.load` without torch and
-  without running anything from the file (see `read_snapshot`)."""
+  """What a weights file holds: `.npz` (read with allow_pickle=False) and `.safetensors` ->
+  {name: array}; `.pt`/`.pth` (a `torch.save` zip archive, TorchScript, or the legacy
+  `torch.save` format) and `.pkl` (a pickle such as EDM's `network-snapshot-*.pkl`) -> its
+  object graph, read by `torch_pickle.read_file` without torch and without running anything from
+  the file (see `read_snapshot`)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"weights file {path} does not exist")
@@ -140,25 +139,10 @@ def read(path: str | os.PathLike) -> Any:
       return load_file(path)
     except Exception as e:  # safetensors raises its own error types for damaged files
       raise ValueError(f"cannot read weights {path}: {e}") from e
-  if ext == ".pkl":
-    return torch_pickle.load(path)
-  if ext not in (".pt", ".pth"):
+  if ext not in (".pt", ".pth", ".pkl"):
     raise ValueError(f"unsupported weights file {path}: expected .npz, .pt or .pth (PyTorch), "
                      ".pkl (an official network snapshot), or .safetensors")
-  with open(path, "rb") as f:
-    if f.read(4) == b"PK\x03\x04":
-      return torch_pickle.read_archive(path)
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(f"{path} is not a zip archive, the torch format read without torch: it is "
-                      "damaged, or in the legacy torch.save format, which needs torch, not "
-                      "installed here; convert it to .npz where torch is available") from e
-  sd = torch.load(path, map_location="cpu", weights_only=True)
-  if not isinstance(sd, Mapping):
-    raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict")
-  return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in sd.items()
-          if hasattr(v, "numpy")}
+  return torch_pickle.read_file(path)
 
 
 _OPAQUE = object()

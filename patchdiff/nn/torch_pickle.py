@@ -35,7 +35,7 @@ the storage types and TorchScript classes); any other global the pickle names (`
 a tensor reaching outside its storage, a wrong magic number) raises a `TorchPickleError` naming
 the file and the problem.
 
-Public API: `load` (any of the three -> its object graph), `read_archive` (a zip archive),
+Public API: `read_file` (any of the three -> its object graph), `read_archive` (a zip archive),
 `read_legacy` (a legacy `torch.save` file), `unpickle` (a plain pickle; `extra_globals` admits
 more callables where a caller knows a format), `state_dict` (an object graph -> `{dotted.name:
 array}`, with `torch.nn.Module.state_dict`'s names for modules), `InertObject`,
@@ -59,7 +59,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 
 __all__ = ["TorchPickleError", "InertObject", "ScriptObject", "PersistentObject", "TorchModule",
-           "RestrictedUnpickler", "STORAGE_DTYPES", "TORCH_MODULES", "LEGACY_MAGIC", "load",
+           "RestrictedUnpickler", "STORAGE_DTYPES", "TORCH_MODULES", "LEGACY_MAGIC", "read_file",
            "read_archive", "read_legacy", "unpickle", "state_dict"]
 
 
@@ -632,7 +632,7 @@ def _is_legacy(head: bytes) -> bool:
   return False
 
 
-def load(file: str | os.PathLike | bytes | BinaryIO, *, source: str | None = None,
+def read_file(file: str | os.PathLike | bytes | BinaryIO, *, source: str | None = None,
          extra_globals: dict[tuple[str, str], Any] | None = None) -> Any:
   """The object graph of a file that torch or `pickle` wrote, told apart by its first bytes: a
   zip archive (`read_archive`), the legacy `torch.save` format (`read_legacy`), or a plain pickle
@@ -643,9 +643,10 @@ def load(file: str | os.PathLike | bytes | BinaryIO, *, source: str | None = Non
     if not os.path.isfile(file):
       raise FileNotFoundError(f"{source}: no such file")
     with open(file, "rb") as f:
-      return load(f, source=source, extra_globals=extra_globals)
+      return read_file(f, source=source, extra_globals=extra_globals)
   if isinstance(file, (bytes, bytearray, memoryview)):
-    return load(io.BytesIO(bytes(file)), source=source or "<bytes>", extra_globals=extra_globals)
+    return read_file(io.BytesIO(bytes(file)), source=source or "<bytes>",
+                     extra_globals=extra_globals)
   source = source or getattr(file, "name", "<stream>")
   at = file.tell()
   head = file.read(64)
