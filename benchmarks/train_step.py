@@ -86,7 +86,7 @@ def main(argv):
     lowered = traced.lower()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    st = train_step.program_stats(compiled, lowered)
+    st = train_step.program_stats(compiled)
     b = spec["image"].shape[0]
     host = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in spec.items()}
     if spec["image"].dtype == np.uint8:  # pixel sources send uint8 pixels

@@ -144,21 +144,21 @@ class Run:
         t0 = time.perf_counter()
         traced = self.trace_step(size)
         lowered = traced.lower()
-        traced_at[size] = (traced, lowered, time.perf_counter() - t0)
+        traced_at[size] = (traced, time.perf_counter() - t0)
         jobs[size] = pool.submit(compile_one, lowered, time.perf_counter())
       compiled, stats = {}, {}
       for size in sizes:
         compiled[size], _, seconds = jobs[size].result()
-        traced, lowered, trace_seconds = traced_at[size]
+        traced, trace_seconds = traced_at[size]
         stats[size] = dict(compile_seconds=trace_seconds + seconds,
                            model_flops=train_step.jaxpr_flops(traced.jaxpr),
-                           **train_step.program_stats(compiled[size], lowered))
+                           **train_step.program_stats(compiled[size]))
         s = stats[size]
         logging.info("compiled the %dpx step (batch %d) in %.1f s (tracing %.1f s): %.4g GFLOP "
-                     "per step (XLA's count: %.4g); memory per device: arguments %.1f MiB, "
-                     "outputs %.1f MiB, temporaries %.1f MiB", size,
+                     "per step; memory per device: arguments %.1f MiB, outputs %.1f MiB, "
+                     "temporaries %.1f MiB", size,
                      self.batch_spec(size)["image"].shape[0], s["compile_seconds"],
-                     trace_seconds, s["model_flops"] / 1e9, s["flops"] / 1e9,
+                     trace_seconds, s["model_flops"] / 1e9,
                      s["argument_bytes"] / 2**20, s["output_bytes"] / 2**20,
                      s["temp_bytes"] / 2**20)
     self.compile_wall_seconds = time.perf_counter() - t_all

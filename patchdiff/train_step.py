@@ -254,21 +254,18 @@ def jaxpr_flops(closed_jaxpr) -> float:
   return count(closed_jaxpr.jaxpr)
 
 
-def program_stats(compiled, lowered=None) -> dict[str, float]:
-  """XLA's cost analysis (FLOPs per call) and memory analysis (bytes per device) of a program.
+def program_stats(compiled) -> dict[str, float]:
+  """XLA's memory analysis of a compiled program (bytes per device).
 
-  FLOPs come from the program as lowered when `lowered` is given, else as compiled. Neither is
-  reliable on GPU: after compilation, convolutions are cuDNN custom calls that the analysis
-  counts as zero (712 GFLOP for a 64 TFLOP step of the FFHQ-64 model on an H100), and the
-  lowered analysis gave 0 there (JAX 0.11.2). `jaxpr_flops` is the count to use.
+  XLA's cost analysis is left out: its FLOP count is not reliable on GPU (after compilation,
+  convolutions are cuDNN custom calls that it counts as zero: 712 GFLOP for a 64 TFLOP step of
+  the FFHQ-64 model on an H100; the lowered module's analysis gave 0 there, JAX 0.11.2), and on
+  the lowered module it converts the whole program to HLO first (a second per bucket of a tiny
+  model on CPU, paid at every start). `jaxpr_flops` is the count to use.
   """
-  cost = (lowered if lowered is not None else compiled).cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
-    cost = cost[0] if cost else {}
   mem = compiled.memory_analysis()
   get = lambda name: float(getattr(mem, name, 0) or 0) if mem is not None else 0.0  # noqa: E731
-  return dict(flops=float((cost or {}).get("flops", 0.0)),
-              argument_bytes=get("argument_size_in_bytes"),
+  return dict(argument_bytes=get("argument_size_in_bytes"),
               output_bytes=get("output_size_in_bytes"),
               temp_bytes=get("temp_size_in_bytes"),
               alias_bytes=get("alias_size_in_bytes"))
