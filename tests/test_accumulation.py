@@ -1,8 +1,7 @@
 """Gradient accumulation (train.batch_per_device): the rounds per bucket, the accumulated gradient
 and step against the unsplit ones (on one device and, in a subprocess, on 8 fake CPU devices), the
-program's single scan, and an exact resume."""
-import os
-
+program's single scan. (The exact resume of an accumulating run is test_train.py's resume test,
+whose 4 px bucket runs in 2 rounds.)"""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +11,7 @@ from flax import nnx
 from conftest import ADM_TINY, run_on_eight_devices
 from patchdiff import config_lib, patches, train, train_step
 from patchdiff.nn import edm, models
-from test_train import _restore_train, tiny_config, watch_compiles
+from test_train import tiny_config, watch_compiles
 
 
 def _rel(a, b) -> float:
@@ -201,29 +200,6 @@ def test_the_program_holds_one_scan_over_the_rounds(param_sharding):
   assert len(_eqns(split.jaxpr, "conv_general_dilated")) == convs
   flops = train_step.jaxpr_flops(plain)
   np.testing.assert_allclose(train_step.jaxpr_flops(split), flops, rtol=1e-9)
-
-
-def test_interrupted_and_resumed_accumulating_run_is_the_same_run(tmp_path):
-  """Full images only (one program), 2 rounds of 2 per step; preempted after step 2."""
-  import signal  # pylint: disable=import-outside-toplevel
-  cfg = _cfg(2, **{"patch.real_p": 1.0, "train.steps": 4, "train.log_every": 2,
-                   "train.checkpoint_every": 100, "sample.grid_size": 0})
-  assert train.Run(cfg).rounds == {16: 2}
-  train.train_and_evaluate(cfg, str(tmp_path / "straight"))
-
-  def preempt(step, size):  # pylint: disable=unused-argument
-    if step == 1:
-      os.kill(os.getpid(), signal.SIGTERM)
-  train.train_and_evaluate(cfg, str(tmp_path / "resumed"), on_step=preempt)
-  _, steps = _restore_train(tmp_path / "resumed", cfg, 2)
-  assert steps == [2]
-  train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
-  a, _ = _restore_train(tmp_path / "straight", cfg, 4)
-  b, steps = _restore_train(tmp_path / "resumed", cfg, 4)
-  assert steps == [2, 4]
-  for item, key in (("train", "params"), ("train", "opt_state"), ("ema", "params")):
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6),
-                           a[item][key], b[item][key])
 
 
 # ---------------------------------------------------------------------------------------------

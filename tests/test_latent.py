@@ -123,7 +123,9 @@ def latent_config(latent_path, vae_path):
   c.model.attn_resolutions = (4,)
   c.model.label_dim = CLASSES
   c.model.label_dropout = 0.1
+  c.model.dtype = "float16"  # ImageNet-256's recipe: float16 with a static loss scale of 100
   c.patch.latent = True
+  c.train.loss_scale = 100.0
   c.train.batch_size = 4
   c.train.steps = 2
   c.train.lr_rampup_kimg = 0.01

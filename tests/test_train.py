@@ -113,7 +113,16 @@ def test_checkpoint_from_another_model_is_refused():
   config_lib.check_compatible(saved, tiny_config(**{"model.dropout": 0.1}), where="ckpt/10")
 
 
-def test_one_compilation_per_bucket_and_none_in_the_loop(tmp_path, monkeypatch):
+# One uninterrupted run serves two tests: its compilations are counted, and the resumed runs
+# below are compared with it. Dropout is on and the 4 px bucket (16 samples a step) accumulates
+# its gradient in 2 rounds of 8, so the resume is checked for accumulating programs too.
+STRAIGHT = {"train.steps": 40, "train.log_every": 10, "train.checkpoint_every": 100,
+            "sample.grid_size": 0, "model.dropout": 0.1, "train.batch_per_device": 8}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("straight")
   compiles = watch_compiles()
   seen, counts, programs = [], [], []
   compile_steps = train.Run.compile_steps
@@ -123,25 +132,34 @@ def test_one_compilation_per_bucket_and_none_in_the_loop(tmp_path, monkeypatch):
     out = compile_steps(self)
     programs.append((len(compiles) - before, out[0]))
     return out
-  monkeypatch.setattr(train.Run, "compile_steps", counted)
 
-  def on_step(step, size):
+  def on_step(step, size):  # pylint: disable=unused-argument
     seen.append(size)
     counts.append(len(compiles))
 
-  cfg = tiny_config(**{"train.steps": 40, "sample.grid_size": 0})
-  metrics = train.train_and_evaluate(cfg, str(tmp_path), on_step=on_step)
+  cfg = tiny_config(**STRAIGHT)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train.Run, "compile_steps", counted)
+    metrics = train.train_and_evaluate(cfg, str(workdir), on_step=on_step)
+  return dict(cfg=cfg, workdir=workdir, seen=seen, counts=counts, programs=programs,
+              metrics=metrics)
+
+
+def test_one_compilation_per_bucket_and_none_in_the_loop(straight_run):
+  r = straight_run
   # One program per bucket, each for its own batch shape, compiled before the loop (with the
   # few eager scalar ops tracing runs); none inside it.
-  [(compiled_now, by_size)] = programs
+  [(compiled_now, by_size)] = r["programs"]
   assert sorted(by_size) == [4, 8, 16] and 3 <= compiled_now <= 6
   for size, program in by_size.items():
     assert program.args_info[0][1]["image"].shape == (4 * 16 // size, size, size, 3)
+  seen = r["seen"]
   assert {s: seen.count(s) >= 5 for s in (4, 8, 16)} == {4: True, 8: True, 16: True}
+  counts = r["counts"]
   assert counts[0] >= 3 and len(set(counts)) == 1, "a compilation happened in the training loop"
-  expected = train.Run(cfg).schedule.sizes_at(np.arange(40)).tolist()
+  expected = train.Run(r["cfg"]).schedule.sizes_at(np.arange(40)).tolist()
   assert seen == expected
-  assert np.isfinite(metrics["loss"])
+  assert np.isfinite(r["metrics"]["loss"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,14 +294,13 @@ def _restore_train(workdir, cfg, step):
   return jax.device_get(dict(ema=ema, train=train_item, progress=progress)), steps
 
 
-def test_interrupted_and_resumed_run_is_the_same_run(tmp_path):
+def test_interrupted_and_resumed_run_is_the_same_run(straight_run, tmp_path):
   """Preempted at step 3 (SIGTERM), then killed while saving step 5 (only orbax's temporary
   directory exists), then resumed: the result equals the uninterrupted run's."""
   import shutil  # pylint: disable=import-outside-toplevel
   import signal  # pylint: disable=import-outside-toplevel
-  cfg = tiny_config(**{"train.steps": 8, "train.log_every": 4, "train.checkpoint_every": 100,
-                       "sample.grid_size": 0})
-  train.train_and_evaluate(cfg, str(tmp_path / "straight"))
+  cfg = straight_run["cfg"]
+  assert train.Run(cfg).rounds == {4: 2, 8: 1, 16: 1}
 
   def preempt(step, size):  # pylint: disable=unused-argument
     if step == 2:
@@ -297,15 +314,15 @@ def test_interrupted_and_resumed_run_is_the_same_run(tmp_path):
   shutil.rmtree(partial / "train")  # cut off mid-write
   train.train_and_evaluate(cfg, str(resumed))
 
-  a, _ = _restore_train(tmp_path / "straight", cfg, 8)
-  b, steps = _restore_train(resumed, cfg, 8)
-  assert steps == [3, 8] and not partial.exists()
+  a, _ = _restore_train(straight_run["workdir"], cfg, 40)
+  b, steps = _restore_train(resumed, cfg, 40)
+  assert steps == [3, 40] and not partial.exists()
   # The same progress record, but for the training time each run took; the resumed run's
   # carries over its first part's.
   pa, pb = dict(a["progress"]), dict(b["progress"])
   assert pb.pop("train_seconds") > at3["progress"]["train_seconds"] > 0
   assert pa.pop("train_seconds") > 0
-  assert pb == pa and pb["data_position"] == 8
+  assert pb == pa and pb["data_position"] == 40
   for item, key in (("train", "params"), ("train", "opt_state"), ("ema", "params")):
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6),
                            a[item][key], b[item][key])
