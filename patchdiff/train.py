@@ -135,9 +135,9 @@ class Run:
     t_all = time.perf_counter()
     jobs, traced_at = {}, {}
 
-    def compile_one(lowered, t_ready):
+    def compile_one(lowered):
       t0 = time.perf_counter()
-      return lowered.compile(), t_ready, time.perf_counter() - t0
+      return lowered.compile(), time.perf_counter() - t0
 
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="compile") as pool:
       for size in sizes:
@@ -145,10 +145,10 @@ class Run:
         traced = self.trace_step(size)
         lowered = traced.lower()
         traced_at[size] = (traced, time.perf_counter() - t0)
-        jobs[size] = pool.submit(compile_one, lowered, time.perf_counter())
+        jobs[size] = pool.submit(compile_one, lowered)
       compiled, stats = {}, {}
       for size in sizes:
-        compiled[size], _, seconds = jobs[size].result()
+        compiled[size], seconds = jobs[size].result()
         traced, trace_seconds = traced_at[size]
         stats[size] = dict(compile_seconds=trace_seconds + seconds,
                            model_flops=train_step.jaxpr_flops(traced.jaxpr),

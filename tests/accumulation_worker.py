@@ -54,21 +54,21 @@ def main():
   assert len(devices) == 8, devices
   results = {}
   dropout = {"model.dropout": 0.2}
+  name = "data8"  # the data layout, replicated state
   state0 = jax.device_get(train.Run(layout(8, 1, "replicated", **dropout), devices).init_state())
-  for name, (data, fsdp, mode) in {"data8": (8, 1, "replicated")}.items():
-    _, plain, ref, ref_losses = run(layout(data, fsdp, mode, **dropout), devices, state0)
-    r, acc, got, losses = run(layout(data, fsdp, mode, **dropout,
-                                     **{"train.batch_per_device": 1}), devices, state0)
-    results[f"{name}_rounds"] = r.rounds[SIZE]
-    results[f"{name}_param_rel_err"] = max_rel(got["params"], ref["params"])
-    results[f"{name}_ema_rel_err"] = max_rel(got["ema"], ref["ema"])
-    delta = lambda p: jax.tree_util.tree_map(lambda x, x0: np.asarray(x) - x0, p,  # noqa: E731
-                                             state0["params"])
-    results[f"{name}_update_rel_err"] = max_rel(delta(got["params"]), delta(ref["params"]))
-    results[f"{name}_step"] = [int(got["step"]), int(ref["step"])]
-    results[f"{name}_loss_rel_err"] = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
-    results[f"{name}_collectives"] = collectives(acc.as_text())
-    results[f"{name}_plain_collectives"] = collectives(plain.as_text())
+  _, plain, ref, ref_losses = run(layout(8, 1, "replicated", **dropout), devices, state0)
+  r, acc, got, losses = run(layout(8, 1, "replicated", **dropout, **{"train.batch_per_device": 1}),
+                            devices, state0)
+  results[f"{name}_rounds"] = r.rounds[SIZE]
+  results[f"{name}_param_rel_err"] = max_rel(got["params"], ref["params"])
+  results[f"{name}_ema_rel_err"] = max_rel(got["ema"], ref["ema"])
+  delta = lambda p: jax.tree_util.tree_map(lambda x, x0: np.asarray(x) - x0, p,  # noqa: E731
+                                           state0["params"])
+  results[f"{name}_update_rel_err"] = max_rel(delta(got["params"]), delta(ref["params"]))
+  results[f"{name}_step"] = [int(got["step"]), int(ref["step"])]
+  results[f"{name}_loss_rel_err"] = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
+  results[f"{name}_collectives"] = collectives(acc.as_text())
+  results[f"{name}_plain_collectives"] = collectives(plain.as_text())
   print("RESULTS " + json.dumps(results))
 
 

@@ -633,7 +633,7 @@ def _is_legacy(head: bytes) -> bool:
 
 
 def read_file(file: str | os.PathLike | bytes | BinaryIO, *, source: str | None = None,
-         extra_globals: dict[tuple[str, str], Any] | None = None) -> Any:
+              extra_globals: dict[tuple[str, str], Any] | None = None) -> Any:
   """The object graph of a file that torch or `pickle` wrote, told apart by its first bytes: a
   zip archive (`read_archive`), the legacy `torch.save` format (`read_legacy`), or a plain pickle
   (`unpickle`, e.g. EDM's `network-snapshot-*.pkl`). `file` is a path, bytes, or a seekable
