@@ -1,12 +1,13 @@
-"""Start-up cost of training: compiling every bucket's step, one at a time against all at once,
-and again from the persistent compilation cache (what a restart pays).
+"""Start-up cost of training: compiling the step's programs (a gradient program per bucket and
+the update program they share), one at a time against all at once, and again from the
+persistent compilation cache (what a restart pays).
 
   python benchmarks/compile_time.py --config=configs/ffhq64.py --config.train.batch_size=1
 
 Each measurement runs in a fresh process (so no in-memory cache helps) with the trainer's own
 `Run.compile_steps`, and prints the wall time from the first trace to the last program:
-  1. `train.compile_threads=1`, no persistent cache: the buckets one after the other;
-  2. `train.compile_threads=0` (the default), no persistent cache: all buckets at once;
+  1. `train.compile_threads=1`, no persistent cache: the programs one after the other;
+  2. `train.compile_threads=0` (the default), no persistent cache: all programs at once;
   3. the default again, twice, with a persistent cache in a fresh folder: the first run fills
      it, the second is a restart.
 """
@@ -36,7 +37,7 @@ def _child(cache: str) -> None:
   run = train.Run(_CONFIG.value)
   _, stats = run.compile_steps()
   print(json.dumps(dict(wall=run.compile_wall_seconds, platform=jax.devices()[0].platform,
-                        buckets={str(k): v["compile_seconds"] for k, v in stats.items()})))
+                        programs={k: v["compile_seconds"] for k, v in stats.items()})))
 
 
 def _measure(argv: list[str], threads: int, cache: str) -> dict:
@@ -54,15 +55,15 @@ def main(argv):
   args = [a for a in sys.argv[1:] if not a.startswith("--child")]
   rows = []
   with tempfile.TemporaryDirectory() as cache:
-    for label, threads, where in (("one bucket at a time, no cache", 1, "none"),
-                                  ("all buckets at once, no cache", 0, "none"),
+    for label, threads, where in (("one program at a time, no cache", 1, "none"),
+                                  ("all programs at once, no cache", 0, "none"),
                                   ("all at once, filling a fresh cache", 0, cache),
                                   ("restart: all from the cache", 0, cache)):
       r = _measure(args, threads, where)
       rows.append((label, r))
-      buckets = ", ".join(f"{k}px {v:.1f} s" for k, v in r["buckets"].items())
-      print(f"{label:>38}: {r['wall']:6.1f} s wall ({r['platform']}; per bucket, trace + "
-            f"compile: {buckets})", flush=True)
+      programs = ", ".join(f"{k} {v:.1f} s" for k, v in r["programs"].items())
+      print(f"{label:>38}: {r['wall']:6.1f} s wall ({r['platform']}; per program, trace + "
+            f"compile: {programs})", flush=True)
   del argv
 
 

@@ -35,7 +35,7 @@ def main(argv):
   run = train.Run(cfg)
   size = _SIZE.value or run.schedule.resolution
   state = run.init_state()
-  compiled = run.lower_step(size).compile()
+  compiled = run.compile_step(size)
   spec = run.batch_spec(size)
   rng = np.random.default_rng(0)
   host = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in spec.items()}

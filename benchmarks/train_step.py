@@ -7,17 +7,20 @@
       --config.train.batch_per_device=128                                    # accumulation
 
 For every bucket (R/4, R/2, R): the global batch of that bucket (batch * R/s), the median step
-time over --steps timed steps (each waited for), samples/s, the model's FLOPs per step (convolutions and matrix products of
-the forward and backward passes, counted from the jaxpr: XLA's cost analysis misses the cuDNN
-calls on GPU), achieved
-FLOP/s (and MFU where the peak is known or given with --peak_tflops), XLA's memory estimate
-(arguments + temporaries per device) and the device's peak bytes in use so far. Then the
-expected step time under the stochastic schedule for p = 0.5 relative to p = 1.0 (EDM) next to
-the ideal ratio from FLOPs, per step and per counted image (as the paper counts images, a step
-counts batch * mean batch_mul images). Uses random data on the device: the input pipeline is measured by
-benchmarks/input_pipeline.py. With --config.train.batch_per_device, each bucket's step
-accumulates over the `rounds` micro-batches the trainer would use (the `rounds` column): the step
-time is that of the whole global batch, the memory that of the micro-batches.
+time over --steps timed steps (each waited for; a step is the bucket's gradient program and the
+update program, as the trainer runs it), samples/s, the model's FLOPs per step (convolutions
+and matrix products of the forward and backward passes, counted from the jaxpr: XLA's cost
+analysis misses the cuDNN calls on GPU), achieved FLOP/s (and MFU where the peak is known or
+given with --peak_tflops), XLA's memory estimate of the gradient program (arguments +
+temporaries per device), the device's peak bytes in use so far, and the gradient program's
+compile time (the update program that all buckets share is compiled once; its time is printed
+apart). Then the expected step time under the stochastic schedule for p = 0.5 relative to
+p = 1.0 (EDM) next to the ideal ratio from FLOPs, per step and per counted image (as the paper
+counts images, a step counts batch * mean batch_mul images). Uses random data on the device:
+the input pipeline is measured by benchmarks/input_pipeline.py. With
+--config.train.batch_per_device, each bucket's step accumulates over the `rounds` micro-batches
+the trainer would use (the `rounds` column): the step time is that of the whole global batch,
+the memory that of the micro-batches.
 """
 from __future__ import annotations
 
@@ -77,16 +80,20 @@ def main(argv):
         f"{cfg.train.get('batch_per_device')}")
   state = run.init_state()
   rng = np.random.default_rng(0)
-  rows = {}
+  rows, apply = {}, None
   for size in sizes:
     spec = run.batch_spec(size)
     print(f"compiling the {size}px step ...", flush=True)
     t0 = time.perf_counter()
-    traced = run.trace_step(size)  # one trace: compiled, and its FLOPs counted
-    lowered = traced.lower()
-    compiled = lowered.compile()
+    traced = run.trace_grad(size)  # one trace: compiled, and its FLOPs counted
+    grad = traced.lower().compile()
     compile_s = time.perf_counter() - t0
-    st = train_step.program_stats(compiled)
+    if apply is None:  # the update program, compiled once for all buckets
+      t0 = time.perf_counter()
+      apply = run.trace_apply().lower().compile()
+      print(f"compiled the update program in {time.perf_counter() - t0:.1f} s", flush=True)
+    compiled = run.bind_step(size, grad, apply)
+    st = train_step.program_stats(grad)
     b = spec["image"].shape[0]
     host = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in spec.items()}
     if spec["image"].dtype == np.uint8:  # pixel sources send uint8 pixels

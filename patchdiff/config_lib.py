@@ -168,7 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Persistent XLA cache, so a restart skips compiling. Unset: WORKDIR/xla_cache (unless the
   # process already has one, e.g. JAX_COMPILATION_CACHE_DIR); "": none.
   c.train.compilation_cache_dir = placeholder(str)
-  c.train.compile_threads = 0    # buckets compiled at once; 0: all of them
+  c.train.compile_threads = 0    # programs compiled at once; 0: all of them
   c.train.log_every = 100
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
@@ -457,7 +457,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise ValueError(f"train.init_reset_labels={t.init_reset_labels!r} must be a bool")
   if not isinstance(t.compile_threads, int) or t.compile_threads < 0:
     raise ValueError(f"train.compile_threads={t.compile_threads!r} must be an integer >= 0 "
-                     "(0: every bucket at once)")
+                     "(0: every program at once)")
   if not isinstance(t.fid_every, int) or t.fid_every < 0:
     raise ValueError(f"train.fid_every={t.fid_every!r} must be an integer >= 0")
   if t.fid_every and (not isinstance(t.fid_samples, int) or t.fid_samples < 2):

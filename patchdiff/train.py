@@ -1,4 +1,5 @@
-"""The trainer: mesh, input, state, one compiled program per patch-size bucket, and the loop.
+"""The trainer: mesh, input, state, one compiled gradient program per patch-size bucket and one
+update program that they share, and the loop.
 
 The programs are compiled ahead of time at start-up; the loop only dispatches. The step itself
 is `patchdiff.train_step`; checkpoints are `patchdiff.checkpoint`.
@@ -52,6 +53,7 @@ class Run:
       logging.info("gradient accumulation (train.batch_per_device=%d): rounds per bucket %s",
                    cfg.train.batch_per_device, self.rounds)
     self.replicated = NamedSharding(self.mesh, P())
+    self._apply = None  # the compiled update program, once compiled
     self.batch_sharding = NamedSharding(self.mesh, sharding.BATCH)
     self.optimizer = train_step.make_optimizer(cfg.train)
     self._init_graphdef, self._init_fn = models.initializer(self.model_cfg, seed=cfg.seed)
@@ -98,40 +100,63 @@ class Run:
     """Images counted before `step` (the paper's count: a step counts batch x batch_mul)."""
     return float(self.cfg.train.batch_size * self.schedule.counted_before([step])[0])
 
-  def train_step_fn(self, size: int) -> Callable:
-    a, c = self.schedule.count_line(size)
-    b = self.cfg.train.batch_size
+  def grad_step_fn(self, size: int) -> Callable:
     n = self.mesh.devices.size
     rounds = self.rounds.get(size) or config_lib.accumulation_rounds(  # a bucket never drawn
         self.cfg, n, sizes=(size,))[size]
     # Replicated state: each device sums its rounds' gradients, then one all-reduce per step.
     local = self.mesh if self.cfg.mesh.param_sharding == "replicated" else None
-    return train_step.make_train_step(self.graphdef, self.optimizer, self.cfg.train,
-                                      (a * b, c * b), self.cfg.seed, rounds=rounds, shards=n,
-                                      mesh=local)
+    return train_step.make_grad_step(self.graphdef, self.cfg.train, self.cfg.seed,
+                                     rounds=rounds, shards=n, mesh=local)
 
-  def trace_step(self, size: int):
-    """The train step for `size` px patches, traced for the mesh (state donated): `.jaxpr`
-    for counting FLOPs, `.lower()` for compiling; one trace serves both."""
-    jitted = jax.jit(self.train_step_fn(size), donate_argnums=0,
-                     out_shardings=(self.state_shardings, self.replicated))
+  def count(self, size: int) -> np.ndarray:
+    """[a, c] in images (float32): a step of `size` px counts c images, a + c * step before it."""
+    a, c = self.schedule.count_line(size)
+    b = self.cfg.train.batch_size
+    return np.asarray([a * b, c * b], np.float32)
+
+  def trace_grad(self, size: int):
+    """The gradient program of `size` px patches, traced for the mesh: `.jaxpr` for counting
+    FLOPs, `.lower()` for compiling; one trace serves both."""
+    jitted = jax.jit(self.grad_step_fn(size),
+                     out_shardings=(self.state_shardings["params"], self.replicated))
     return jitted.trace(self.abstract_state, self.batch_spec(size))
 
-  def lower_step(self, size: int):
-    """The train step for `size` px patches, lowered for the mesh (state donated)."""
-    return self.trace_step(size).lower()
+  def trace_apply(self):
+    """The update program that every bucket shares, traced for the mesh (state donated; the
+    gradients have no output of their shape left to reuse)."""
+    jitted = jax.jit(train_step.make_apply_step(self.optimizer, self.cfg.train),
+                     donate_argnums=0, out_shardings=(self.state_shardings, self.replicated))
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=self.replicated)
+    count = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=self.replicated)
+    return jitted.trace(self.abstract_state, self.abstract_state["params"], scalar, count)
 
-  def compile_steps(self) -> tuple[dict[int, Any], dict[int, dict[str, float]]]:
-    """One ahead-of-time compiled program per bucket (the loop never compiles again), and each
-    program's compile time, XLA FLOPs per step and memory (bytes).
+  def bind_step(self, size: int, grad, apply) -> "Step":
+    """The step of `size` px patches from its compiled gradient and update programs."""
+    count = self.count(size)
+    return Step(grad, apply, jax.make_array_from_callback(count.shape, self.replicated,
+                                                          lambda index: count[index]))
 
-    The buckets are traced and lowered one after the other (Python, under the GIL) and handed to
-    XLA as each is ready, `train.compile_threads` at a time (0: all at once): XLA compiles
-    outside the GIL, so one bucket's compile overlaps the next one's tracing and the other
-    compiles. The programs are the same as compiled one by one.
+  def compile_step(self, size: int) -> "Step":
+    """The train step of `size` px patches, compiled (the update program once per Run)."""
+    if self._apply is None:
+      self._apply = self.trace_apply().lower().compile()
+    return self.bind_step(size, self.trace_grad(size).lower().compile(), self._apply)
+
+  def compile_steps(self) -> tuple[dict[int, "Step"], dict[str, dict[str, float]]]:
+    """Every bucket's train step, compiled ahead of time (the loop never compiles again), and
+    each program's compile time, FLOPs per step and memory (bytes), keyed "16px", ...,
+    "update".
+
+    A step is two programs: the bucket's gradient program and the update program (optimizer,
+    EMA, loss scaling), which is the same for every bucket and so compiled once. The programs
+    are traced and lowered one after the other (Python, under the GIL) and handed to XLA as each
+    is ready, `train.compile_threads` at a time (0: all at once): XLA compiles outside the GIL,
+    so one program's compile overlaps the next one's tracing and the other compiles. The
+    programs are the same as compiled one by one.
     """
     sizes = list(self.schedule.active_sizes)
-    threads = self.cfg.train.compile_threads or len(sizes)
+    threads = self.cfg.train.compile_threads or len(sizes) + 1
     t_all = time.perf_counter()
     jobs, traced_at = {}, {}
 
@@ -139,38 +164,54 @@ class Run:
       t0 = time.perf_counter()
       return lowered.compile(), time.perf_counter() - t0
 
+    names = {"update": None, **{f"{size}px": size for size in sizes}}
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="compile") as pool:
-      for size in sizes:
+      for name, size in names.items():
         t0 = time.perf_counter()
-        traced = self.trace_step(size)
+        traced = self.trace_apply() if size is None else self.trace_grad(size)
         lowered = traced.lower()
-        traced_at[size] = (traced, time.perf_counter() - t0)
-        jobs[size] = pool.submit(compile_one, lowered)
-      compiled, stats = {}, {}
-      for size in sizes:
-        compiled[size], seconds = jobs[size].result()
-        traced, trace_seconds = traced_at[size]
-        stats[size] = dict(compile_seconds=trace_seconds + seconds,
-                           model_flops=train_step.jaxpr_flops(traced.jaxpr),
-                           **train_step.program_stats(compiled[size]))
-        s = stats[size]
-        logging.info("compiled the %dpx step (batch %d) in %.1f s (tracing %.1f s): %.4g GFLOP "
-                     "per step; memory per device: arguments %.1f MiB, outputs %.1f MiB, "
-                     "temporaries %.1f MiB", size,
-                     self.batch_spec(size)["image"].shape[0], s["compile_seconds"],
-                     trace_seconds, s["model_flops"] / 1e9,
+        traced_at[name] = (traced, time.perf_counter() - t0)
+        jobs[name] = pool.submit(compile_one, lowered)
+      programs, stats = {}, {}
+      for name, size in names.items():
+        programs[name], seconds = jobs[name].result()
+        traced, trace_seconds = traced_at[name]
+        stats[name] = s = dict(compile_seconds=trace_seconds + seconds,
+                               model_flops=train_step.jaxpr_flops(traced.jaxpr),
+                               **train_step.program_stats(programs[name]))
+        what = ("the update program" if size is None else
+                f"the {size}px gradient program (batch {self.batch_spec(size)['image'].shape[0]})")
+        logging.info("compiled %s in %.1f s (tracing %.1f s): %.4g GFLOP per step; memory per "
+                     "device: arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB", what,
+                     s["compile_seconds"], trace_seconds, s["model_flops"] / 1e9,
                      s["argument_bytes"] / 2**20, s["output_bytes"] / 2**20,
                      s["temp_bytes"] / 2**20)
+    self._apply = programs["update"]
+    steps = {size: self.bind_step(size, programs[f"{size}px"], self._apply) for size in sizes}
     self.compile_wall_seconds = time.perf_counter() - t_all
-    logging.info("compiled %d buckets in %.1f s (%d at a time)", len(sizes),
-                 self.compile_wall_seconds, threads)
-    return compiled, stats
+    logging.info("compiled %d programs (%d buckets and the update) in %.1f s (%d at a time)",
+                 len(names), len(sizes), self.compile_wall_seconds, threads)
+    return steps, stats
 
   def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This host's slice of the step's batch -> global arrays sharded over the mesh."""
     keys = ("image", "pos", "label") if self.model_cfg["label_dim"] else ("image", "pos")
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, batch[k])
             for k in keys}
+
+
+class Step:
+  """One bucket's train step as the loop calls it, step(state, batch) -> (state, metrics): the
+  bucket's gradient program `grad`, then the update program `apply` that all buckets share
+  (it donates the state), with the bucket's image count `count` already on
+  the devices."""
+
+  def __init__(self, grad, apply, count: jax.Array):
+    self.grad, self.apply, self.count = grad, apply, count
+
+  def __call__(self, state, batch):
+    grads, loss = self.grad(state, batch)
+    return self.apply(state, grads, loss, self.count)
 
 
 class PreemptionWatch:
@@ -311,10 +352,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   # ---- Programs, one per bucket.
   compiled, stats = run.compile_steps()
   scalars = {}
-  for size, st in stats.items():
-    scalars.update({f"compile_seconds_{size}px": st["compile_seconds"],
-                    f"gflop_per_step_{size}px": st["model_flops"] / 1e9,
-                    f"temp_mib_{size}px": st["temp_bytes"] / 2**20})
+  for name, st in stats.items():
+    scalars.update({f"compile_seconds_{name}": st["compile_seconds"],
+                    f"temp_mib_{name}": st["temp_bytes"] / 2**20})
+    if name != "update":
+      scalars[f"gflop_per_step_{name}"] = st["model_flops"] / 1e9
   writer.write_scalars(first, scalars)
 
   # ---- Loop. Nothing here waits for the device except the metrics fetched every log_every.

@@ -1,5 +1,9 @@
 """The training state and the pure train step: learning-rate ramp, EMA, loss scaling, Adam.
 
+The step has two halves: `make_grad_step` (the loss and its gradient, which depend on the
+bucket's batch shape) and `make_apply_step` (everything after the gradient, the same for every
+bucket, so the trainer compiles it once); `make_train_step` is the two as one function.
+
 The state is one dict of arrays. `init_train_state` defines its keys and the step returns the
 same dict, so the keys are written here only; `patchdiff.checkpoint` stores the EMA weights and
 buffers as the `ema` item (enough to sample) and every other key as the `train` item.
@@ -160,34 +164,42 @@ def make_grad_fn(graphdef, tcfg: ml_collections.ConfigDict, rounds: int = 1, sha
   return grad_fn
 
 
-def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
-                    count: tuple[float, float], seed: int, rounds: int = 1, shards: int = 1,
-                    mesh: Mesh | None = None) -> Callable:
-  """train_step(state, batch) -> (state, metrics); the step's key is folded from (seed, step).
-
-  `count` = (a, c) in images: the step counts c images and a + c * step were counted before
-  it (`PatchSchedule.count_line` times the batch size); the learning-rate ramp and the EMA
-  half-life follow that count, as in the official loop.
-
-  `rounds` > 1 accumulates the gradient over micro-batches of the batch, each device working on
-  its own `shards`-th of it (see `make_grad_fn`, also for `mesh`); the step is otherwise the
-  same, one optimizer update on the whole batch's gradient.
-
-  The loss is multiplied by `state["loss_scale"]` before differentiation and the gradients are
-  divided by it again (EDM's --ls leaves them scaled; Adam barely notices either way). Static
-  scaling then applies EDM's guard (NaN -> 0, inf -> 1e5); dynamic scaling skips a step whose
-  gradients overflowed, halves the scale, and doubles it after `loss_scale_period` finite steps.
-  """
+def make_grad_step(graphdef, tcfg: ml_collections.ConfigDict, seed: int, rounds: int = 1,
+                   shards: int = 1, mesh: Mesh | None = None) -> Callable:
+  """grad_step(state, batch) -> (grads, loss): the half of the train step that depends on the
+  bucket (its batch shape and accumulation rounds). `grads` is the gradient of
+  `state["loss_scale"]` times the batch's mean per-sample loss (still scaled), `loss` that mean;
+  the step's key is folded from (seed, step). See `make_grad_fn` for `rounds`, `shards` and
+  `mesh`."""
   base_key = jax.random.key(seed)
-  dynamic = tcfg.loss_scaling == "dynamic"
-  lr_fn = learning_rate_fn(tcfg.lr, tcfg.lr_rampup_kimg)
-  offset, images = float(count[0]), float(count[1])
   grad_fn = make_grad_fn(graphdef, tcfg, rounds, shards, mesh)
 
-  def train_step(state, batch):
+  def grad_step(state, batch):
     key = jax.random.fold_in(base_key, state["step"])
+    return grad_fn(state["params"], state["buffers"], batch, key, state["loss_scale"])
+
+  return grad_step
+
+
+def make_apply_step(optimizer, tcfg: ml_collections.ConfigDict) -> Callable:
+  """apply_step(state, grads, loss, count) -> (state, metrics): the half of the train step that
+  is the same for every bucket, so one program serves them all.
+
+  `count` = [a, c] (float32) in images: the step counts c images and a + c * step were counted
+  before it (`PatchSchedule.count_line` times the batch size); the learning-rate ramp and the
+  EMA half-life follow that count, as in the official loop.
+
+  The gradients arrive multiplied by `state["loss_scale"]` and are divided by it again (EDM's
+  --ls leaves them scaled; Adam barely notices either way). Static scaling then applies EDM's
+  guard (NaN -> 0, inf -> 1e5); dynamic scaling skips a step whose gradients overflowed,
+  halves the scale, and doubles it after `loss_scale_period` finite steps.
+  """
+  dynamic = tcfg.loss_scaling == "dynamic"
+  lr_fn = learning_rate_fn(tcfg.lr, tcfg.lr_rampup_kimg)
+
+  def apply_step(state, grads, loss, count):
+    offset, images = count[0], count[1]
     scale = state["loss_scale"]
-    grads, loss = grad_fn(state["params"], state["buffers"], batch, key, scale)
     grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
     grads_finite = _all_finite(grads) if dynamic else None
     grads = sanitize_grads(grads)
@@ -219,6 +231,23 @@ def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
     if dynamic:
       metrics["overflow"] = ~grads_finite
     return new_state, metrics
+
+  return apply_step
+
+
+def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
+                    count: tuple[float, float], seed: int, rounds: int = 1, shards: int = 1,
+                    mesh: Mesh | None = None) -> Callable:
+  """train_step(state, batch) -> (state, metrics): `make_grad_step`, then `make_apply_step`
+  with `count` = (a, c) fixed, as one function. The trainer compiles the two halves apart (one
+  gradient program per bucket, one update program for all); this is the same computation."""
+  grad_step = make_grad_step(graphdef, tcfg, seed, rounds, shards, mesh)
+  apply_step = make_apply_step(optimizer, tcfg)
+  count = np.asarray(count, np.float32)
+
+  def train_step(state, batch):
+    grads, loss = grad_step(state, batch)
+    return apply_step(state, grads, loss, count)
 
   return train_step
 

@@ -3,7 +3,7 @@
 The same global batches through the train step of one bucket on 8 devices (data layout with
 replicated state; the fsdp layout's program is checked by tracing in test_accumulation.py),
 unsplit and accumulated over micro-batches:
-the states agree. The accumulated program's collectives are recorded, to show that slicing the
+the states agree. The accumulated gradient program's collectives are recorded, to show that slicing the
 micro-batches moves no batch data between devices.
 """
 import json
@@ -40,7 +40,7 @@ def collectives(hlo: str) -> dict[str, int]:
 
 def run(cfg, devices, state0):
   r = train.Run(cfg, devices)
-  compiled = r.lower_step(SIZE).compile()
+  compiled = r.compile_step(SIZE)
   state = jax.device_put(state0, r.state_shardings)
   losses = []
   for batch in batches(cfg)[:STEPS]:
@@ -67,8 +67,8 @@ def main():
   results[f"{name}_update_rel_err"] = max_rel(delta(got["params"]), delta(ref["params"]))
   results[f"{name}_step"] = [int(got["step"]), int(ref["step"])]
   results[f"{name}_loss_rel_err"] = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
-  results[f"{name}_collectives"] = collectives(acc.as_text())
-  results[f"{name}_plain_collectives"] = collectives(plain.as_text())
+  results[f"{name}_collectives"] = collectives(acc.grad.as_text())
+  results[f"{name}_plain_collectives"] = collectives(plain.grad.as_text())
   print("RESULTS " + json.dumps(results))
 
 

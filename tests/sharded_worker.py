@@ -44,7 +44,7 @@ def layout(data, fsdp, param_sharding, **overrides):
 def train_steps(cfg, devices, state0):
   run = train.Run(cfg, devices)
   state = jax.device_put(state0, run.state_shardings)
-  compiled = {s: run.lower_step(s).compile() for s in set(SIZES)}
+  compiled = {s: run.compile_step(s) for s in set(SIZES)}
   for size, batch in zip(SIZES, batches(cfg)):
     state, _ = compiled[size](state, run.to_device(batch))
   return run, state

@@ -144,7 +144,7 @@ def _batches(cfg, n):
 
 def _steps(cfg, state0, n=2):
   run = train.Run(cfg)
-  compiled = run.lower_step(SIZE).compile()
+  compiled = run.compile_step(SIZE)
   state, metrics = jax.device_put(state0, run.state_shardings), []
   for batch in _batches(cfg, n):
     state, m = compiled(state, run.to_device(batch))
@@ -190,8 +190,8 @@ def test_the_program_holds_one_scan_over_the_rounds(param_sharding):
   """One scan of length k whose body holds the network once: the program does not grow with k,
   and the FLOPs counted from the jaxpr are the unsplit step's (the scan's body times k)."""
   kw = {"mesh.param_sharding": param_sharding}
-  plain = train.Run(_cfg(**kw)).trace_step(SIZE).jaxpr
-  split = train.Run(_cfg(2, **kw)).trace_step(SIZE).jaxpr
+  plain = train.Run(_cfg(**kw)).trace_grad(SIZE).jaxpr
+  split = train.Run(_cfg(2, **kw)).trace_grad(SIZE).jaxpr
   assert not _eqns(plain.jaxpr, "scan")
   [scan] = _eqns(split.jaxpr, "scan")
   assert scan.params["length"] == 4

@@ -1,4 +1,4 @@
-"""Start-up: the buckets' programs compiled at once, kept in the workdir's persistent cache, and
+"""Start-up: the step's programs (one per bucket, and the update they share) compiled at once, kept in the workdir's persistent cache, and
 loaded from it on a restart instead of compiled again."""
 import jax
 import pytest
@@ -43,17 +43,18 @@ def no_process_cache():
 
 
 def test_a_restart_loads_every_bucket_from_the_workdir_cache(tmp_path, no_process_cache):
-  # Two buckets (8 and 16 px; one program each), compiled at once on the first start.
+  # Two buckets (8 and 16 px; a gradient program each) and the update program, compiled at once
+  # on the first start.
   cfg = tiny_config(**{"train.steps": 2, "sample.grid_size": 0, "train.checkpoint_every": 2,
                        "patch.sizes": (8, 16), "patch.probs": (0.5, 0.5)})
   train.train_and_evaluate(cfg, str(tmp_path))
   entries = list((tmp_path / "xla_cache").iterdir())
-  assert len(entries) >= 2, entries  # at least one program per bucket
-  # The restart compiles the buckets one at a time: the same programs, found in the cache.
+  assert len(entries) >= 3, entries  # at least the three programs of the step
+  # The restart compiles the programs one at a time: the same programs, found in the cache.
   restart = CacheEvents()
   train.train_and_evaluate(config_lib.override(cfg, {"train.steps": 4,
                                                      "train.compile_threads": 1}), str(tmp_path))
-  assert restart.hits >= 2, (restart.hits, restart.compiles)
+  assert restart.hits >= 3, (restart.hits, restart.compiles)
 
 
 def test_the_cache_can_be_turned_off_or_moved(tmp_path, no_process_cache):

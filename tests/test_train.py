@@ -148,12 +148,16 @@ def straight_run(tmp_path_factory):
 
 def test_one_compilation_per_bucket_and_none_in_the_loop(straight_run):
   r = straight_run
-  # One program per bucket, each for its own batch shape, compiled before the loop (with the
-  # few eager scalar ops tracing runs); none inside it.
+  # One gradient program per bucket, each for its own batch shape, and one update program that
+  # they share, compiled before the loop (with the few eager scalar ops tracing runs); none
+  # inside it.
   [(compiled_now, by_size)] = r["programs"]
-  assert sorted(by_size) == [4, 8, 16] and 3 <= compiled_now <= 6
-  for size, program in by_size.items():
-    assert program.args_info[0][1]["image"].shape == (4 * 16 // size, size, size, 3)
+  assert sorted(by_size) == [4, 8, 16] and 4 <= compiled_now <= 7
+  for size, step in by_size.items():
+    assert step.grad.args_info[0][1]["image"].shape == (4 * 16 // size, size, size, 3)
+    assert step.apply is by_size[16].apply
+    a, c = train.Run(r["cfg"]).schedule.count_line(size)  # per batch element; the batch is 4
+    np.testing.assert_array_equal(step.count, np.float32([4 * a, 4 * c]))
   seen = r["seen"]
   assert {s: seen.count(s) >= 5 for s in (4, 8, 16)} == {4: True, 8: True, 16: True}
   counts = r["counts"]
@@ -355,6 +359,40 @@ def test_bfloat16_compute_keeps_float32_weights_and_tracks_float32():
   assert b.dtype == jnp.float32
   err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
   assert 0 < err < 2e-2, err  # bf16 has an 8-bit mantissa: different, but close
+
+
+def test_the_two_programs_are_the_step_as_one_function():
+  """The trainer's step is two programs: the gradient, then the update with the bucket's image
+  count as an argument (one program for every bucket). Together they compute what
+  `make_train_step` does as one program with the count fixed, here with dynamic loss scaling,
+  through an overflow, at a step whose count is off zero."""
+  tcfg = tiny_config(**{"train.loss_scaling": "dynamic", "train.loss_scale": 2.0**20,
+                        "train.loss_scale_period": 2, "train.lr": 1e-2,
+                        "train.lr_rampup_kimg": 1.0, "train.ema_mimg": 0.01,
+                        "train.ema_rampup": 0.05}).train
+  opt = train_step.make_optimizer(tcfg)
+  model = _Scale()
+  graphdef, variables = nnx.split(model)
+  state = train_step.init_train_state(graphdef, variables, opt, tcfg.loss_scale)
+  state["step"] = jnp.asarray(5, jnp.int32)
+  step_graphdef = nnx.split(model, nnx.Param, ...)[0]
+  count = (96.0, 8.0)
+  whole = jax.jit(train_step.make_train_step(step_graphdef, opt, tcfg, count, 0))
+  grad = jax.jit(train_step.make_grad_step(step_graphdef, tcfg, 0))
+  apply = jax.jit(train_step.make_apply_step(opt, tcfg))
+  ref, got = state, jax.tree_util.tree_map(jnp.copy, state)
+  for value in (0.3, 1e30, 0.3, 0.5):  # 1e30: the scaled gradient overflows, the step is skipped
+    ref, ref_m = whole(ref, _batch(value))
+    got, got_m = apply(got, *grad(got, _batch(value)), jnp.asarray(count, jnp.float32))
+    assert set(got_m) == set(ref_m)
+    for k in ref_m:
+      np.testing.assert_allclose(np.asarray(got_m[k]), np.asarray(ref_m[k]), rtol=1e-6,
+                                 err_msg=k)
+    for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
+    assert bool(got_m["overflow"]) == (value == 1e30)
+  assert int(got["step"]) == 9 and float(got["loss_scale"]) == 2.0**20  # halved, then doubled
+  assert float(got_m["lr"]) > 0 and 0 < float(got_m["ema_beta"]) < 1
 
 
 def _scalars(workdir) -> dict[str, dict[int, float]]:
