@@ -80,10 +80,17 @@ FIXTURES = {"ddpmpp_tiny": DDPMPP_TINY, "adm_tiny_cond": ADM_TINY}
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-  """One persistent XLA cache for the session, shared with the subprocesses the tests start:
-  the end-to-end runs compile the same programs again and again (XLA on CPU takes ~20 s each)."""
+  """One persistent XLA cache for the session, shared by the xdist workers and the subprocesses
+  the tests start: the end-to-end runs compile the same programs again and again (XLA on CPU
+  takes ~20 s each). An entry read while another process is still writing it fails to load with
+  a warning, and is compiled instead."""
   import jax  # pylint: disable=import-outside-toplevel
-  path = str(tmp_path_factory.mktemp("jax_cache"))
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' temporary folders share a parent
+    folder = tmp_path_factory.getbasetemp().parent / "jax_cache"
+    folder.mkdir(exist_ok=True)
+    path = str(folder)
+  else:
+    path = str(tmp_path_factory.mktemp("jax_cache"))
   os.environ.update(JAX_COMPILATION_CACHE_DIR=path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   jax.config.update("jax_compilation_cache_dir", path)
