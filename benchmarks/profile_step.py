@@ -1,4 +1,5 @@
-"""Where a train step's device time goes: the top XLA ops and kernels of one bucket's program.
+"""Where a train step's device time goes: the top XLA ops and kernels of one bucket's step (its
+gradient program and the update program that all buckets share).
 
   python benchmarks/profile_step.py --config=configs/ffhq64.py --size=16 --steps=3
 
@@ -36,10 +37,7 @@ def main(argv):
   size = _SIZE.value or run.schedule.resolution
   state = run.init_state()
   compiled = run.compile_step(size)
-  spec = run.batch_spec(size)
-  rng = np.random.default_rng(0)
-  host = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in spec.items()}
-  batch = run.to_device(host)
+  batch = run.to_device(run.random_batch(size, np.random.default_rng(0)))
   for _ in range(2):
     state, m = compiled(state, batch)
   jax.block_until_ready(m)

@@ -95,11 +95,7 @@ def main(argv):
     compiled = run.bind_step(size, grad, apply)
     st = train_step.program_stats(grad)
     b = spec["image"].shape[0]
-    host = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in spec.items()}
-    if spec["image"].dtype == np.uint8:  # pixel sources send uint8 pixels
-      host["image"] = rng.integers(0, 256, spec["image"].shape, dtype=np.uint8)
-    host["pos"] = patches.coord_grid(np.zeros(b, np.int32), np.zeros(b, np.int32), size, r)
-    batch = run.to_device(host)
+    batch = run.to_device(run.random_batch(size, rng))
     for _ in range(_WARMUP.value):
       state, m = compiled(state, batch)
       jax.block_until_ready(m)

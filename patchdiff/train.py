@@ -96,6 +96,18 @@ class Run:
                                            sharding=shard)
     return spec
 
+  def random_batch(self, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A host batch of `batch_spec(size)` with random content (for benchmarks): pixels as the
+    pipeline sends them (uint8 for pixel sources), the coordinates of patches at (0, 0)."""
+    spec = self.batch_spec(size)
+    host = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in spec.items()}
+    if spec["image"].dtype == np.uint8:
+      host["image"] = rng.integers(0, 256, spec["image"].shape, dtype=np.uint8)
+    b = spec["image"].shape[0]
+    host["pos"] = patches.coord_grid(np.zeros(b, np.int32), np.zeros(b, np.int32), size,
+                                     self.schedule.resolution)
+    return host
+
   def nimg(self, step) -> float:
     """Images counted before `step` (the paper's count: a step counts batch x batch_mul)."""
     return float(self.cfg.train.batch_size * self.schedule.counted_before([step])[0])
@@ -180,12 +192,12 @@ class Run:
                                model_flops=train_step.jaxpr_flops(traced.jaxpr),
                                **train_step.program_stats(programs[name]))
         what = ("the update program" if size is None else
-                f"the {size}px gradient program (batch {self.batch_spec(size)['image'].shape[0]})")
-        logging.info("compiled %s in %.1f s (tracing %.1f s): %.4g GFLOP per step; memory per "
-                     "device: arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB", what,
-                     s["compile_seconds"], trace_seconds, s["model_flops"] / 1e9,
-                     s["argument_bytes"] / 2**20, s["output_bytes"] / 2**20,
-                     s["temp_bytes"] / 2**20)
+                f"the {size}px gradient program (batch {self.batch_spec(size)['image'].shape[0]}, "
+                f"{s['model_flops'] / 1e9:.4g} GFLOP per step)")
+        logging.info("compiled %s in %.1f s (tracing %.1f s); memory per device: arguments "
+                     "%.1f MiB, outputs %.1f MiB, temporaries %.1f MiB", what,
+                     s["compile_seconds"], trace_seconds, s["argument_bytes"] / 2**20,
+                     s["output_bytes"] / 2**20, s["temp_bytes"] / 2**20)
     self._apply = programs["update"]
     steps = {size: self.bind_step(size, programs[f"{size}px"], self._apply) for size in sizes}
     self.compile_wall_seconds = time.perf_counter() - t_all
