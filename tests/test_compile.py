@@ -1,5 +1,6 @@
-"""Start-up: the step's programs (one per bucket, and the update they share) compiled at once, kept in the workdir's persistent cache, and
-loaded from it on a restart instead of compiled again."""
+"""Start-up: the step's programs (one per bucket, and the update they share) compiled at once,
+kept in the workdir's persistent cache, and loaded from it on a restart instead of compiled
+again."""
 import jax
 import pytest
 
