@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The train step's GPU figures in one call that fits a 10-minute window on one H100 or H200,
-# compiles included, each part under its own time limit:
+# The train step's GPU figures in one call on one H100 or H200, compiles included, each part
+# under its own time limit (9.5 minutes in all):
 #   1. every bucket's step (bf16, FFHQ-64, batch 128: 128/256/512 samples at 64/32/16 px): ms,
 #      samples/s, TFLOP/s, MFU, memory, compile time, and the p = 0.5 mix against a full step;
 #   2. sampling throughput (18 Heun steps, 35 network evaluations, batch 256);
