@@ -80,7 +80,10 @@ def main(argv):
         f"{cfg.train.get('batch_per_device')}")
   state = run.init_state()
   rng = np.random.default_rng(0)
-  rows, apply = {}, None
+  t0 = time.perf_counter()
+  apply = run.update_program()  # compiled once for all buckets
+  print(f"compiled the update program in {time.perf_counter() - t0:.1f} s", flush=True)
+  rows = {}
   for size in sizes:
     spec = run.batch_spec(size)
     print(f"compiling the {size}px step ...", flush=True)
@@ -88,10 +91,6 @@ def main(argv):
     traced = run.trace_grad(size)  # one trace: compiled, and its FLOPs counted
     grad = traced.lower().compile()
     compile_s = time.perf_counter() - t0
-    if apply is None:  # the update program, compiled once for all buckets
-      t0 = time.perf_counter()
-      apply = run.trace_apply().lower().compile()
-      print(f"compiled the update program in {time.perf_counter() - t0:.1f} s", flush=True)
     compiled = run.bind_step(size, grad, apply)
     st = train_step.program_stats(grad)
     b = spec["image"].shape[0]

@@ -149,11 +149,15 @@ class Run:
     return Step(grad, apply, jax.make_array_from_callback(count.shape, self.replicated,
                                                           lambda index: count[index]))
 
-  def compile_step(self, size: int) -> "Step":
-    """The train step of `size` px patches, compiled (the update program once per Run)."""
+  def update_program(self):
+    """The compiled update program, compiled on the first call (or by `compile_steps`)."""
     if self._apply is None:
       self._apply = self.trace_apply().lower().compile()
-    return self.bind_step(size, self.trace_grad(size).lower().compile(), self._apply)
+    return self._apply
+
+  def compile_step(self, size: int) -> "Step":
+    """The train step of `size` px patches, compiled (the update program once per Run)."""
+    return self.bind_step(size, self.trace_grad(size).lower().compile(), self.update_program())
 
   def compile_steps(self) -> tuple[dict[int, "Step"], dict[str, dict[str, float]]]:
     """Every bucket's train step, compiled ahead of time (the loop never compiles again), and
@@ -214,9 +218,8 @@ class Run:
 
 class Step:
   """One bucket's train step as the loop calls it, step(state, batch) -> (state, metrics): the
-  bucket's gradient program `grad`, then the update program `apply` that all buckets share
-  (it donates the state), with the bucket's image count `count` already on
-  the devices."""
+  bucket's gradient program `grad`, then the update program `apply` that all buckets share (it
+  donates the state), with the bucket's image count `count` already on the devices."""
 
   def __init__(self, grad, apply, count: jax.Array):
     self.grad, self.apply, self.count = grad, apply, count
@@ -361,7 +364,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     logging.info("resumed from step %d (%.1f kimg)", start,
                  progress.get("nimg", run.nimg(start)) / 1000)
 
-  # ---- Programs, one per bucket.
+  # ---- Programs: a gradient program per bucket, one update program for all.
   compiled, stats = run.compile_steps()
   scalars = {}
   for name, st in stats.items():

@@ -2,9 +2,9 @@
 
 The same global batches through the train step of one bucket on 8 devices (data layout with
 replicated state; the fsdp layout's program is checked by tracing in test_accumulation.py),
-unsplit and accumulated over micro-batches:
-the states agree. The accumulated gradient program's collectives are recorded, to show that slicing the
-micro-batches moves no batch data between devices.
+unsplit and accumulated over micro-batches: the states agree. The accumulated gradient program's
+collectives are recorded, to show that slicing the micro-batches moves no batch data between
+devices.
 """
 import json
 import os
