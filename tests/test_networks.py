@@ -145,6 +145,76 @@ def test_dropout_is_active_only_in_training():
   np.testing.assert_array_equal(t1, t3)  # the key alone decides the mask
 
 
+def _within(observed, p, n, sigmas=5.0):
+  """|observed - p| within `sigmas` standard errors of a fraction over n Bernoulli(p) draws."""
+  return abs(observed - p) <= sigmas * np.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.5])
+def test_dropout_masks_have_the_rate_and_no_structure(rate):
+  b, shape = 64, (16, 16, 32)
+  keys = jax.random.split(jax.random.key(3), b)
+  x = jnp.full((b, *shape), 2.0)
+  y = np.asarray(networks.dropout(x, rate, keys, train=True))
+  kept = y != 0
+  np.testing.assert_array_equal(y[kept], np.float32(2.0) / np.float32(1.0 - rate))
+  p = 1 - rate
+  assert _within(kept.mean(), p, kept.size)
+  # Neighbours along every axis, and two samples' masks, are independent: P(both) = p^2.
+  for both in (kept[:, :, :, 1:] & kept[:, :, :, :-1], kept[:, 1:] & kept[:, :-1],
+               kept[:, :, 1:] & kept[:, :, :-1], kept[1:] & kept[:-1]):
+    assert _within(both.mean(), p * p, both.size)
+  # The high bits of the hash are uniform (16 bins; 5 standard errors each).
+  top = np.asarray(networks.hashed_bits(keys, (b, *shape))) >> 28
+  counts = np.bincount(top.ravel(), minlength=16) / top.size
+  assert all(_within(c, 1 / 16, top.size) for c in counts)
+
+
+def test_dropout_masks_follow_the_sample_key_alone():
+  keys = jax.random.split(jax.random.key(5), 6)
+  x = jnp.ones((6, 8, 8, 16))
+  batch = np.asarray(networks.dropout(x, 0.3, keys, train=True))
+  for i in (0, 4):  # a sample's mask, computed in a batch of one, is its mask in the batch
+    alone = networks.dropout(x[i:i + 1], 0.3, keys[i:i + 1], train=True)
+    np.testing.assert_array_equal(alone[0], batch[i])
+  one_key = np.asarray(networks.dropout(x, 0.3, keys[0], train=True))
+  np.testing.assert_array_equal(one_key, networks.dropout(x, 0.3, keys[0], train=True))
+  assert not np.array_equal(one_key[0], one_key[1])  # one key: a counter over the whole batch
+  with pytest.raises(TypeError, match="typed keys"):
+    networks.hashed_bits(jnp.zeros(2, jnp.uint32), (2, 3))
+  with pytest.raises(ValueError, match=r"keys of shape \(6,\) for an array of \(5, 3\)"):
+    networks.hashed_bits(keys, (5, 3))
+  with pytest.raises(ValueError, match="dropout rate 1.0"):
+    networks.dropout(x, 1.0, keys, train=True)
+
+
+def _group_norm_autodiff(x, num_groups, weight, bias, eps):
+  """The forward formula alone, for JAX to differentiate."""
+  b, h, w, c = x.shape
+  xg = x.astype(jnp.float32).reshape(b, h, w, num_groups, c // num_groups)
+  mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+  var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
+  xg = (xg - mean) * jax.lax.rsqrt(var + eps)
+  return (xg.reshape(b, h, w, c) * weight + bias).astype(x.dtype)
+
+
+@pytest.mark.parametrize("dtype,groups", [(jnp.float32, 8), (jnp.float32, 32),
+                                          (jnp.bfloat16, 8)])
+def test_group_norm_gradient_matches_autodiff(dtype, groups):
+  k = jax.random.split(jax.random.key(7), 4)
+  x = (jax.random.normal(k[0], (3, 8, 8, 64)) * 3 + 1).astype(dtype)
+  weight, bias = jax.random.normal(k[1], (64,)), jax.random.normal(k[2], (64,))
+  ct = jax.random.normal(k[3], x.shape).astype(dtype)
+  outs = []
+  for fn in (networks.group_norm, _group_norm_autodiff):
+    y, vjp = jax.vjp(lambda x, w, b, fn=fn: fn(x, groups, w, b, 1e-5), x, weight, bias)
+    outs.append((y, *vjp(ct)))
+  for got, want in zip(*outs):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max(), np.abs(got - want).max()
+
+
 def test_ncsnpp_variant_builds_and_runs():
   cfg = dict(arch="ncsnpp", img_resolution=16, img_channels=3, model_channels=16,
              channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0)

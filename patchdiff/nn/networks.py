@@ -8,6 +8,7 @@ then come from key i alone, whatever batch it is computed in).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -202,15 +203,47 @@ class GroupNorm(nnx.Module):
     return group_norm(x, self.num_groups, self.weight[...], self.bias[...], self.eps)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 4))
 def group_norm(x, num_groups: int, weight, bias, eps: float):
   """Group normalisation of NHWC `x` with statistics in float32 whatever x's dtype (bfloat16
-  variances over large groups lose too much); returns x's dtype."""
+  variances over large groups lose too much); returns x's dtype.
+
+  Its gradient is written out (`_group_norm_bwd`): two group reductions for x's gradient where
+  differentiating the forward pass gives XLA twice as many kernels to compile, and only x and
+  the per-group statistics are kept for the backward pass."""
+  return _group_norm_fwd(x, num_groups, weight, bias, eps)[0]
+
+
+def _group_norm_fwd(x, num_groups: int, weight, bias, eps: float):
   b, h, w, c = x.shape
   xg = x.astype(jnp.float32).reshape(b, h, w, num_groups, c // num_groups)
   mean = xg.mean(axis=(1, 2, 4), keepdims=True)
   var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
-  xg = (xg - mean) * jax.lax.rsqrt(var + eps)
-  return (xg.reshape(b, h, w, c) * weight + bias).astype(x.dtype)
+  rstd = jax.lax.rsqrt(var + eps)
+  y = (((xg - mean) * rstd).reshape(b, h, w, c) * weight + bias).astype(x.dtype)
+  return y, (x, mean, rstd, weight, bias)
+
+
+def _group_norm_bwd(num_groups: int, eps: float, residuals, dy):
+  """With x^ = (x - mean) * rstd per group and g = dy * weight (float32):
+  dx = rstd * (g - mean(g) - x^ * mean(g * x^)) over each group, dweight = sum(dy * x^) and
+  dbias = sum(dy) over batch and pixels."""
+  del eps
+  x, mean, rstd, weight, bias = residuals
+  b, h, w, c = x.shape
+  grouped = (b, h, w, num_groups, c // num_groups)
+  xhat = (x.astype(jnp.float32).reshape(grouped) - mean) * rstd
+  dy = dy.astype(jnp.float32)
+  d_weight = (dy * xhat.reshape(x.shape)).sum(axis=(0, 1, 2))
+  d_bias = dy.sum(axis=(0, 1, 2))
+  g = (dy * weight).reshape(grouped)
+  g_mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  gx_mean = (g * xhat).mean(axis=(1, 2, 4), keepdims=True)
+  dx = rstd * (g - g_mean - xhat * gx_mean)
+  return dx.reshape(x.shape).astype(x.dtype), d_weight.astype(weight.dtype), d_bias.astype(bias.dtype)
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 def split_keys(key, n: int) -> list:
@@ -231,12 +264,53 @@ def _bernoulli(key, shape, p: float):
   return jax.vmap(lambda k: jax.random.bernoulli(k, p, shape[1:]))(key)
 
 
+def _fmix32(h):
+  """MurmurHash3's 32-bit finaliser: a bijection of uint32 in which every input bit flips each
+  output bit with probability close to 1/2."""
+  h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+  h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def hashed_bits(key, shape) -> jax.Array:
+  """uint32 random bits of `shape` from one key, or from per-sample keys (B,) for shape[0] == B
+  (sample i's bits from key i alone): element c (its flat index within the sample, or within
+  the whole array for one key) gets fmix32(fmix32(c ^ k0) ^ k1 ...) over the key's 32-bit words.
+
+  For dropout masks: a counter hash is a few integer operations per element where threefry
+  (`jax.random.bits`) unrolls twenty rounds, and XLA compiles that kernel again for every
+  activation shape (on CPU, about a fifth of a gradient program's compile time). The key
+  itself is a threefry key, split as usual; each key gives a bijection of the counters.
+  """
+  if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+    raise TypeError(f"hashed_bits needs typed keys (jax.random.key), not {jnp.asarray(key).dtype}")
+  words = jax.random.key_data(key).astype(jnp.uint32)
+  if jnp.ndim(key) == 0:
+    lead, rest = (), tuple(shape)
+  elif jnp.ndim(key) == 1 and len(shape) >= 1 and shape[0] == key.shape[0]:
+    lead, rest = (shape[0],), tuple(shape[1:])
+  else:
+    raise ValueError(f"hashed_bits: keys of shape {jnp.shape(key)} for an array of {shape}")
+  n = int(np.prod(rest, dtype=np.int64))
+  if n >= 2**32:
+    raise ValueError(f"hashed_bits: {n} elements per key; the counters are 32-bit")
+  words = words.reshape(lead + (1,) * len(rest) + (-1,))
+  h = jax.lax.iota(jnp.uint32, n).reshape(rest)
+  for i in range(words.shape[-1]):
+    h = _fmix32(h ^ words[..., i])
+  return jnp.broadcast_to(h, tuple(shape))
+
+
 def dropout(x, rate: float, key, train: bool):
+  """Inverted dropout: zero each element with probability `rate` (to within 2^-32), scale the
+  rest by 1 / (1 - rate). The mask comes from `hashed_bits` of `key`."""
   if not train or rate == 0:
     return x
   if key is None:
     raise ValueError("dropout in training mode needs a PRNG key")
-  keep = _bernoulli(key, x.shape, 1.0 - rate)
+  if not 0 < rate < 1:
+    raise ValueError(f"dropout rate {rate} is outside (0, 1)")
+  keep = hashed_bits(key, x.shape) >= jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
