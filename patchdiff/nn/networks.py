@@ -278,8 +278,8 @@ def hashed_bits(key, shape) -> jax.Array:
   the whole array for one key) gets fmix32(fmix32(c ^ k0) ^ k1 ...) over the key's 32-bit words.
 
   For dropout masks: a counter hash is a few integer operations per element where threefry
-  (`jax.random.bits`) unrolls twenty rounds, and XLA compiles that kernel again for every
-  activation shape (on CPU, about a fifth of a gradient program's compile time). The key
+  (`jax.random.bits`) runs twenty rounds, and XLA compiles that kernel again for every
+  activation shape (a large share of a gradient program's compile time on CPU). The key
   itself is a threefry key, split as usual; each key gives a bijection of the counters.
   """
   if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
