@@ -208,9 +208,9 @@ def group_norm(x, num_groups: int, weight, bias, eps: float):
   """Group normalisation of NHWC `x` with statistics in float32 whatever x's dtype (bfloat16
   variances over large groups lose too much); returns x's dtype.
 
-  Its gradient is written out (`_group_norm_bwd`): two group reductions for x's gradient where
-  differentiating the forward pass gives XLA twice as many kernels to compile, and only x and
-  the per-group statistics are kept for the backward pass."""
+  Its gradient is written out (`_group_norm_bwd`): two group reductions for x's gradient,
+  fewer than differentiating the forward formula gives XLA to compile, and only x and the
+  per-group statistics are kept for the backward pass."""
   return _group_norm_fwd(x, num_groups, weight, bias, eps)[0]
 
 
@@ -240,7 +240,8 @@ def _group_norm_bwd(num_groups: int, eps: float, residuals, dy):
   g_mean = g.mean(axis=(1, 2, 4), keepdims=True)
   gx_mean = (g * xhat).mean(axis=(1, 2, 4), keepdims=True)
   dx = rstd * (g - g_mean - xhat * gx_mean)
-  return dx.reshape(x.shape).astype(x.dtype), d_weight.astype(weight.dtype), d_bias.astype(bias.dtype)
+  return (dx.reshape(x.shape).astype(x.dtype), d_weight.astype(weight.dtype),
+          d_bias.astype(bias.dtype))
 
 
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
@@ -282,8 +283,9 @@ def hashed_bits(key, shape) -> jax.Array:
   activation shape (a large share of a gradient program's compile time on CPU). The key
   itself is a threefry key, split as usual; each key gives a bijection of the counters.
   """
-  if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-    raise TypeError(f"hashed_bits needs typed keys (jax.random.key), not {jnp.asarray(key).dtype}")
+  dtype = jnp.asarray(key).dtype
+  if not jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    raise TypeError(f"hashed_bits needs typed keys (jax.random.key), not {dtype}")
   words = jax.random.key_data(key).astype(jnp.uint32)
   if jnp.ndim(key) == 0:
     lead, rest = (), tuple(shape)
