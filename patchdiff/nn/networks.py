@@ -258,13 +258,6 @@ def split_keys(key, n: int) -> list:
   return [parts[:, i] for i in range(n)]
 
 
-def _bernoulli(key, shape, p: float):
-  """Bernoulli(p) of `shape`, from one key or from per-sample keys (B,) for shape[0] == B."""
-  if jnp.ndim(key) == 0:
-    return jax.random.bernoulli(key, p, shape)
-  return jax.vmap(lambda k: jax.random.bernoulli(k, p, shape[1:]))(key)
-
-
 def _fmix32(h):
   """MurmurHash3's 32-bit finaliser: a bijection of uint32 in which every input bit flips each
   output bit with probability close to 1/2."""
@@ -278,10 +271,11 @@ def hashed_bits(key, shape) -> jax.Array:
   (sample i's bits from key i alone): element c (its flat index within the sample, or within
   the whole array for one key) gets fmix32(fmix32(c ^ k0) ^ k1 ...) over the key's 32-bit words.
 
-  For dropout masks: a counter hash is a few integer operations per element where threefry
-  (`jax.random.bits`) runs twenty rounds, and XLA compiles that kernel again for every
-  activation shape (a large share of a gradient program's compile time on CPU). The key
-  itself is a threefry key, split as usual; each key gives a bijection of the counters.
+  For the dropout and label-dropout masks (`dropped`): a counter hash is a few integer
+  operations per element where threefry (`jax.random.bits`) runs twenty rounds, and XLA
+  compiles that kernel again for every activation shape (a large share of a gradient program's
+  compile time on CPU). The key itself is a threefry key, split as usual; each key gives a
+  bijection of the counters.
   """
   dtype = jnp.asarray(key).dtype
   if not jnp.issubdtype(dtype, jax.dtypes.prng_key):
@@ -300,20 +294,27 @@ def hashed_bits(key, shape) -> jax.Array:
   h = jax.lax.iota(jnp.uint32, n).reshape(rest)
   for i in range(words.shape[-1]):
     h = _fmix32(h ^ words[..., i])
-  return jnp.broadcast_to(h, tuple(shape))
+  return h
+
+
+def dropped(key, shape, rate: float) -> jax.Array:
+  """Booleans of `shape`, each True with probability `rate` (to within 2^-32; all True for
+  rate >= 1), from `hashed_bits` of `key` (one key, or per-sample keys (B,))."""
+  if rate >= 1:
+    return jnp.ones(shape, bool)
+  return hashed_bits(key, shape) < jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
 
 
 def dropout(x, rate: float, key, train: bool):
-  """Inverted dropout: zero each element with probability `rate` (to within 2^-32), scale the
-  rest by 1 / (1 - rate). The mask comes from `hashed_bits` of `key`."""
+  """Inverted dropout: zero each element with probability `rate`, scale the rest by
+  1 / (1 - rate); the mask is `dropped(key, x.shape, rate)`."""
   if not train or rate == 0:
     return x
   if key is None:
     raise ValueError("dropout in training mode needs a PRNG key")
   if not 0 < rate < 1:
     raise ValueError(f"dropout rate {rate} is outside (0, 1)")
-  keep = hashed_bits(key, x.shape) >= jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+  return jnp.where(dropped(key, x.shape, rate), 0, x / (1.0 - rate)).astype(x.dtype)
 
 
 def positional_embedding(x, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
@@ -574,7 +575,7 @@ def _drop_labels(labels, rate: float, key, train: bool):
     return labels
   if key is None:
     raise ValueError("label dropout in training mode needs a PRNG key")
-  keep = ~_bernoulli(key, (labels.shape[0], 1), rate)
+  keep = ~dropped(key, (labels.shape[0], 1), rate)
   return labels * keep.astype(labels.dtype)
 
 
