@@ -43,6 +43,7 @@ Corrupt images are skipped and reported by path (or fatal with --noskip_corrupt)
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -60,7 +61,7 @@ import numpy as np
 from absl import app, flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from patchdiff import config_lib, sharding
+from patchdiff import config_lib, sharding, xla_options
 from patchdiff.data import latents as latent_files
 
 # The spec keys a rerun must match, in the order they are checked (what was given before what
@@ -309,7 +310,7 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
   chunk = min(chunk, shard_size)
   encode = vae_lib.encode_fn(vae)
 
-  @jax.jit
+  @functools.partial(xla_options.jit, platform=mesh.devices.flat[0].platform)
   def to_latent(u8):
     x = u8.astype(jnp.float32) / 127.5 - 1.0
     mean, std = encode(x)

@@ -5,7 +5,6 @@ host in float64 (as the official sampler does) and enter the program as constant
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from patchdiff import patches
+from patchdiff import patches, xla_options
 
 
 def noise_levels(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
@@ -138,14 +137,16 @@ def heun_loop(denoise: Callable, latents, pos, labels, t_steps: np.ndarray, gamm
   return x if known is None else mask * known + (1 - mask) * x
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "t_steps", "gammas", "s_noise",
-                                             "guidance"))
-def _heun_jit(graphdef, state, latents, pos, labels, key, known, mask, *, t_steps, gammas,
-              s_noise, guidance):
+def _heun_program(graphdef, state, latents, pos, labels, key, known, mask, *, t_steps, gammas,
+                   s_noise, guidance):
   denoiser = nnx.merge(graphdef, state)
   d = guided(lambda x, s, p, l: denoiser(x, s, p, l), guidance)
   return heun_loop(d, latents, pos, labels, np.asarray(t_steps), np.asarray(gammas), s_noise, key,
                    known=known, mask=mask)
+
+
+_heun_jit = xla_options.lazy_jit(_heun_program, static_argnames=(
+    "graphdef", "t_steps", "gammas", "s_noise", "guidance"))
 
 
 def heun_sample(denoiser: nnx.Module, latents, *, num_steps: int = 18, sigma_min: float = 0.002,

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from patchdiff import (checkpoint, config_lib, data, evaluation, generate, images_io, metrics,
-                       patches, pretrained, sharding, train_step)
+                       patches, pretrained, sharding, train_step, xla_options)
 from patchdiff.nn import models
 
 # ---------------------------------------------------------------------------------------------
@@ -78,10 +78,14 @@ class Run:
     the fresh values of the variables they name; the EMA starts as a copy of the result, the
     optimizer state, step and counters fresh."""
     if not weights:
-      return jax.jit(self._fresh_state, out_shardings=self.state_shardings)()
+      return self.jit(self._fresh_state, out_shardings=self.state_shardings)()
     placed = sharding.put(weights, sharding.state_shardings(self.mesh, weights,
                                                             self.cfg.mesh.param_sharding))
-    return jax.jit(self._fresh_state, out_shardings=self.state_shardings)(placed)
+    return self.jit(self._fresh_state, out_shardings=self.state_shardings)(placed)
+
+  def jit(self, fun, **jit_kwargs):
+    """`jax.jit` with the compile options of the mesh's platform (`xla_options`)."""
+    return xla_options.jit(fun, self.mesh.devices.flat[0].platform, **jit_kwargs)
 
   def batch_spec(self, size: int) -> dict[str, jax.ShapeDtypeStruct]:
     b = self.cfg.train.batch_size * patches.batch_mul(size, self.schedule.resolution)
@@ -130,15 +134,15 @@ class Run:
   def trace_grad(self, size: int):
     """The gradient program of `size` px patches, traced for the mesh: `.jaxpr` for counting
     FLOPs, `.lower()` for compiling; one trace serves both."""
-    jitted = jax.jit(self.grad_step_fn(size),
-                     out_shardings=(self.state_shardings["params"], self.replicated))
+    jitted = self.jit(self.grad_step_fn(size),
+                      out_shardings=(self.state_shardings["params"], self.replicated))
     return jitted.trace(self.abstract_state, self.batch_spec(size))
 
   def trace_apply(self):
     """The update program that every bucket shares, traced for the mesh (state donated; the
     gradients have no output of their shape left to reuse)."""
-    jitted = jax.jit(train_step.make_apply_step(self.optimizer, self.cfg.train),
-                     donate_argnums=0, out_shardings=(self.state_shardings, self.replicated))
+    jitted = self.jit(train_step.make_apply_step(self.optimizer, self.cfg.train),
+                      donate_argnums=0, out_shardings=(self.state_shardings, self.replicated))
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=self.replicated)
     count = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=self.replicated)
     return jitted.trace(self.abstract_state, self.abstract_state["params"], scalar, count)

@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from patchdiff import xla_options
 from patchdiff.nn import torch_io, torch_pickle
 
 RESOLUTION = 299
@@ -365,7 +366,7 @@ def _apply(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.A
 
 
 # The graph definition is static: models of the same structure share the compiled programs.
-_forward = jax.jit(_apply, static_argnums=0)
+_forward = xla_options.lazy_jit(_apply, static_argnums=0)
 
 
 def features(model: InceptionV3, images: Any, batch_size: int = 64) -> np.ndarray:

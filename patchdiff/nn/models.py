@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from patchdiff import xla_options
 from patchdiff.nn import edm, networks, torch_io
 
 COORD_CHANNELS = 2
@@ -129,7 +130,7 @@ def init_state(model_config: Mapping[str, Any], seed: int = 0, out_shardings=Non
   """(graphdef, state) of a freshly initialised denoiser, made by one small jitted program;
   `out_shardings` places the state."""
   graphdef, init = initializer(model_config, seed)
-  return graphdef, jax.jit(init, out_shardings=out_shardings)()
+  return graphdef, xla_options.jit(init, out_shardings=out_shardings)()
 
 
 def _is_variable(x) -> bool:

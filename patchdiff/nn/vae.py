@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from patchdiff import xla_options
 from patchdiff.nn import networks, torch_io
 
 CONFIG_NAME = "config.json"
@@ -545,8 +546,8 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, z: jax.Array):
 
 
 # The graph definition is static: VAEs of the same structure share the compiled programs.
-_encode_jit = jax.jit(_encode, static_argnums=0)
-_decode_jit = jax.jit(_decode, static_argnums=0)
+_encode_jit = xla_options.lazy_jit(_encode, static_argnums=0)
+_decode_jit = xla_options.lazy_jit(_decode, static_argnums=0)
 
 
 def encode_fn(vae: AutoencoderKL):
