@@ -10,11 +10,17 @@ Each measurement runs in a fresh process (so no in-memory cache helps) with the 
   2. `train.compile_threads=0` (the default), no persistent cache: all programs at once;
   3. the default again, twice, with a persistent cache in a fresh folder: the first run fills
      it, the second is a restart.
+
+`--cold_only` measures just 2 (the cold start of training), `--repeats` times, and prints each
+wall time and their median. XLA_FLAGS passes through to the measured processes, so
+`XLA_FLAGS=--xla_backend_optimization_level=3` measures XLA's default LLVM level on CPU
+(`patchdiff/xla_options.py` asks for 1).
 """
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +33,9 @@ sys.path.insert(0, REPO)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _CHILD = flags.DEFINE_string("child", None, "internal: compile once and print JSON")
+_COLD_ONLY = flags.DEFINE_bool("cold_only", False, "measure only the cold start (all at once, "
+                               "no cache)")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "times to measure the cold start (--cold_only)")
 flags.mark_flags_as_required(["config"])
 
 
@@ -52,7 +61,19 @@ def main(argv):
   if _CHILD.value is not None:
     _child("" if _CHILD.value == "none" else _CHILD.value)
     return
-  args = [a for a in sys.argv[1:] if not a.startswith("--child")]
+  args = [a for a in sys.argv[1:] if not a.startswith(("--child", "--cold_only", "--nocold_only",
+                                                          "--repeats"))]
+  if _COLD_ONLY.value:
+    walls = []
+    for _ in range(_REPEATS.value):
+      r = _measure(args, 0, "none")
+      walls.append(r["wall"])
+      programs = ", ".join(f"{k} {v:.1f} s" for k, v in r["programs"].items())
+      print(f"all programs at once, no cache: {r['wall']:6.1f} s wall ({r['platform']}; per "
+            f"program, trace + compile: {programs})", flush=True)
+    print(f"median of {len(walls)}: {statistics.median(walls):.1f} s "
+          f"({', '.join(f'{w:.1f}' for w in walls)})")
+    return
   rows = []
   with tempfile.TemporaryDirectory() as cache:
     for label, threads, where in (("one program at a time, no cache", 1, "none"),
