@@ -37,12 +37,18 @@ def _assert_equal_to_rounding(a, b):
 DEFAULT_LEVEL = {"xla_backend_optimization_level": 3}  # XLA's own default
 
 
+def small_config(**overrides):
+  """The tests' tiny DDPM++ with one level (attention included): two compiles of it per test."""
+  return tiny_config(**{"model.channel_mult": (1,), "model.model_channels": 8,
+                        "model.attn_resolutions": (16,), **overrides})
+
+
 def test_cpu_gradient_program_matches_the_default_level(monkeypatch):
   # Dropout (the hashed masks), GroupNorm, attention and the loss: the whole gradient program,
   # compiled by the trainer (level 1) and at XLA's default level, on one batch. (The suite
   # itself runs at level 0, set in XLA_FLAGS by conftest.py; unset here.)
   monkeypatch.delenv("XLA_FLAGS")
-  run = train.Run(tiny_config(**{"model.dropout": 0.2}))
+  run = train.Run(small_config(**{"model.dropout": 0.2}))
   state = run.init_state()
   batch = run.to_device(run.random_batch(8, np.random.default_rng(0)))
   ours = run.trace_grad(8).lower().compile()
@@ -63,7 +69,7 @@ def fresh_sampler_program():
 
 def test_cpu_sampler_matches_the_default_level(monkeypatch, fresh_sampler_program):
   monkeypatch.delenv("XLA_FLAGS")
-  cfg = tiny_config()
+  cfg = small_config()
   graphdef, state = models.init_state(models.resolve(cfg.model), seed=1)
   latents = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   ours = sampling.heun_sample(nnx.merge(graphdef, state), latents, num_steps=3)
