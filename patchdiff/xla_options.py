@@ -5,8 +5,8 @@ convolutions and matrix products run in precompiled libraries) at level 1 instea
 default 3: the programs compile faster and run as fast (`benchmarks/compile_time.py` and
 `benchmarks/train_step.py`; the README's performance section has the figures). The results are
 the default level's to rounding: the levels contract and order some floating-point operations
-differently, so a few per cent of a gradient's entries differ in their last bits
-(tests/test_xla_options.py). Other platforms compile with XLA's defaults.
+differently, so some of a gradient's entries differ in their last bits (tests/test_xla_options.py
+bounds the difference). Other platforms compile with XLA's defaults.
 
 An explicit `--xla_backend_optimization_level` in XLA_FLAGS wins over this choice.
 """

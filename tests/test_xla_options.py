@@ -23,8 +23,8 @@ def test_options_by_platform_and_xla_flags(monkeypatch):
 
 def _assert_equal_to_rounding(a, b):
   """Every array of `a` within a few float32 ulps of `b`'s, relative to the array's largest
-  entry. LLVM's levels contract and order floating-point operations differently, so a few
-  percent of the entries differ in their last bits."""
+  entry. LLVM's levels contract and order floating-point operations differently, so some
+  entries differ in their last bits."""
   leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
   assert len(leaves_a) == len(leaves_b) > 0
   for x, y in zip(leaves_a, leaves_b):
