@@ -45,8 +45,8 @@ def small_config(**overrides):
 
 def test_cpu_gradient_program_matches_the_default_level(monkeypatch):
   # Dropout (the hashed masks), GroupNorm, attention and the loss: the whole gradient program,
-  # compiled by the trainer (level 1) and at XLA's default level, on one batch. (conftest.py
-  # sets the suite's level in XLA_FLAGS; unset here, so that the package picks its own.)
+  # compiled by the trainer (level 1) and at XLA's default level, on one batch. (The suite
+  # itself runs at level 0, set in XLA_FLAGS by conftest.py; unset here.)
   monkeypatch.delenv("XLA_FLAGS")
   run = train.Run(small_config(**{"model.dropout": 0.2}))
   state = run.init_state()
