@@ -57,34 +57,33 @@ def _measure(argv: list[str], threads: int, cache: str) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _report(label: str, r: dict) -> None:
+  programs = ", ".join(f"{k} {v:.1f} s" for k, v in r["programs"].items())
+  print(f"{label:>38}: {r['wall']:6.1f} s wall ({r['platform']}; per program, trace + "
+        f"compile: {programs})", flush=True)
+
+
 def main(argv):
   if _CHILD.value is not None:
     _child("" if _CHILD.value == "none" else _CHILD.value)
     return
-  args = [a for a in sys.argv[1:] if not a.startswith(("--child", "--cold_only", "--nocold_only",
-                                                          "--repeats"))]
+  args = [a for a in sys.argv[1:] if not a.startswith("--child")]  # the child ignores the rest
   if _COLD_ONLY.value:
     walls = []
     for _ in range(_REPEATS.value):
       r = _measure(args, 0, "none")
       walls.append(r["wall"])
-      programs = ", ".join(f"{k} {v:.1f} s" for k, v in r["programs"].items())
-      print(f"all programs at once, no cache: {r['wall']:6.1f} s wall ({r['platform']}; per "
-            f"program, trace + compile: {programs})", flush=True)
+      _report("all programs at once, no cache", r)
     print(f"median of {len(walls)}: {statistics.median(walls):.1f} s "
           f"({', '.join(f'{w:.1f}' for w in walls)})")
     return
-  rows = []
   with tempfile.TemporaryDirectory() as cache:
     for label, threads, where in (("one program at a time, no cache", 1, "none"),
                                   ("all programs at once, no cache", 0, "none"),
                                   ("all at once, filling a fresh cache", 0, cache),
                                   ("restart: all from the cache", 0, cache)):
       r = _measure(args, threads, where)
-      rows.append((label, r))
-      programs = ", ".join(f"{k} {v:.1f} s" for k, v in r["programs"].items())
-      print(f"{label:>38}: {r['wall']:6.1f} s wall ({r['platform']}; per program, trace + "
-            f"compile: {programs})", flush=True)
+      _report(label, r)
   del argv
 
 

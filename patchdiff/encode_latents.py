@@ -43,7 +43,6 @@ Corrupt images are skipped and reported by path (or fatal with --noskip_corrupt)
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -310,7 +309,7 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
   chunk = min(chunk, shard_size)
   encode = vae_lib.encode_fn(vae)
 
-  @functools.partial(xla_options.jit, platform=mesh.devices.flat[0].platform)
+  @xla_options.jit  # the mesh's devices are the default backend's
   def to_latent(u8):
     x = u8.astype(jnp.float32) / 127.5 - 1.0
     mean, std = encode(x)
