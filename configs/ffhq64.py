@@ -1,9 +1,12 @@
 """FFHQ 64x64, unconditional, DDPM++ (EDM's SongUNet, 61.8M parameters) with Patch Diffusion.
 
-The authors published no FFHQ command: this is EDM's FFHQ-64 recipe (batch 256, channel_mult
-1,2,2,2, lr 2e-4, dropout 0.05, 200 Mimg, EMA 0.5 Mimg, fp32) without EDM's augmentation (0.15
-there), as in every published Patch Diffusion command, and with the paper's stochastic schedule
-(p = 0.5). Paper FID 3.11; EDM 2.60. Data: the zip of EDM's dataset_tool.py
+The authors published no FFHQ command. Defaults: EDM's FFHQ-64 command (EDM's README: `--cond=0
+--arch=ddpmpp --batch=256 --cres=1,2,2,2 --lr=2e-4 --dropout=0.05 --augment=0.15`) with train.py's
+defaults for the options it leaves out (--duration=200 Mimg, --ema=0.5 Mimg, fp32, --ls=1,
+--real_p=0.5, no --xflip), and the official README's DDPM++ sampler, `generate.py --steps=50
+--batch 64` (deterministic Heun). Deviation: --augment=0 instead of EDM's 0.15, as in every
+published Patch Diffusion command; this package has no augmentation pipeline, so EDM's value
+cannot be restored. Paper FID 3.11; EDM 2.60. Data: the zip of EDM's dataset_tool.py
 (`--source=ffhq-images1024x1024 --resolution=64x64`). No flips (--config.data.hflip=True for EDM's
 --xflip).
 

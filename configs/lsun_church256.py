@@ -1,9 +1,15 @@
 """LSUN Church 256x256, unconditional, Latent Patch Diffusion (ADM on Stable Diffusion latents).
 
-As LSUN Bedroom (the published latent command): adm, batch 1024, lr 1e-4, EMA 50 Mimg, dropout 0.10,
-fp16 with loss scale 100, 200 Mimg, real_p 0.5 on 4x32x32 latents (patches 16 and 32); 256-step
-stochastic Heun (S_churn 40, S_min 0.05, S_max 50, S_noise 1.003). Paper FID 2.66. Latents are
-precomputed with sd-vae-ft-ema; sampling decodes to pixels with it.
+Defaults: the authors' published latent command, which the official README gives for LSUN
+Bedroom and which is used here unchanged: `--cond=0 --arch=adm --train_on_latents=1 --duration=200
+--batch-gpu=32 --batch=1024 --lr=1e-4 --ema=50 --dropout=0.10 --fp16=1 --ls=100 --augment=0
+--real_p=0.5` (ADM's 192 channels x 1,2,3,4 from train.py; 4x32x32 latents, patches 16 and 32),
+and the README's ADM sampler, `generate.py --steps=256 --S_churn=40 --S_min=0.05 --S_max=50
+--S_noise=1.003 --batch 64`. Deviation: --batch-gpu=32, a per-GPU memory limit, is left unset
+(train.batch_per_device). Here it only splits each device's share of the batch into
+micro-batches with the same gradient (the official loop also drew a patch size per GPU and
+micro-batch; this package draws one per step); --config.train.batch_per_device=32 sets it. Paper
+FID 2.66. Latents are precomputed with sd-vae-ft-ema; sampling decodes to pixels with it.
 
   python -m patchdiff.encode_latents --vae=sd-vae-ft-ema --source=zip \
       --path=datasets/lsun-church-256x256.zip --resolution=256 \

@@ -18,9 +18,9 @@ LATENT = ["lsun_bedroom256", "lsun_church256", "imagenet256"]
 PUBLISHED = {
     "celeba64": (256, 2e-4, 0.05, 200, 0.5, "float32", 1.0, 0),
     "ffhq64": (256, 2e-4, 0.05, 200, 0.5, "float32", 1.0, 0),
-    "afhqv2_cat64": (512, 2e-4, 0.25, 75, 0.5, "float32", 1.0, 0),
-    "afhqv2_dog64": (512, 2e-4, 0.25, 75, 0.5, "float32", 1.0, 0),
-    "afhqv2_wild64": (512, 2e-4, 0.25, 75, 0.5, "float32", 1.0, 0),
+    "afhqv2_cat64": (256, 2e-4, 0.25, 75, 0.5, "float32", 1.0, 0),
+    "afhqv2_dog64": (256, 2e-4, 0.25, 75, 0.5, "float32", 1.0, 0),
+    "afhqv2_wild64": (256, 2e-4, 0.25, 75, 0.5, "float32", 1.0, 0),
     "lsun_bedroom256": (1024, 1e-4, 0.10, 200, 50, "float16", 100.0, 0),
     "lsun_church256": (1024, 1e-4, 0.10, 200, 50, "float16", 100.0, 0),
     "imagenet256": (4096, 1e-4, 0.10, 2500, 50, "float16", 100.0, 1000),
@@ -64,7 +64,7 @@ def test_published_values_and_derived_length(name):
   else:
     assert sched.active_sizes == (16, 32, 64)
   if name == "imagenet256":
-    assert (m["label_dropout"], cfg.sample.guidance, cfg.data.labels) == (0.1, 1.3, True)
+    assert (m["label_dropout"], cfg.sample.guidance, cfg.data.labels) == (0.0, 1.3, True)
 
 
 @pytest.mark.parametrize("name", PIXEL + LATENT)
@@ -181,7 +181,7 @@ def test_smoke_variants_of_one_kind_are_one_config():
   latent = latent.to_dict()
   assert labelled["data"] == dict(latent["data"], labels=True)
   assert labelled["sample"] == dict(latent["sample"], guidance=1.3)
-  assert labelled["model"] == dict(latent["model"], label_dim=1000, label_dropout=0.1)
+  assert labelled["model"] == dict(latent["model"], label_dim=1000, label_dropout=0.0)
   assert {k: v for k, v in labelled.items() if k not in ("data", "sample", "model")} == {
       k: v for k, v in latent.items() if k not in ("data", "sample", "model")}
 
@@ -201,3 +201,174 @@ def test_smoke_variant_trains_and_checkpoints(name, tmp_path):
   assert (tmp_path / "checkpoints" / "3").is_dir()
   grids = list(tmp_path.glob("samples_*.png"))
   assert len(grids) == (0 if full.patch.latent else 1)  # latents need a VAE to be seen
+
+
+# The published recipes, option by option, as the official code names them
+# (Zhendong-Wang/Patch-Diffusion: README.md, train.py, generate.py; EDM's README where the authors
+# published no command). A config's defaults are its recipe, but for the DEVIATIONS below.
+
+# train.py's option defaults, which hold where a command leaves an option out.
+TRAIN_PY_DEFAULTS = dict(
+    cond=False,              # --cond
+    arch="ddpmpp",           # --arch
+    precond="pedm",          # --precond: Patch_EDMPrecond and Patch_EDMLoss (P_mean, P_std)
+    train_on_latents=False,  # --train_on_latents
+    progressive=False,       # --progressive
+    duration=200.0,          # --duration, Mimg: total_kimg = max(int(duration * 1000), 1)
+    batch=512,               # --batch, global
+    batch_gpu=None,          # --batch-gpu: a per-GPU limit (gradient accumulation)
+    cbase=None,              # --cbase: None keeps the arch's model_channels (TRAIN_PY_ARCH)
+    cres=None,               # --cres: None keeps the arch's channel_mult (TRAIN_PY_ARCH)
+    lr=10e-4,                # --lr
+    ema=0.5,                 # --ema, Mimg: ema_halflife_kimg = int(ema * 1000)
+    dropout=0.13,            # --dropout
+    label_dropout=0.0,       # no option: SongUNet's and DhariwalUNet's label_dropout default
+    augment=0.12,            # --augment
+    xflip=False,             # --xflip
+    fp16=False,              # --fp16
+    ls=1.0,                  # --ls
+    real_p=0.5,              # --real_p
+)
+# train.py's network per --arch: (model_channels, channel_mult).
+TRAIN_PY_ARCH = {"ddpmpp": (128, (2, 2, 2)), "adm": (192, (1, 2, 3, 4))}
+# generate.py's option defaults.
+GENERATE_PY_DEFAULTS = dict(
+    steps=18,            # --steps
+    S_churn=0.0,         # --S_churn
+    S_min=0.0,           # --S_min
+    S_max=float("inf"),  # --S_max
+    S_noise=1.0,         # --S_noise
+    cfg=None,            # --cfg: None (or 1.0) samples without guidance
+    batch=64,            # --batch
+)
+# The official README's commands. LSUN's names the Bedroom zip; ImageNet's also has --tick=200
+# (progress prints only). Both sampler commands pass --batch 64 (and --resolution 64, or
+# --resolution 32 --on_latents=1); "For ImageNet ... add --cfg=1.3".
+README_CELEBA = dict(cond=False, arch="ddpmpp", batch=256, cres=(1, 2, 2, 2), lr=2e-4,
+                     dropout=0.05, augment=0.0, real_p=0.5)
+README_LSUN = dict(cond=False, arch="adm", train_on_latents=True, duration=200.0, batch_gpu=32,
+                   batch=1024, lr=1e-4, ema=50.0, dropout=0.10, fp16=True, ls=100.0, augment=0.0,
+                   real_p=0.5)
+README_IMAGENET = dict(cond=True, arch="adm", train_on_latents=True, duration=2500.0,
+                       batch_gpu=32, batch=4096, lr=1e-4, ema=50.0, dropout=0.10, fp16=True,
+                       ls=100.0, augment=0.0, real_p=0.5)
+README_DDPMPP_SAMPLER = dict(steps=50, batch=64)
+README_ADM_SAMPLER = dict(steps=256, S_churn=40.0, S_min=0.05, S_max=50.0, S_noise=1.003, batch=64)
+README_IMAGENET_SAMPLER = dict(README_ADM_SAMPLER, cfg=1.3)
+# EDM's README (its table of the options of its pre-trained models): FFHQ-64 and AFHQv2-64.
+EDM_FFHQ = dict(cond=False, arch="ddpmpp", batch=256, cres=(1, 2, 2, 2), lr=2e-4, dropout=0.05,
+                augment=0.15)
+EDM_AFHQV2 = dict(EDM_FFHQ, dropout=0.25)
+PAPER_AFHQV2 = dict(duration=75.0)  # the paper's AFHQv2 runs: 75 Mimg
+# {config: (its command over TRAIN_PY_DEFAULTS, its sampler over GENERATE_PY_DEFAULTS)}
+RECIPES = {
+    "celeba64": (README_CELEBA, README_DDPMPP_SAMPLER),
+    "ffhq64": (EDM_FFHQ, README_DDPMPP_SAMPLER),
+    "afhqv2_cat64": (dict(EDM_AFHQV2, **PAPER_AFHQV2), README_DDPMPP_SAMPLER),
+    "afhqv2_dog64": (dict(EDM_AFHQV2, **PAPER_AFHQV2), README_DDPMPP_SAMPLER),
+    "afhqv2_wild64": (dict(EDM_AFHQV2, **PAPER_AFHQV2), README_DDPMPP_SAMPLER),
+    "lsun_bedroom256": (README_LSUN, README_ADM_SAMPLER),
+    "lsun_church256": (README_LSUN, README_ADM_SAMPLER),  # the LSUN command, unchanged
+    "imagenet256": (README_IMAGENET, README_IMAGENET_SAMPLER),
+}
+# Deviations kept on purpose, {config: {option: (published value, ours)}}, and where each
+# config's docstring says how to restore the published value.
+# EDM's augmentation is dropped as in every published Patch Diffusion command (--augment=0);
+# this package has no augmentation pipeline, so it cannot be restored.
+NO_AUGMENT = {"augment": (0.15, 0.0)}
+# --batch-gpu is a memory limit; train.batch_per_device is its counterpart and leaves the gradient
+# unchanged here.
+NO_BATCH_GPU = {"batch_gpu": (32, None)}
+DEVIATIONS = {"ffhq64": NO_AUGMENT, "afhqv2_cat64": NO_AUGMENT, "afhqv2_dog64": NO_AUGMENT,
+              "afhqv2_wild64": NO_AUGMENT, "lsun_bedroom256": NO_BATCH_GPU,
+              "lsun_church256": NO_BATCH_GPU, "imagenet256": NO_BATCH_GPU}
+RESTORE = {"augment": "cannot be restored", "batch_gpu": "--config.train.batch_per_device=32"}
+
+
+def published_recipe(name):
+  """The official (train.py, generate.py) options of config `name`'s recipe."""
+  command, sampler = RECIPES[name]
+  train = dict(TRAIN_PY_DEFAULTS, **command)
+  cbase, cres = TRAIN_PY_ARCH[train["arch"]]
+  train["cbase"] = train["cbase"] or cbase
+  train["cres"] = train["cres"] or cres
+  return train, dict(GENERATE_PY_DEFAULTS, **sampler)
+
+
+def official_options(cfg):
+  """`cfg` read back as the official (train.py, generate.py) options; None where it has none."""
+  m = models.resolve(cfg.model)
+  t, s = cfg.train, cfg.sample
+  train = dict(
+      cond=bool(m["label_dim"]) and cfg.data.labels,
+      arch=m["arch"],
+      # EDM's loss: ln(sigma) ~ N(-1.2, 1.2^2), sigma_data 0.5 (coordinate channels always).
+      precond="pedm" if (t.p_mean, t.p_std, m["sigma_data"]) == (-1.2, 1.2, 0.5) else None,
+      train_on_latents=cfg.patch.latent,
+      progressive=cfg.patch.schedule == "progressive",
+      duration=t.duration_mimg,
+      batch=t.batch_size,
+      batch_gpu=t.get("batch_per_device"),
+      cbase=m["model_channels"],
+      cres=tuple(m["channel_mult"]),
+      lr=t.lr,
+      ema=t.ema_mimg,
+      dropout=m["dropout"],
+      label_dropout=m["label_dropout"],
+      augment=0.0 if m["augment_dim"] == 0 else None,  # no augmentation pipeline here
+      xflip=cfg.data.hflip,
+      fp16={"float16": True, "float32": False}.get(m["dtype"]),
+      ls=t.loss_scale if t.loss_scaling == "static" else None,
+      real_p=cfg.patch.real_p,
+  )
+  sample = dict(steps=s.num_steps, S_churn=s.s_churn, S_min=s.s_min, S_max=s.s_max,
+                S_noise=s.s_noise, cfg=None if s.guidance == 1.0 else s.guidance,
+                batch=s.batch_size)
+  return train, sample
+
+
+@pytest.mark.parametrize("name", PIXEL + LATENT)
+def test_defaults_are_the_published_recipe(name):
+  want_train, want_sample = published_recipe(name)
+  got_train, got_sample = official_options(load(name))
+  kept = DEVIATIONS.get(name, {})
+  for option, (value, _) in kept.items():
+    assert want_train[option] == value, option  # what the deviation departs from
+  assert got_train == dict(want_train, **{option: ours for option, (_, ours) in kept.items()})
+  assert got_sample == want_sample
+  # train.py's unit conversions give whole kimg for these lengths and half-lives.
+  assert got_train["duration"] * 1000 == max(int(want_train["duration"] * 1000), 1)
+  assert got_train["ema"] * 1000 == int(want_train["ema"] * 1000)
+
+
+@pytest.mark.parametrize("name", PIXEL + LATENT)
+def test_deviations_are_named_and_restorable(name):
+  doc = " ".join((CONFIGS / f"{name}.py").read_text().split('"""')[1].split())  # the docstring
+  kept = DEVIATIONS.get(name, {})
+  if not kept:
+    assert "No deviations." in doc
+  for option in kept:
+    assert f"Deviation: --{option.replace('_', '-')}" in doc, option
+    assert RESTORE[option] in doc, option
+  if "batch_gpu" in kept:  # the restoring override is valid on the authors' 8 GPUs
+    cfg = config_lib.finalize(load(name))
+    cfg.train.batch_per_device = 32
+    config_lib.validate(cfg, num_devices=8)
+
+
+def test_imagenet_label_dropout_is_a_variant():
+  base = load("imagenet256")
+  # Published: no label dropout (train.py has no such option), guidance 1.3 (--cfg=1.3).
+  assert (base.model.label_dropout, base.sample.guidance) == (0.0, 1.3)
+  cfg = load("imagenet256", "label_dropout=0.1")
+  assert cfg.model.label_dropout == 0.1
+  assert dict(cfg.to_dict(), model=dict(cfg.model.to_dict(), label_dropout=0.0)) == base.to_dict()
+  both = load("imagenet256", "p=0.25, label_dropout=0.2,smoke")
+  assert (both.model.label_dropout, both.patch.real_p, both.train.steps) == (0.2, 0.25, 3)
+  for arg, message in [("label_dropout=x", "'x' is not a number"),
+                       ("label_dropout=1", r"label_dropout must lie in \[0, 1\)"),
+                       ("label_dropout=-0.1", r"label_dropout must lie in \[0, 1\)")]:
+    with pytest.raises(ValueError, match=message):
+      load("imagenet256", arg)
+  with pytest.raises(ValueError, match="unknown config argument 'label_dropout=0.1'"):
+    load("lsun_church256", "label_dropout=0.1")
