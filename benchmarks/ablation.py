@@ -213,7 +213,7 @@ def report(args) -> None:
     cfg = load_config(arg, overrides)
     steps = sorted(scalars["fid"])
     sched = config_lib.patch_schedule(cfg, total_steps=max(steps))
-    kimg = sched.counted_before(steps) * cfg.train.batch_size / 1e3
+    kimg = sched.nimg_before(steps) / 1e3
     step_seconds = np.cumsum([bucket_seconds[int(s)] for s in sched.sizes_at(np.arange(max(steps)))])
     rows[name] = dict(
         about=about, steps=steps, kimg=[float(k) for k in kimg],

@@ -38,13 +38,14 @@ def main(argv):
   state = run.init_state()
   compiled = run.compile_step(size)
   batch = run.to_device(run.random_batch(size, np.random.default_rng(0)))
+  hyper = run.hyper(0, size)
   for _ in range(2):
-    state, m = compiled(state, batch)
+    state, m = compiled(state, batch, hyper)
   jax.block_until_ready(m)
   logdir = tempfile.mkdtemp()
   with jax.profiler.trace(logdir):
     for _ in range(_STEPS.value):
-      state, m = compiled(state, batch)
+      state, m = compiled(state, batch, hyper)
     jax.block_until_ready(m)
   path = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))[-1]
   data = jax.profiler.ProfileData.from_file(path)

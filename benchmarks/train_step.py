@@ -95,13 +95,14 @@ def main(argv):
     st = train_step.program_stats(grad)
     b = spec["image"].shape[0]
     batch = run.to_device(run.random_batch(size, rng))
+    hyper = run.hyper(0, size)
     for _ in range(_WARMUP.value):
-      state, m = compiled(state, batch)
+      state, m = compiled(state, batch, hyper)
       jax.block_until_ready(m)
     times = []
     for _ in range(_STEPS.value):
       t0 = time.perf_counter()
-      state, m = compiled(state, batch)
+      state, m = compiled(state, batch, hyper)
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t0)
     med = statistics.median(times)

@@ -25,6 +25,6 @@ def get_config(arg=None):
   c.train.batch_size = 256
   c.train.lr = 2e-4
   c.model.dropout = 0.25
-  c.train.duration_mimg = 75.0  # 154,195 steps at p=0.5 (256 x 1.9 images per step)
+  c.train.duration_mimg = 75.0  # 154,321 steps at p=0.5 (int(256 x 1.9) = 486 images per step)
   c.train.ema_mimg = 0.5
   return config_lib.apply_args(c, arg)

@@ -24,6 +24,6 @@ def get_config(arg=None):
   c.train.batch_size = 256
   c.train.lr = 2e-4
   c.model.dropout = 0.05
-  c.train.duration_mimg = 200.0  # 411,185 steps at p=0.5 (256 x 1.9 images per step)
+  c.train.duration_mimg = 200.0  # 411,523 steps at p=0.5 (int(256 x 1.9) = 486 images per step)
   c.train.ema_mimg = 0.5
   return config_lib.apply_args(c, arg)

@@ -52,7 +52,7 @@ def get_config(arg=None):
   c.model.label_dim = 1000
   c.model.label_dropout = 0.0  # published: the official train.py trains with no label dropout
   c.train.batch_size = 4096
-  # 406,902 steps at p=0.5 (4096 x 1.5 images per step)
+  # 406,902 steps at p=0.5 (4096 x 1.5 = 6,144 images per step)
   c.train.duration_mimg = 2500.0
   c.sample.guidance = 1.3  # the README's --cfg=1.3
   rest = []

@@ -25,6 +25,6 @@ from patchdiff import config_lib
 def get_config(arg=None):
   c = config_lib.latent256_config()
   c.train.batch_size = 1024
-  # 130,209 steps at p=0.5 (1024 x 1.5 images per step)
+  # 130,209 steps at p=0.5 (1024 x 1.5 = 1,536 images per step)
   c.train.duration_mimg = 200.0
   return config_lib.apply_args(c, arg)

@@ -151,6 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_per_device = placeholder(int)
   c.train.steps = 1000           # 0: from duration_mimg
   c.train.duration_mimg = placeholder(float)  # training length in Mimg, counted as the paper does
+  # Images counted before step 0, in kimg (the official --resume_kimg): the learning-rate and EMA
+  # ramps and the end of a duration_mimg run follow the count.
+  c.train.start_kimg = 0.0
   c.train.lr = 2e-4
   c.train.p_mean = -1.2          # training noise levels: ln(sigma) ~ N(p_mean, p_std^2) (EDM)
   c.train.p_std = 1.2
@@ -336,21 +339,47 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
 
 def finalize(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`cfg` with derived values filled in: train.steps = 0 becomes the step count of
-  train.duration_mimg (images counted as the paper does: batch x mean batch_mul per step).
-  Returns `cfg` itself when nothing is derived, else a copy."""
+  train.duration_mimg, as the official loop counts it: it ends once the images counted reach
+  total_kimg * 1000, total_kimg = max(int(duration_mimg * 1000), 1) (its train.py's
+  arithmetic), each step counting int(batch_size * batch_mul_avg) images
+  (`patches.PatchSchedule`). Returns `cfg` itself when nothing is derived, else a copy."""
   t = cfg.train
   if t.steps != 0:
     return cfg
   if not t.duration_mimg or t.duration_mimg <= 0:
     raise ValueError(f"train.steps=0 needs a positive train.duration_mimg, got {t.duration_mimg!r}")
-  steps = patch_schedule(cfg, total_steps=1).steps_for(t.duration_mimg * 1e6 / t.batch_size)
+  sched = patch_schedule(cfg)
+  steps = sched.steps_for(1000 * total_kimg(t))
+  if steps <= 0:
+    raise ValueError(f"train.duration_mimg={t.duration_mimg}: the run is over before it starts "
+                     f"(train.start_kimg={t.get('start_kimg', 0)} images counted already)")
   out = cfg.copy_and_resolve_references()
   out.train.steps = steps
   return out
 
 
+def total_kimg(tcfg: ml_collections.ConfigDict) -> int | None:
+  """The official total_kimg of train.duration_mimg, max(int(duration_mimg * 1000), 1); None
+  without a duration."""
+  if not tcfg.get("duration_mimg"):
+    return None
+  return max(int(tcfg.duration_mimg * 1000), 1)
+
+
+def start_nimg(tcfg: ml_collections.ConfigDict) -> int:
+  """The images counted before step 0: train.start_kimg * 1000 (the official resume_kimg)."""
+  v = tcfg.get("start_kimg", 0) or 0
+  nimg = v * 1000
+  if isinstance(v, bool) or v < 0 or abs(nimg - round(nimg)) > 1e-6:
+    raise ValueError(f"train.start_kimg={v!r} must be >= 0 and a whole number of images")
+  return int(round(nimg))
+
+
 def patch_schedule(cfg: ml_collections.ConfigDict,
                    total_steps: int | None = None) -> patches.PatchSchedule:
+  """The run's patch schedule and image count (`patches.PatchSchedule`): a progressive
+  schedule walks its buckets over train.duration_mimg when it is set, else over the images of
+  its steps."""
   r = cfg.model.img_resolution
   sizes = tuple(cfg.patch.sizes) if cfg.patch.sizes else patches.default_patch_sizes(
       r, latent=cfg.patch.latent)
@@ -358,7 +387,9 @@ def patch_schedule(cfg: ml_collections.ConfigDict,
       cfg.patch.real_p, len(sizes))
   return patches.PatchSchedule(sizes=sizes, probs=probs, resolution=r, seed=cfg.seed,
                                kind=cfg.patch.schedule,
-                               total_steps=total_steps or cfg.train.steps)
+                               total_steps=total_steps or cfg.train.steps or None,
+                               batch_size=cfg.train.batch_size, start_nimg=start_nimg(cfg.train),
+                               total_kimg=total_kimg(cfg.train))
 
 
 def _batch_per_device(tcfg: ml_collections.ConfigDict) -> int | None:
@@ -419,6 +450,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   if not cfg.patch.latent and r % 4:
     raise ValueError(f"model.img_resolution={r} is not divisible by 4: the patch sizes are "
                      f"R/4, R/2 and R")
+  for key in ("batch_size", "steps", "log_every", "checkpoint_every"):
+    if not isinstance(cfg.train[key], int) or cfg.train[key] <= 0:
+      raise ValueError(f"train.{key}={cfg.train[key]!r} must be a positive integer")
+  start_nimg(cfg.train)
   try:
     sched = patch_schedule(cfg)
   except ValueError as e:
@@ -430,9 +465,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
                      f"{list(m['channel_mult'])}: {e}") from None
   data_config(cfg.data, m["label_dim"])
   t = cfg.train
-  for key in ("batch_size", "steps", "log_every", "checkpoint_every"):
-    if not isinstance(t[key], int) or t[key] <= 0:
-      raise ValueError(f"train.{key}={t[key]!r} must be a positive integer")
   _batch_per_device(t)
   if num_devices is not None:
     accumulation_rounds(cfg, num_devices)

@@ -50,12 +50,17 @@ class PatchSchedule:
   """Which patch size each training step uses, and how many images each step counts.
 
   sizes/probs: the buckets and their probabilities. kind 'stochastic' draws step t's bucket
-  from (seed, t), and every step counts `mean_batch_mul` batches of images. 'progressive' walks
-  the buckets in order as the official training loop does: bucket k while the fraction of images
-  counted so far is at most probs[0] + ... + probs[k], each step counting its own bucket's
-  batch_mul (so a run of `total_steps` spends the fraction probs[k] of its *images*, not of its
-  steps, in bucket k). Either way `size_at(t)` is a pure function: hosts and restarts agree.
-  Counts are in units of the batch size (images = batch_size * count).
+  from (seed, t); 'progressive' walks the buckets in order as the official training loop does.
+  Either way `size_at(t)` is a pure function: hosts and restarts agree.
+
+  Images are counted as the official loop counts them (`cur_nimg`), in whole images:
+  `start_nimg` before step 0 (the official resume_kimg * 1000), then each step adds
+  `step_images(size)` = int(batch_size * batch_mul_avg), where batch_mul_avg is the schedule's
+  mean batch_mul (stochastic; 486 images for a p = 0.5 step at batch 256, not 486.4) or the
+  bucket's own batch_mul (progressive). Progressive steps take bucket k while
+  (nimg // 1000) / total_kimg <= probs[0] + ... + probs[k] (the last bucket without bound), nimg
+  the count before the step; `total_kimg` defaults to the images of `total_steps` steps split
+  over the buckets by their probabilities.
   """
   sizes: tuple[int, ...]
   probs: tuple[float, ...]
@@ -63,6 +68,9 @@ class PatchSchedule:
   seed: int = 0
   kind: str = "stochastic"
   total_steps: int | None = None
+  batch_size: int = 1
+  start_nimg: int = 0
+  total_kimg: float | None = None
 
   def __post_init__(self):
     if self.kind not in SCHEDULES:
@@ -73,9 +81,14 @@ class PatchSchedule:
       raise ValueError(f"patch probabilities {self.probs} must be >= 0 and sum to 1")
     for s in self.sizes:
       batch_mul(s, self.resolution)
+    if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
+      raise ValueError(f"batch size {self.batch_size!r} must be a positive integer")
+    if not isinstance(self.start_nimg, (int, np.integer)) or self.start_nimg < 0:
+      raise ValueError(f"images counted before step 0 ({self.start_nimg!r}) must be an "
+                       "integer >= 0")
     if self.kind == "progressive":
-      if not self.total_steps:
-        raise ValueError("a progressive patch schedule needs total_steps")
+      if not self.total_steps and not (self.total_kimg and self.total_kimg > 0):
+        raise ValueError("a progressive patch schedule needs total_steps or total_kimg")
       if list(self.sizes) != sorted(self.sizes):
         raise ValueError(f"a progressive schedule walks the sizes in increasing order, got "
                          f"{self.sizes}")
@@ -87,31 +100,62 @@ class PatchSchedule:
 
   @property
   def mean_batch_mul(self) -> float:
-    return float(sum(p * batch_mul(s, self.resolution) for s, p in zip(self.sizes, self.probs)))
+    """The official loop's batch_mul_avg: sum of probs[k] * batch_mul[k] in float64, in the
+    buckets' order."""
+    return float(np.sum(np.asarray(self.probs, np.float64) * np.asarray(
+        [batch_mul(s, self.resolution) for s in self.sizes], np.float64)))
+
+  def ema_images(self, size: int) -> float:
+    """batch_size * batch_mul_avg of a step of `size` px, not truncated: the images in the
+    exponent of the official loop's EMA decay."""
+    if self.kind == "stochastic":
+      return float(self.batch_size * self.mean_batch_mul)
+    return float(self.batch_size * batch_mul(size, self.resolution))
+
+  def step_images(self, size: int) -> int:
+    """The images a step of `size` px adds to the count: int(batch_size * batch_mul_avg)."""
+    return int(self.ema_images(size))
+
+  @functools.cached_property
+  def _progressive_total_kimg(self) -> float:
+    if self.total_kimg:
+      return float(self.total_kimg)
+    active = [(p, batch_mul(s, self.resolution)) for s, p in zip(self.sizes, self.probs) if p > 0]
+    return self.total_steps * self.batch_size / sum(p / m for p, m in active) / 1000.0
+
+  def _bucket(self, nimg: int) -> int:
+    """Progressive: the index of the bucket a step takes after `nimg` images (official rule)."""
+    edges = np.cumsum(np.asarray(self.probs, np.float64))
+    edges[-1] = 10.0
+    return int(np.flatnonzero((nimg // 1000) / self._progressive_total_kimg <= edges)[0])
 
   @functools.cached_property
   def _segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Progressive: per active bucket (size, batch_mul, first step, count before that step).
+    """Progressive: per segment (size, images per step, first step, count before that step).
 
-    The total count is N = total_steps / sum_k(p_k / m_k), so that the buckets' steps add up
-    to total_steps; step t is in the first bucket k with count_before(t) / N <= p_0 + ... + p_k
-    (the official loop's rule, there on kimg); the last bucket takes the steps that remain.
+    Bucket k holds while nimg // 1000 <= q - 1, q the least integer with q / total_kimg above
+    probs[0] + ... + probs[k] (found with the official loop's own float comparison), so its
+    segment ends at the first step whose count reaches 1000 q.
     """
-    active = [(s, p, batch_mul(s, self.resolution)) for s, p in zip(self.sizes, self.probs)
-              if p > 0]
-    total = float(self.total_steps) / sum(p / m for _, p, m in active)
-    edge, count, step = 0.0, 0.0, 0
-    sizes, muls, starts, counts = [], [], [], []
-    for n, (size, p, m) in enumerate(active):
-      sizes.append(size), muls.append(m), starts.append(step), counts.append(count)
-      edge += p
-      if n < len(active) - 1 and count <= edge * total:
-        taken = int(np.floor((edge * total - count) / m + 1e-9)) + 1
-        taken = min(taken, max(self.total_steps - step, 0))
-        step += taken
-        count += taken * m
-    return (np.asarray(sizes), np.asarray(muls, np.float64), np.asarray(starts, np.int64),
-            np.asarray(counts, np.float64))
+    total = self._progressive_total_kimg
+    edges = np.cumsum(np.asarray(self.probs, np.float64))
+    sizes, per, starts, counts = [], [], [], []
+    nimg, step = int(self.start_nimg), 0
+    while True:
+      k = self._bucket(nimg)
+      c = self.step_images(self.sizes[k])
+      sizes.append(self.sizes[k]), per.append(c), starts.append(step), counts.append(nimg)
+      if k == len(self.sizes) - 1:
+        break
+      q = int(np.floor(edges[k] * total))
+      while q / total <= edges[k]:
+        q += 1
+      while q > 0 and (q - 1) / total > edges[k]:
+        q -= 1
+      taken = max(-(-(1000 * q - nimg) // c), 1)
+      step, nimg = step + taken, nimg + taken * c
+    return (np.asarray(sizes, np.int64), np.asarray(per, np.int64), np.asarray(starts, np.int64),
+            np.asarray(counts, np.int64))
 
   def _segment_of(self, steps: np.ndarray) -> np.ndarray:
     starts = self._segments[2]
@@ -132,32 +176,25 @@ class PatchSchedule:
   def size_at(self, step: int) -> int:
     return int(self.sizes_at(np.asarray([step]))[0])
 
-  def count_line(self, size: int) -> tuple[float, float]:
-    """(a, c): for every step t of bucket `size`, the count before it is a + c * t and the
-    step itself counts c. Stochastic: (0, mean_batch_mul) for every bucket. Progressive: the
-    bucket's own batch_mul, continuing from the counts of the buckets before it."""
-    if self.kind == "stochastic":
-      return 0.0, self.mean_batch_mul
-    sizes, muls, starts, counts = self._segments
-    k = int(np.flatnonzero(sizes == size)[0])
-    return float(counts[k] - starts[k] * muls[k]), float(muls[k])
-
-  def counted_before(self, steps) -> np.ndarray:
-    """The count (in batches of images) of the steps before each of `steps` (vectorised)."""
+  def nimg_before(self, steps) -> np.ndarray:
+    """The images counted before each of `steps` (int64, exact; vectorised)."""
     steps = np.asarray(steps, dtype=np.int64)
     if self.kind == "stochastic":
-      return steps * self.mean_batch_mul
-    _, muls, starts, counts = self._segments
+      return self.start_nimg + steps * np.int64(self.step_images(self.sizes[0]))
+    _, per, starts, counts = self._segments
     k = self._segment_of(steps)
-    return counts[k] + (steps - starts[k]) * muls[k]
+    return counts[k] + (steps - starts[k]) * per[k]
 
-  def steps_for(self, count: float) -> int:
-    """The number of steps after which `count` batches of images have been counted."""
+  def steps_for(self, total_nimg: int) -> int:
+    """The number of steps after which at least `total_nimg` images are counted: the official
+    loop's length, which stops once cur_nimg >= total_kimg * 1000."""
+    if total_nimg <= self.start_nimg:
+      return 0
     if self.kind == "stochastic":
-      return int(np.ceil(count / self.mean_batch_mul - 1e-9))
-    per_step = sum(p / batch_mul(s, self.resolution)
-                   for s, p in zip(self.sizes, self.probs) if p > 0)
-    return int(np.ceil(count * per_step - 1e-9))
+      return -(-(int(total_nimg) - self.start_nimg) // self.step_images(self.sizes[0]))
+    _, per, starts, counts = self._segments
+    k = int(np.searchsorted(counts, total_nimg, side="left")) - 1  # last segment below it
+    return int(starts[k] + -(-(int(total_nimg) - counts[k]) // per[k]))
 
 
 def mix64(z: np.ndarray) -> np.ndarray:

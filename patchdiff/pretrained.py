@@ -179,5 +179,50 @@ def _snapshot_notes(info: Mapping[str, Any], c: Mapping[str, Any]) -> list[str]:
   return notes
 
 
+# Official network keywords that configure nothing here: the preconditioning's noise range
+# (sampling takes its own) and the class names, which `official_model_config` reads.
+_IGNORED_KWARGS = ("model_type", "sigma_min", "sigma_max")
+
+
+def official_model_config(kwargs: Mapping[str, Any], *, coordinates: bool = True) -> dict[str, Any]:
+  """Our model config (`models.resolve`'s keys) of an official network built with keyword
+  arguments `kwargs` (`Patch_EDMPrecond` / `EDMPrecond` with their SongUNet / DhariwalUNet
+  keywords, in the official names, as train.py passes them and a snapshot records them).
+
+  `img_channels` counts the coordinate channels when `coordinates` (a `Patch_EDMPrecond`'s, as
+  its snapshot records it) and not otherwise. `model_type` picks the backbone: DhariwalUNet is
+  `adm`; SongUNet is `ncsnpp` with a Fourier embedding, else `ddpmpp` (train.py's two
+  presets); every keyword given overrides the preset's value. `use_fp16` sets the float16
+  compute dtype. Raises ValueError naming any keyword patchdiff does not support.
+  """
+  kw = dict(kwargs)
+  model_type = kw.get("model_type", "SongUNet")
+  if model_type not in BACKBONE_ARCHS:
+    raise ValueError(f"model_type={model_type!r}: patchdiff has {sorted(BACKBONE_ARCHS)}")
+  arch = ("adm" if model_type == "DhariwalUNet" else
+          "ncsnpp" if kw.get("embedding_type") == "fourier" else "ddpmpp")
+  for key in ("img_resolution", "img_channels"):
+    if key not in kw:
+      raise ValueError(f"the network's keyword arguments have no {key}")
+  out: dict[str, Any] = dict(arch=arch, img_resolution=int(kw.pop("img_resolution")))
+  channels = int(kw.pop("img_channels")) - (models.COORD_CHANNELS if coordinates else 0)
+  out["img_channels"] = channels
+  if kw.pop("use_fp16", False):
+    out["dtype"] = "float16"
+  if kw.pop("implicit_mlp", False):
+    raise ValueError("implicit_mlp=True: the official coordinate MLP variant is not supported")
+  for key in _IGNORED_KWARGS:
+    kw.pop(key, None)
+  known = set(models.ARCH_DEFAULTS[arch]) | {"out_channels", "sigma_data"}
+  unknown = sorted(set(kw) - known)
+  if unknown:
+    raise ValueError(f"network keyword arguments patchdiff does not support: {unknown}")
+  out.update({k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+  if out.get("out_channels") == channels:
+    del out["out_channels"]
+  models.resolve(out)  # the values' own checks
+  return out
+
+
 def _plain(v: Any) -> Any:
   return list(v) if isinstance(v, (list, tuple)) else v

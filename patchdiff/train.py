@@ -112,9 +112,10 @@ class Run:
                                      self.schedule.resolution)
     return host
 
-  def nimg(self, step) -> float:
-    """Images counted before `step` (the paper's count: a step counts batch x batch_mul)."""
-    return float(self.cfg.train.batch_size * self.schedule.counted_before([step])[0])
+  def nimg(self, step: int) -> int:
+    """Images counted before `step`, exactly as the official loop counts them
+    (`patches.PatchSchedule`)."""
+    return int(self.schedule.nimg_before([step])[0])
 
   def grad_step_fn(self, size: int) -> Callable:
     n = self.mesh.devices.size
@@ -125,11 +126,14 @@ class Run:
     return train_step.make_grad_step(self.graphdef, self.cfg.train, self.cfg.seed,
                                      rounds=rounds, shards=n, mesh=local)
 
-  def count(self, size: int) -> np.ndarray:
-    """[a, c] in images (float32): a step of `size` px counts c images, a + c * step before it."""
-    a, c = self.schedule.count_line(size)
-    b = self.cfg.train.batch_size
-    return np.asarray([a * b, c * b], np.float32)
+  def hyper(self, step: int, size: int) -> jax.Array:
+    """[lr, ema_beta] of step `step` (`size` px), computed on the host in float64 from the
+    exact image count (`train_step.step_hyperparameters`) and replicated on the mesh as
+    float32: the update program's per-step input."""
+    lr, beta = train_step.step_hyperparameters(self.cfg.train, self.schedule, self.nimg(step),
+                                               size)
+    values = np.asarray([lr, beta], np.float32)
+    return jax.make_array_from_callback(values.shape, self.replicated, lambda index: values[index])
 
   def trace_grad(self, size: int):
     """The gradient program of `size` px patches, traced for the mesh: `.jaxpr` for counting
@@ -144,14 +148,12 @@ class Run:
     jitted = self.jit(train_step.make_apply_step(self.optimizer, self.cfg.train),
                       donate_argnums=0, out_shardings=(self.state_shardings, self.replicated))
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=self.replicated)
-    count = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=self.replicated)
-    return jitted.trace(self.abstract_state, self.abstract_state["params"], scalar, count)
+    hyper = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=self.replicated)
+    return jitted.trace(self.abstract_state, self.abstract_state["params"], scalar, hyper)
 
   def bind_step(self, size: int, grad, apply) -> "Step":
     """The step of `size` px patches from its compiled gradient and update programs."""
-    count = self.count(size)
-    return Step(grad, apply, jax.make_array_from_callback(count.shape, self.replicated,
-                                                          lambda index: count[index]))
+    return Step(grad, apply)
 
   def update_program(self):
     """The compiled update program, compiled on the first call (or by `compile_steps`)."""
@@ -221,16 +223,16 @@ class Run:
 
 
 class Step:
-  """One bucket's train step as the loop calls it, step(state, batch) -> (state, metrics): the
-  bucket's gradient program `grad`, then the update program `apply` that all buckets share (it
-  donates the state), with the bucket's image count `count` already on the devices."""
+  """One bucket's train step as the loop calls it, step(state, batch, hyper) -> (state,
+  metrics): the bucket's gradient program `grad`, then the update program `apply` that all
+  buckets share (it donates the state), given the step's [lr, ema_beta] (`Run.hyper`)."""
 
-  def __init__(self, grad, apply, count: jax.Array):
-    self.grad, self.apply, self.count = grad, apply, count
+  def __init__(self, grad, apply):
+    self.grad, self.apply = grad, apply
 
-  def __call__(self, state, batch):
+  def __call__(self, state, batch, hyper: jax.Array):
     grads, loss = self.grad(state, batch)
-    return self.apply(state, grads, loss, self.count)
+    return self.apply(state, grads, loss, hyper)
 
 
 class PreemptionWatch:
@@ -365,8 +367,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       raise ValueError(f"checkpoint {mgr.directory}/{start} is inconsistent: its data position "
                        f"is {progress['data_position']}, its step {start}")
     train_seconds = float(progress.get("train_seconds", 0.0))
-    logging.info("resumed from step %d (%.1f kimg)", start,
-                 progress.get("nimg", run.nimg(start)) / 1000)
+    nimg = run.nimg(start)
+    logging.info("resumed from step %d (%.3f kimg)", start, nimg / 1000)
+    if "nimg" in progress and float(progress["nimg"]) != nimg:
+      logging.info("the checkpoint recorded %.1f images at step %d; this version counts %d "
+                   "(whole images per step, as the official loop) and continues from that "
+                   "count", float(progress["nimg"]), start, nimg)
 
   # ---- Programs: a gradient program per bucket, one update program for all.
   compiled, stats = run.compile_steps()
@@ -399,9 +405,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       if (want_reference and size == run.schedule.resolution
           and sum(len(r) for r in reference) < cfg.sample.grid_size):
         reference.append(images_io.to_uint8(batch["image"]))  # uint8 already, unless synthetic
-      arrays = run.to_device(batch)  # the loop's one (explicit) host-to-device transfer
+      arrays = run.to_device(batch)  # the loop's explicit host-to-device transfers: the batch
+      hyper = run.hyper(step, size)  # and the step's [lr, ema_beta]
       with jax.transfer_guard(tcfg.transfer_guard):
-        state, metrics = compiled[size](state, arrays)
+        state, metrics = compiled[size](state, arrays, hyper)
       pending.append((size, metrics))
       if on_step is not None:
         on_step(step, size)

@@ -2,7 +2,11 @@
 
 The step has two halves: `make_grad_step` (the loss and its gradient, which depend on the
 bucket's batch shape) and `make_apply_step` (everything after the gradient, the same for every
-bucket, so the trainer compiles it once); `make_train_step` is the two as one function.
+bucket, so the trainer compiles it once); `make_train_step` is the two as one function. The
+step's learning rate and EMA decay are computed on the host, in float64 from the exact image
+count, as the official loop computes them (`step_hyperparameters`), and enter as arguments.
+tests/test_official_steps.py replays the official loop's recorded steps through these
+functions.
 
 The state is one dict of arrays. `init_train_state` defines its keys and the step returns the
 same dict, so the keys are written here only; `patchdiff.checkpoint` stores the EMA weights and
@@ -23,23 +27,28 @@ from jax.sharding import Mesh, PartitionSpec as P
 from patchdiff.nn import edm
 
 
-def learning_rate_fn(lr: float, rampup_kimg: float) -> Callable:
-  """lr * min(nimg / rampup, 1) of the images counted before the step (EDM: the first step's
-  lr is 0)."""
-  rampup = max(rampup_kimg * 1000.0, 1e-8)
-
-  def fn(nimg):
-    return lr * jnp.minimum(nimg / rampup, 1.0)
-  return fn
+def learning_rate(tcfg: ml_collections.ConfigDict, nimg: int) -> float:
+  """The official loop's learning rate, in float64 on the host: lr * min(nimg / rampup, 1) with
+  nimg the images counted before the step (so the first step's lr is 0)."""
+  return tcfg.lr * min(nimg / max(tcfg.lr_rampup_kimg * 1000, 1e-8), 1)
 
 
-def ema_beta(nimg, images: float, ema_mimg: float, rampup_ratio: float | None):
-  """0.5 ** (images of this step / half-life), the half-life ramped up as min(ema, ratio *
-  nimg) with nimg the images counted before the step."""
-  half_life = jnp.asarray(ema_mimg * 1e6, jnp.float32)
-  if rampup_ratio is not None and rampup_ratio > 0:
-    half_life = jnp.minimum(half_life, nimg * rampup_ratio)
-  return 0.5 ** (images / jnp.maximum(half_life, 1e-8))
+def ema_beta(tcfg: ml_collections.ConfigDict, nimg: int, images: float) -> float:
+  """The official loop's EMA decay, in float64 on the host: 0.5 ** (images / half-life), the
+  half-life ema_mimg ramped up as min(ema_mimg, ema_rampup * nimg) (in images; nimg counted
+  before the step), `images` the step's batch_size * batch_mul_avg
+  (`PatchSchedule.ema_images`)."""
+  half_life = tcfg.ema_mimg * 1e6
+  if tcfg.ema_rampup is not None and tcfg.ema_rampup > 0:
+    half_life = min(half_life, nimg * tcfg.ema_rampup)
+  return 0.5 ** (images / max(half_life, 1e-8))
+
+
+def step_hyperparameters(tcfg: ml_collections.ConfigDict, schedule, nimg: int,
+                         size: int) -> tuple[float, float]:
+  """(lr, ema_beta) of a step of `size` px patches after `nimg` images were counted
+  (`schedule`: the run's `patches.PatchSchedule`), as the official loop computes them."""
+  return learning_rate(tcfg, nimg), ema_beta(tcfg, nimg, schedule.ema_images(size))
 
 
 def make_optimizer(tcfg: ml_collections.ConfigDict):
@@ -82,13 +91,19 @@ def model_images(x: jax.Array) -> jax.Array:
   return x
 
 
+# Draws a batch may carry to replace the step's own (`edm.training_draws`): replaying another
+# loop's recorded steps (tests/test_official_steps.py) feeds its noise levels and noise here.
+RECORDED_DRAWS = ("rnd_normal", "noise")
+
+
 def make_grad_fn(graphdef, tcfg: ml_collections.ConfigDict, rounds: int = 1, shards: int = 1,
                  mesh: Mesh | None = None) -> Callable:
   """grad_fn(params, buffers, batch, key, scale) -> (grads, loss): the gradient of scale times
   the mean per-sample loss of the batch, and that mean (unscaled).
 
   Sample i of the batch (its row in the global batch) draws its noise level, noise and dropout
-  from `edm.sample_keys(key, i)`, whatever micro-batch computes it.
+  from `edm.sample_keys(key, i)`, whatever micro-batch computes it; a batch that carries
+  `RECORDED_DRAWS` (rows like the images') uses those instead.
 
   `rounds` > 1 accumulates the gradient over that many micro-batches in one `lax.scan`. The
   batch is taken as `shards` contiguous blocks, one per device of the mesh in order (how the
@@ -114,10 +129,12 @@ def make_grad_fn(graphdef, tcfg: ml_collections.ConfigDict, rounds: int = 1, sha
 
     def loss_fn(params, part, idx):  # scale * (the part's per-sample losses summed) / B
       model = nnx.merge(graphdef, params, buffers)
-      per_sample = edm.denoising_loss(model, model_images(part["image"]), part["pos"],
-                                      part.get("label"),
-                                      edm.sample_keys(key, idx), train=True,
-                                      p_mean=tcfg.p_mean, p_std=tcfg.p_std)
+      images = model_images(part["image"])
+      draws = edm.training_draws(edm.sample_keys(key, idx), images.shape, p_mean=tcfg.p_mean,
+                                 p_std=tcfg.p_std)
+      draws.update({k: part[k] for k in RECORDED_DRAWS if k in part})
+      per_sample = edm.loss_of_draws(model, images, part["pos"], part.get("label"), draws,
+                                     train=True, p_mean=tcfg.p_mean, p_std=tcfg.p_std)
       total = per_sample.sum()
       return total * (scale / b), total
 
@@ -182,32 +199,30 @@ def make_grad_step(graphdef, tcfg: ml_collections.ConfigDict, seed: int, rounds:
 
 
 def make_apply_step(optimizer, tcfg: ml_collections.ConfigDict) -> Callable:
-  """apply_step(state, grads, loss, count) -> (state, metrics): the half of the train step that
+  """apply_step(state, grads, loss, hyper) -> (state, metrics): the half of the train step that
   is the same for every bucket, so one program serves them all.
 
-  `count` = [a, c] (float32) in images: the step counts c images and a + c * step were counted
-  before it (`PatchSchedule.count_line` times the batch size); the learning-rate ramp and the
-  EMA half-life follow that count, as in the official loop.
+  `hyper` = [lr, ema_beta] (float32) of this step, computed on the host from the exact image
+  count (`step_hyperparameters`), as the official loop computes them in Python.
 
-  The gradients arrive multiplied by `state["loss_scale"]` and are divided by it again (EDM's
-  --ls leaves them scaled; Adam barely notices either way). Static scaling then applies EDM's
-  guard (NaN -> 0, inf -> 1e5); dynamic scaling skips a step whose gradients overflowed,
-  halves the scale, and doubles it after `loss_scale_period` finite steps.
+  The gradients arrive multiplied by `state["loss_scale"]`. Static scaling hands them to Adam
+  so, as the official loop does (its --ls; Adam's eps then meets the scaled gradient), after
+  EDM's guard (NaN -> 0, inf -> 1e5). Dynamic scaling divides them by the scale, skips a step
+  whose gradients overflowed, halves the scale, and doubles it after `loss_scale_period` finite
+  steps. Adam's update is scaled by lr, and the EMA moves to beta * ema + (1 - beta) * params.
+  The `grad_norm` metric is the unscaled gradient's.
   """
   dynamic = tcfg.loss_scaling == "dynamic"
-  lr_fn = learning_rate_fn(tcfg.lr, tcfg.lr_rampup_kimg)
 
-  def apply_step(state, grads, loss, count):
-    offset, images = count[0], count[1]
+  def apply_step(state, grads, loss, hyper):
+    lr, beta = hyper[0], hyper[1]
     scale = state["loss_scale"]
-    grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
+    if dynamic:
+      grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
     grads_finite = _all_finite(grads) if dynamic else None
     grads = sanitize_grads(grads)
-    nimg = offset + images * state["step"].astype(jnp.float32)
-    lr = lr_fn(nimg)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state["params"], updates)
-    beta = ema_beta(nimg, images, tcfg.ema_mimg, tcfg.ema_rampup)
     ema = jax.tree_util.tree_map(lambda e, p: p + beta * (e - p), state["ema"], params)
     new = dict(params=params, ema=ema, opt_state=opt_state)
     good_steps = state["good_steps"]
@@ -225,7 +240,8 @@ def make_apply_step(optimizer, tcfg: ml_collections.ConfigDict) -> Callable:
     new_state = dict(state, **new, step=state["step"] + 1, loss_scale=scale,
                      good_steps=good_steps, nonfinite_streak=streak,
                      nonfinite_total=state["nonfinite_total"] + (~loss_finite).astype(jnp.int32))
-    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), ema_beta=beta, lr=lr,
+    grad_norm = optax.tree.norm(grads) / (1.0 if dynamic else state["loss_scale"])
+    metrics = dict(loss=loss, grad_norm=grad_norm, ema_beta=beta, lr=lr,
                    loss_scale=state["loss_scale"], nonfinite_streak=streak,
                    nonfinite_total=new_state["nonfinite_total"])
     if dynamic:
@@ -235,19 +251,17 @@ def make_apply_step(optimizer, tcfg: ml_collections.ConfigDict) -> Callable:
   return apply_step
 
 
-def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict,
-                    count: tuple[float, float], seed: int, rounds: int = 1, shards: int = 1,
-                    mesh: Mesh | None = None) -> Callable:
-  """train_step(state, batch) -> (state, metrics): `make_grad_step`, then `make_apply_step`
-  with `count` = (a, c) fixed, as one function. The trainer compiles the two halves apart (one
-  gradient program per bucket, one update program for all); this is the same computation."""
+def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict, seed: int,
+                    rounds: int = 1, shards: int = 1, mesh: Mesh | None = None) -> Callable:
+  """train_step(state, batch, hyper) -> (state, metrics): `make_grad_step`, then
+  `make_apply_step`, as one function. The trainer compiles the two halves apart (one gradient
+  program per bucket, one update program for all); this is the same computation."""
   grad_step = make_grad_step(graphdef, tcfg, seed, rounds, shards, mesh)
   apply_step = make_apply_step(optimizer, tcfg)
-  count = np.asarray(count, np.float32)
 
-  def train_step(state, batch):
+  def train_step(state, batch, hyper):
     grads, loss = grad_step(state, batch)
-    return apply_step(state, grads, loss, count)
+    return apply_step(state, grads, loss, hyper)
 
   return train_step
 

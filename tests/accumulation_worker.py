@@ -43,8 +43,8 @@ def run(cfg, devices, state0):
   compiled = r.compile_step(SIZE)
   state = jax.device_put(state0, r.state_shardings)
   losses = []
-  for batch in batches(cfg)[:STEPS]:
-    state, metrics = compiled(state, r.to_device(batch))
+  for step, batch in enumerate(batches(cfg)[:STEPS]):
+    state, metrics = compiled(state, r.to_device(batch), r.hyper(step, SIZE))
     losses.append(float(metrics["loss"]))
   return r, compiled, jax.device_get(state), losses
 

@@ -45,8 +45,8 @@ def train_steps(cfg, devices, state0):
   run = train.Run(cfg, devices)
   state = jax.device_put(state0, run.state_shardings)
   compiled = {s: run.compile_step(s) for s in set(SIZES)}
-  for size, batch in zip(SIZES, batches(cfg)):
-    state, _ = compiled[size](state, run.to_device(batch))
+  for step, (size, batch) in enumerate(zip(SIZES, batches(cfg))):
+    state, _ = compiled[size](state, run.to_device(batch), run.hyper(step, size))
   return run, state
 
 

@@ -146,8 +146,8 @@ def _steps(cfg, state0, n=2):
   run = train.Run(cfg)
   compiled = run.compile_step(SIZE)
   state, metrics = jax.device_put(state0, run.state_shardings), []
-  for batch in _batches(cfg, n):
-    state, m = compiled(state, run.to_device(batch))
+  for step, batch in enumerate(_batches(cfg, n)):
+    state, m = compiled(state, run.to_device(batch), run.hyper(step, SIZE))
     metrics.append(jax.device_get(m))
   return jax.device_get(state), metrics
 

@@ -62,49 +62,80 @@ def test_schedule_is_identical_in_another_process():
   assert out == ",".join(map(str, here))
 
 
-def _official_progressive(sizes, probs, resolution, total_batches):
-  """The official training loop's progressive walk, step by step: a step takes the first bucket
-  whose cumulative probability is >= the fraction of images counted so far, and counts its own
-  batch_mul; training ends once the count reaches the total."""
+def _official_loop(sizes, probs, resolution, batch, total_kimg, progressive, start_nimg=0):
+  """The official training loop's count, step by step, as its code reads: a progressive step
+  takes the first bucket with (cur_nimg // 1000) / total_kimg <= its cumulative probability (the
+  last without bound); the step adds int(batch * batch_mul_avg) images (the schedule's mean
+  batch_mul, or the progressive bucket's own); the loop stops once cur_nimg >= total_kimg * 1000.
+  Returns [(size or None, cur_nimg before the step)]."""
+  muls = np.asarray([resolution // s for s in sizes])
+  avg = np.sum(np.asarray(probs) * muls)
   edges = np.cumsum(probs)
   edges[-1] = 10.0
-  count, out = 0.0, []
-  while count < total_batches:
-    size = sizes[int(np.argmax(count / total_batches <= edges))]
-    out.append((size, count))
-    count += resolution // size
-  return out
+  nimg, out = start_nimg, []
+  while nimg < total_kimg * 1000:
+    size = None
+    if progressive:
+      size = int(np.asarray(sizes)[(nimg // 1000 / total_kimg) <= edges][0])
+      avg = resolution // size
+    out.append((size, nimg))
+    nimg += int(batch * avg)
+  return out, nimg
 
 
-def test_progressive_schedule_follows_the_official_loop():
+@pytest.mark.parametrize("start_nimg", [0, 2345])
+def test_progressive_schedule_follows_the_official_loop(start_nimg):
   probs = (0.2, 0.3, 0.5)
-  sched = patches.PatchSchedule((16, 32, 64), probs, 64, kind="progressive", total_steps=1000)
-  sizes = sched.sizes_at(np.arange(1000))
-  # The images, not the steps, are split 20/30/50: 72 steps of 4 batches, 214 of 2, 714 of 1.
-  assert [int((sizes == s).sum()) for s in (16, 32, 64)] == [72, 214, 714]
-  assert np.all(np.diff(sizes) >= 0) and sched.size_at(5000) == 64
-  counts = sched.counted_before(np.arange(1000))
-  official = _official_progressive((16, 32, 64), probs, 64, 1000 / (0.2 / 4 + 0.3 / 2 + 0.5))
-  # The official loop stops once the count reaches its total (999 steps here); the schedule's
-  # length is total_steps, and the last bucket takes the step left over.
-  assert len(official) == 999 and [s for s, _ in official] == list(sizes[:999])
-  np.testing.assert_allclose(counts[:999], [c for _, c in official])
-  # Each bucket's program counts its own batch_mul, on a line through the bucket's steps.
-  for size in (16, 32, 64):
-    a, c = sched.count_line(size)
-    steps = np.flatnonzero(sizes == size)
-    assert c == 64 // size
-    np.testing.assert_allclose(a + c * steps, counts[steps])
-  assert sched.steps_for(float(counts[-1]) + 1) == 1001
-  with pytest.raises(ValueError, match="total_steps"):
+  sched = patches.PatchSchedule((16, 32, 64), probs, 64, kind="progressive", batch_size=24,
+                                total_kimg=30, start_nimg=start_nimg)
+  official, end = _official_loop((16, 32, 64), probs, 64, 24, 30, True, start_nimg)
+  steps = np.arange(len(official) + 1)
+  sizes = sched.sizes_at(steps)
+  assert list(sizes[:-1]) == [s for s, _ in official] and sizes[-1] == 64
+  np.testing.assert_array_equal(sched.nimg_before(steps), [n for _, n in official] + [end])
+  assert sched.nimg_before(steps).dtype == np.int64
+  assert sched.steps_for(30_000) == len(official)
+  # The images, not the steps, are split about 20/30/50 (to the kimg the rule reads).
+  for size, share in zip((16, 32, 64), probs):
+    counted = sum(sched.step_images(size) for s in sizes[:-1] if s == size)
+    assert abs(counted - share * (30_000 - start_nimg)) <= 2000
+  # Without a duration, the buckets split the images of total_steps steps.
+  by_steps = patches.PatchSchedule((16, 32, 64), probs, 64, kind="progressive", total_steps=1000,
+                                   batch_size=256)
+  sizes = by_steps.sizes_at(np.arange(1000))
+  assert [int((sizes == s).sum()) for s in (16, 32, 64)] == pytest.approx([72, 214, 714], abs=2)
+  with pytest.raises(ValueError, match="total_steps or total_kimg"):
     patches.PatchSchedule((16, 32, 64), probs, 64, kind="progressive")
 
 
-def test_stochastic_schedule_counts_the_mean_batch_mul_every_step():
-  sched = patches.PatchSchedule((16, 32, 64), (0.2, 0.3, 0.5), 64)
-  np.testing.assert_allclose(sched.counted_before([0, 10]), [0.0, 19.0])
-  assert sched.count_line(16) == sched.count_line(64) == (0.0, pytest.approx(1.9))
-  assert sched.steps_for(19.0) == 10 and sched.steps_for(19.1) == 11
+def test_stochastic_schedule_counts_whole_images_as_the_official_loop():
+  """int(256 x 1.9) = 486 images a step at p = 0.5, not 486.4: 4,860 in 10 steps; the EMA's
+  exponent keeps the untruncated 486.4."""
+  sched = patches.PatchSchedule((16, 32, 64), patches.default_patch_probs(0.5, 3), 64,
+                                batch_size=256)
+  assert sched.step_images(16) == sched.step_images(64) == 486
+  assert sched.ema_images(32) == 256 * sched.mean_batch_mul == pytest.approx(486.4)
+  np.testing.assert_array_equal(sched.nimg_before([0, 1, 10]), [0, 486, 4860])
+  official, _ = _official_loop((16, 32, 64), sched.probs, 64, 256, 5, False)
+  np.testing.assert_array_equal(sched.nimg_before(np.arange(len(official))),
+                                [n for _, n in official])
+  assert sched.steps_for(5000) == len(official) == 11
+  resumed = patches.PatchSchedule((16, 32, 64), sched.probs, 64, batch_size=256, start_nimg=1000)
+  assert resumed.nimg_before([0, 2]).tolist() == [1000, 1972] and resumed.steps_for(1000) == 0
+
+
+def test_a_2500_mimg_run_counts_whole_images_to_its_last_step():
+  """ImageNet's 2,500 Mimg at batch 4096 (latents, 6,144 images a step): the count is exact, in
+  int64, to its last step (float32's spacing is 256 images at 2.5e9)."""
+  sched = patches.PatchSchedule((16, 32), patches.default_patch_probs(0.5, 2), 32,
+                                batch_size=4096)
+  per = sched.step_images(16)
+  assert per == 6144
+  steps = sched.steps_for(2_500_000_000)
+  last = sched.nimg_before([steps - 2, steps - 1, steps])
+  assert last.tolist() == [(steps - 2) * per, (steps - 1) * per, steps * per]
+  assert last[1] < 2_500_000_000 <= last[2] and np.diff(last).tolist() == [per, per]
+  assert last.dtype == np.int64
 
 
 def test_p_one_is_the_edm_baseline_and_p_zero_never_sees_full_images():

@@ -37,23 +37,24 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def test_learning_rate_ramps_up_linearly_from_zero():
-  fn = train_step.learning_rate_fn(2e-4, 10.0)  # 10 kimg ramp
-  assert float(fn(0.0)) == 0.0
-  np.testing.assert_allclose(float(fn(1900.0)), 2e-4 * 1900 / 10000, rtol=1e-6)
-  np.testing.assert_allclose(float(fn(1.9e5)), 2e-4, rtol=1e-6)
+  tcfg = tiny_config(**{"train.lr": 2e-4, "train.lr_rampup_kimg": 10.0}).train  # 10 kimg ramp
+  assert train_step.learning_rate(tcfg, 0) == 0.0
+  assert train_step.learning_rate(tcfg, 1900) == 2e-4 * (1900 / 10000)
+  assert train_step.learning_rate(tcfg, 190000) == 2e-4
 
 
 def test_ema_beta_follows_the_half_life_with_rampup():
-  ips = 256 * 1.9
+  tcfg = tiny_config(**{"train.ema_mimg": 0.5, "train.ema_rampup": 0.05}).train
+  ips = 256 * 1.9  # the exponent's images are not truncated
   # Step 0: half-life 0, so the EMA copies the weights.
-  assert float(train_step.ema_beta(0.0, ips, 0.5, 0.05)) == 0.0
+  assert train_step.ema_beta(tcfg, 0, ips) == 0.0
   # Late: half-life 0.5 Mimg.
-  np.testing.assert_allclose(float(train_step.ema_beta(10**6 * ips, ips, 0.5, 0.05)),
-                             0.5 ** (ips / 0.5e6), rtol=1e-6)
+  assert train_step.ema_beta(tcfg, 10**6 * 486, ips) == 0.5 ** (ips / 0.5e6)
   # Early: half-life 0.05 * nimg.
-  nimg = 1000 * ips
-  np.testing.assert_allclose(float(train_step.ema_beta(nimg, ips, 0.5, 0.05)),
-                             0.5 ** (ips / (0.05 * nimg)), rtol=1e-5)
+  nimg = 1000 * 486
+  assert train_step.ema_beta(tcfg, nimg, ips) == 0.5 ** (ips / (0.05 * nimg))
+  tcfg.ema_rampup = None
+  assert train_step.ema_beta(tcfg, 0, ips) == 0.5 ** (ips / 0.5e6)
 
 
 def test_gradient_guard():
@@ -156,8 +157,12 @@ def test_one_compilation_per_bucket_and_none_in_the_loop(straight_run):
   for size, step in by_size.items():
     assert step.grad.args_info[0][1]["image"].shape == (4 * 16 // size, size, size, 3)
     assert step.apply is by_size[16].apply
-    a, c = train.Run(r["cfg"]).schedule.count_line(size)  # per batch element; the batch is 4
-    np.testing.assert_array_equal(step.count, np.float32([4 * a, 4 * c]))
+    # The step's [lr, ema_beta] follow the image count of the step it is given.
+    run = train.Run(r["cfg"])
+    nimg = run.nimg(7)
+    assert nimg == 7 * int(4 * run.schedule.mean_batch_mul)
+    lr, beta = train_step.step_hyperparameters(r["cfg"].train, run.schedule, nimg, size)
+    np.testing.assert_array_equal(np.asarray(run.hyper(7, size)), np.float32([lr, beta]))
   seen = r["seen"]
   assert {s: seen.count(s) >= 5 for s in (4, 8, 16)} == {4: True, 8: True, 16: True}
   counts = r["counts"]
@@ -191,34 +196,33 @@ def _toy_step(**overrides):
   model = _Scale()
   graphdef, variables = nnx.split(model)
   state = train_step.init_train_state(graphdef, variables, opt, tcfg.loss_scale)
-  step = jax.jit(train_step.make_train_step(nnx.split(model, nnx.Param, ...)[0], opt, tcfg,
-                                       (0.0, 4.0), 0))
-  return state, step
+  step = jax.jit(train_step.make_train_step(nnx.split(model, nnx.Param, ...)[0], opt, tcfg, 0))
+  return state, lambda state, batch: step(state, batch, HYPER)
+
+
+HYPER = np.float32([1e-2, 0.5])  # [lr, ema_beta]
 
 
 def _batch(value=0.3):
   return dict(image=jnp.full((4, 2, 2, 3), value), pos=jnp.zeros((4, 2, 2, 2)))
 
 
-def test_lr_and_ema_follow_the_images_counted_before_the_step():
-  """The step counts c images and a + c * step came before it (the progressive schedule's line
-  for one bucket): the lr ramp and the EMA half-life follow that count, as the official loop's
-  `cur_nimg` does, with this step's own images in the EMA exponent."""
-  tcfg = tiny_config(**{"train.lr": 1e-2, "train.lr_rampup_kimg": 1.0, "train.ema_mimg": 0.01,
-                        "train.ema_rampup": 0.05}).train
+def test_the_update_takes_the_steps_lr_and_ema_beta():
+  """The update program applies the [lr, ema_beta] it is given: params move by lr times Adam's
+  direction (its first step: the gradient's sign), the EMA to beta * ema + (1 - beta) * params."""
+  state, _ = _toy_step()
+  tcfg = tiny_config().train
   opt = train_step.make_optimizer(tcfg)
-  model = _Scale()
-  graphdef, variables = nnx.split(model)
-  state = train_step.init_train_state(graphdef, variables, opt, 1.0)
-  a, c = 96.0, 8.0  # e.g. 24 + 4 * step batches of 4 images
-  step = jax.jit(train_step.make_train_step(nnx.split(model, nnx.Param, ...)[0], opt, tcfg, (a, c), 0))
-  for k in (0, 3, 50):
-    state["step"] = jnp.asarray(k, jnp.int32)
-    _, m = step(jax.tree_util.tree_map(jnp.copy, state), _batch())
-    nimg = a + c * k
-    np.testing.assert_allclose(float(m["lr"]), 1e-2 * min(nimg / 1000.0, 1.0), rtol=1e-6)
-    half_life = min(0.01e6, 0.05 * nimg)
-    np.testing.assert_allclose(float(m["ema_beta"]), 0.5 ** (c / half_life), rtol=1e-5)
+  g = jnp.asarray([1.0, -2.0, 0.0, 3.0])
+  grads = jax.tree_util.tree_map(lambda p: g, state["params"])
+  apply = jax.jit(train_step.make_apply_step(opt, tcfg))
+  w0 = np.asarray(state["params"]["w"][...])
+  new, m = apply(jax.tree_util.tree_map(jnp.copy, state), grads, jnp.float32(1.0),
+                 np.float32([0.1, 0.25]))
+  w1 = np.asarray(new["params"]["w"][...])
+  np.testing.assert_allclose(w1, w0 - 0.1 * np.sign(g), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(new["ema"]["w"][...]), 0.25 * w0 + 0.75 * w1, rtol=1e-6)
+  assert (float(m["lr"]), float(m["ema_beta"])) == (np.float32(0.1), 0.25)
 
 
 def test_nonfinite_losses_are_counted_and_the_streak_resets():
@@ -233,9 +237,10 @@ def test_nonfinite_losses_are_counted_and_the_streak_resets():
   assert int(m["nonfinite_streak"]) == 0 and int(m["nonfinite_total"]) == 2
 
 
-def test_static_loss_scale_leaves_the_gradients_unchanged():
-  """The loss is scaled before differentiation and the gradients unscaled after: the gradient
-  norm (what the optimizer sees) is the unscaled one. Adam alone would hide a missing unscale."""
+def test_static_loss_scale_reaches_adam_as_in_the_official_loop():
+  """The loss is scaled before differentiation and, as the official loop's --ls does, Adam is
+  given the scaled gradients (its moments are the scale's multiples; its direction barely
+  changes); the reported gradient norm is the unscaled one."""
   s1, step1 = _toy_step()
   s2, step2 = _toy_step(loss_scale=1024.0)
   for _ in range(3):
@@ -245,6 +250,10 @@ def test_static_loss_scale_leaves_the_gradients_unchanged():
     np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-6)
     np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-6)
   np.testing.assert_allclose(s1["params"]["w"][...], s2["params"]["w"][...], rtol=1e-6)
+  _, mu1, nu1 = jax.tree_util.tree_leaves(s1["opt_state"])
+  _, mu2, nu2 = jax.tree_util.tree_leaves(s2["opt_state"])
+  np.testing.assert_allclose(mu2, 1024.0 * np.asarray(mu1), rtol=1e-6)
+  np.testing.assert_allclose(nu2, 1024.0**2 * np.asarray(nu1), rtol=1e-5)
 
 
 def test_dynamic_loss_scale_skips_overflow_halves_then_grows():
@@ -362,10 +371,10 @@ def test_bfloat16_compute_keeps_float32_weights_and_tracks_float32():
 
 
 def test_the_two_programs_are_the_step_as_one_function():
-  """The trainer's step is two programs: the gradient, then the update with the bucket's image
-  count as an argument (one program for every bucket). Together they compute what
-  `make_train_step` does as one program with the count fixed, here with dynamic loss scaling,
-  through an overflow, at a step whose count is off zero."""
+  """The trainer's step is two programs: the gradient, then the update with the step's
+  [lr, ema_beta] as an argument (one program for every bucket). Together they compute what
+  `make_train_step` does as one program, here with dynamic loss scaling,
+  through an overflow."""
   tcfg = tiny_config(**{"train.loss_scaling": "dynamic", "train.loss_scale": 2.0**20,
                         "train.loss_scale_period": 2, "train.lr": 1e-2,
                         "train.lr_rampup_kimg": 1.0, "train.ema_mimg": 0.01,
@@ -376,14 +385,14 @@ def test_the_two_programs_are_the_step_as_one_function():
   state = train_step.init_train_state(graphdef, variables, opt, tcfg.loss_scale)
   state["step"] = jnp.asarray(5, jnp.int32)
   step_graphdef = nnx.split(model, nnx.Param, ...)[0]
-  count = (96.0, 8.0)
-  whole = jax.jit(train_step.make_train_step(step_graphdef, opt, tcfg, count, 0))
+  hyper = np.float32([5e-3, 0.9])
+  whole = jax.jit(train_step.make_train_step(step_graphdef, opt, tcfg, 0))
   grad = jax.jit(train_step.make_grad_step(step_graphdef, tcfg, 0))
   apply = jax.jit(train_step.make_apply_step(opt, tcfg))
   ref, got = state, jax.tree_util.tree_map(jnp.copy, state)
   for value in (0.3, 1e30, 0.3, 0.5):  # 1e30: the scaled gradient overflows, the step is skipped
-    ref, ref_m = whole(ref, _batch(value))
-    got, got_m = apply(got, *grad(got, _batch(value)), jnp.asarray(count, jnp.float32))
+    ref, ref_m = whole(ref, _batch(value), hyper)
+    got, got_m = apply(got, *grad(got, _batch(value)), hyper)
     assert set(got_m) == set(ref_m)
     for k in ref_m:
       np.testing.assert_allclose(np.asarray(got_m[k]), np.asarray(ref_m[k]), rtol=1e-6,

@@ -68,28 +68,48 @@ def sample_keys(key, index):
       jnp.shape(index))
 
 
-def denoising_loss(denoiser, images, pos, labels, key, *, train: bool = True,
-                   p_mean: float = P_MEAN, p_std: float = P_STD):
-  """EDM loss per sample: sum over pixels of lambda(sigma) (D(y + n) - y)^2, shape (B,).
+def training_draws(key, shape, *, p_mean: float = P_MEAN, p_std: float = P_STD):
+  """The random draws of the training loss for a batch of `shape` (B, H, W, C): a dict of
+  `rnd_normal` (B,) (ln(sigma) = rnd_normal * p_std + p_mean), `noise` (B, H, W, C) of unit
+  variance (the loss adds noise * sigma) and `dropout` (B,) keys for the network.
+
+  `key` is one typed key (sample i then draws from `sample_keys(key, i)`) or a (B,) array of
+  per-sample keys. Each sample draws from its own key, so its draws do not depend on which other
+  samples share its batch: the micro-batches of gradient accumulation draw what the whole batch
+  draws.
+  """
+  b = shape[0]
+  keys = key if jnp.ndim(key) else sample_keys(key, jnp.arange(b))
+  if keys.shape != (b,):
+    raise ValueError(f"training_draws: {keys.shape} keys for a batch of {b}")
+  parts = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
+  k_sigma, k_noise, k_drop = parts[:, 0], parts[:, 1], parts[:, 2]
+  rnd_normal = jax.vmap(lambda k: jax.random.normal(k, (), jnp.float32))(k_sigma)
+  noise = jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), jnp.float32))(k_noise)
+  return dict(rnd_normal=rnd_normal, noise=noise, dropout=k_drop)
+
+
+def loss_of_draws(denoiser, images, pos, labels, draws, *, train: bool = True,
+                  p_mean: float = P_MEAN, p_std: float = P_STD):
+  """EDM loss per sample for given draws (`training_draws`' dict): sum over pixels of
+  lambda(sigma) (D(y + n) - y)^2 with sigma = exp(rnd_normal * p_std + p_mean) and
+  n = noise * sigma, shape (B,).
 
   Summed, not averaged, per sample as in the official code, so a small patch contributes a
   proportionally smaller loss; the caller averages over samples.
-
-  `key` is one typed key (sample i then draws from `sample_keys(key, i)`) or a (B,) array of
-  per-sample keys. Each sample draws its noise level, its noise and its dropout masks from its
-  own key, so a sample's loss does not depend on which other samples share its batch: the
-  micro-batches of gradient accumulation draw what the whole batch draws.
   """
   b = images.shape[0]
-  keys = key if jnp.ndim(key) else sample_keys(key, jnp.arange(b))
-  if keys.shape != (b,):
-    raise ValueError(f"denoising_loss: {keys.shape} keys for a batch of {b}")
-  parts = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
-  k_sigma, k_noise, k_drop = parts[:, 0], parts[:, 1], parts[:, 2]
-  ln_sigma = jax.vmap(lambda k: jax.random.normal(k, (), jnp.float32))(k_sigma)
-  sigma = jnp.exp(ln_sigma * p_std + p_mean)
+  sigma = jnp.exp(draws["rnd_normal"].reshape(b) * p_std + p_mean)
   s4 = sigma.reshape(-1, 1, 1, 1)
-  noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], jnp.float32))(k_noise) * s4
-  d = denoiser(images + noise, sigma, pos, labels, train=train, key=k_drop)
+  noisy = images + draws["noise"] * s4
+  d = denoiser(noisy, sigma, pos, labels, train=train, key=draws["dropout"])
   per_elem = loss_weight(s4, denoiser.sigma_data) * jnp.square(d - images)
   return per_elem.reshape(b, -1).sum(axis=1)
+
+
+def denoising_loss(denoiser, images, pos, labels, key, *, train: bool = True,
+                   p_mean: float = P_MEAN, p_std: float = P_STD):
+  """EDM loss per sample, shape (B,): `loss_of_draws` of `training_draws(key, ...)`."""
+  draws = training_draws(key, images.shape, p_mean=p_mean, p_std=p_std)
+  return loss_of_draws(denoiser, images, pos, labels, draws, train=train, p_mean=p_mean,
+                       p_std=p_std)
