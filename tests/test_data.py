@@ -31,8 +31,8 @@ def synthetic_images(n: int = N, res: int = R) -> np.ndarray:
   return img
 
 
-def schedule(seed: int = 1, kind: str = "stochastic", total_steps=None) -> PatchSchedule:
-  return PatchSchedule(SIZES, PROBS, R, seed=seed, kind=kind, total_steps=total_steps)
+def schedule(seed: int = 1, kind: str = "stochastic", total_steps=None, **kw) -> PatchSchedule:
+  return PatchSchedule(SIZES, PROBS, R, seed=seed, kind=kind, total_steps=total_steps, **kw)
 
 
 def collect(*args, **kwargs) -> list[dict[str, np.ndarray]]:
@@ -189,11 +189,13 @@ def test_float_images_pass_through_and_the_step_maps_pixels_to_them(images):
 
 def test_progressive_schedule_and_dataset_object(images):
   import tensorflow as tf
-  sched = schedule(kind="progressive", total_steps=10)
+  # The walk as if each step counted batches of 256 images over 3 kimg (the official rule reads
+  # whole kimg): 4 px below 1 kimg, 8 px below 2 kimg, then full images.
+  sched = schedule(kind="progressive", total_kimg=3, batch_size=256)
   ds = pipeline.make_patch_dataset(images, sched, 2, 10)
   assert isinstance(ds, tf.data.Dataset)
   sizes = [b["image"].shape[1] for b in ds.as_numpy_iterator()]
-  assert sizes == [4, 8, 8, 16, 16, 16, 16, 16, 16, 16]  # 20/30/50% of the images
+  assert sizes == [4, 8, 8, 16, 16, 16, 16, 16, 16, 16] == list(sched.sizes_at(range(10)))
 
 
 @pytest.mark.parametrize("kwargs, match", [
