@@ -164,6 +164,8 @@ def test_replays_the_official_loop_step_for_step(path, reference):
       assert int(sched.nimg_before([s])[0]) == nimg, where
     lr, beta = train_step.step_hyperparameters(tcfg, sched, nimg, size)
     assert lr == pytest.approx(float(z[f"s{s}_lr"]), rel=1e-9, abs=0), where
+    if not fixture["progressive"]:  # what the loop hands the update program at step s
+      np.testing.assert_array_equal(np.asarray(run.hyper(s, size)), np.float32([lr, beta]))
     # The loss and its gradient: the trainer's gradient program, fed the recorded draws.
     batch = step_batch(z, s, fixture)
     assert len(batch["image"]) == cfg.train.batch_size * (fixture["res"] // size), where
