@@ -123,8 +123,10 @@ def _read_file(path: str, cfg: ml_collections.ConfigDict,
       state_dict, info = torch_io.read_snapshot(path)
     else:
       state_dict, info = torch_io.read_state_dict(path), None
-  except (OSError, ValueError, ImportError) as e:
+  except (OSError, ValueError, ImportError) as e:  # the reader's TorchPickleError is a ValueError
     raise type(e)(f"{where}: {e}") from e
+  except Exception as e:  # pylint: disable=broad-except  (whatever else a damaged file raises)
+    raise ValueError(f"{where}: {type(e).__name__}: {e}") from e
   c = models.resolve(cfg.model)
   notes = _tensor_notes(state_dict, c)
   if info is None:

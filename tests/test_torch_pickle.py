@@ -1,15 +1,21 @@
 """Tests of the torch-archive reader (`patchdiff.nn.torch_pickle`) on archives written by the tests
-(`torch_archive`, no torch): tensors, TorchScript objects, damaged files, malicious pickles."""
+(`torch_archive`, no torch): tensors, TorchScript objects, pytorch-fid's state-dict layout,
+damaged files, malicious pickles, errors that name the file. (Hostile files that test the
+reader's bounds: test_hostile.py.)"""
 import collections
+import lzma
 import os
 import pickle
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
 
-from patchdiff.nn import torch_pickle
-from torch_archive import Call, Reduce, Script, Tensor, records, write_zip
+from patchdiff.nn import torch_io, torch_pickle
+from torch_archive import (LEGACY_MAGIC, SYS_INFO, Call, Reduce, Script, Tensor, dumps, records,
+                           write_zip)
 
 
 def _write(path, obj, prefix="archive"):
@@ -148,7 +154,7 @@ def test_damaged_archives(tmp_path):
   check({k: v for k, v in recs.items() if k != "archive/data/1"},
         "record archive/data/1 is missing")
   check({**recs, "archive/data/0": recs["archive/data/0"][:-4]},
-        "storage archive/data/0 is truncated: 36 bytes, expected 40")
+        "storage archive/data/0 holds 36 bytes; its reference declares 40")
   check({k: v for k, v in recs.items() if k != "archive/data.pkl"}, "one <name>/data.pkl")
   check({**recs, "other/data.pkl": recs["archive/data.pkl"]}, "one <name>/data.pkl, found 2")
   check({**recs, "archive/data.pkl": recs["archive/data.pkl"][:-20]}, "not a readable pickle")
@@ -195,3 +201,65 @@ def test_a_pickle_cannot_change_what_later_pickles_get(module, name):
   with pytest.raises(torch_pickle.TorchPickleError):
     torch_pickle.unpickle(pkl)
   assert rebuild.__defaults__ == defaults
+
+
+def _pytorch_fid_layout(arrays: dict) -> bytes:
+  """A legacy `torch.save(model.state_dict())`, as pytorch-fid's `.pth` is: an OrderedDict of
+  tensors whose `_metadata` attribute (an OrderedDict of {"version": 1} per module) BUILD sets."""
+  body, storages = dumps(arrays, legacy=True)  # b"\x80\x02}" + SETITEMS + b"."
+  od = b"ccollections\nOrderedDict\n)R"
+  metadata = (b"}X\t\x00\x00\x00_metadata" + od + b"(X\x00\x00\x00\x00}X\x07\x00\x00\x00version"
+              b"K\x01sX\x05\x00\x00\x00blockK\x01us")
+  pkl = b"\x80\x02" + od + body[3:-1] + metadata + b"b."
+  parts = [dumps(LEGACY_MAGIC)[0], dumps(1001)[0], dumps(SYS_INFO)[0], pkl,
+           dumps(list(storages))[0]]
+  for array in storages.values():
+    parts += [struct.pack("<q", array.size), array.astype(array.dtype.newbyteorder("<")).tobytes()]
+  return b"".join(parts)
+
+
+def test_pytorch_fid_state_dict_layout_reads_exactly(tmp_path):
+  arrays = {"Conv2d_1a_3x3.conv.weight": np.arange(54, dtype=np.float32).reshape(2, 3, 3, 3),
+            "Conv2d_1a_3x3.bn.running_mean": np.array([0.5, -1.5], np.float32),
+            "fc.bias": np.arange(3, dtype=np.float64)}
+  path = tmp_path / "pt_inception.pth"
+  path.write_bytes(_pytorch_fid_layout(arrays))
+  graph = torch_pickle.read_file(path)
+  assert isinstance(graph, dict) and not hasattr(graph, "__dict__")  # _metadata dropped
+  got = torch_io.read_state_dict(path)
+  assert list(got) == list(arrays)
+  for name, value in arrays.items():
+    assert got[name].dtype == value.dtype and got[name].tobytes() == value.tobytes(), name
+
+
+def test_ordered_dict_is_called_without_arguments():
+  pkl = b"\x80\x02ccollections\nOrderedDict\n]X\x01\x00\x00\x00aK\x01\x86a\x85R."
+  with pytest.raises(torch_pickle.TorchPickleError, match="od.pkl: .*OrderedDict is called with "
+                     "arguments"):
+    torch_pickle.unpickle(pkl, source="od.pkl")
+
+
+def test_views_within_the_copy_budget_and_int_keys_read(tmp_path):
+  storage = np.arange(12, dtype=np.float32)
+  obj = {"w": Tensor(storage, 0, (3, 4), (4, 1), key="s"),
+         "tied": Tensor(storage, 0, (3, 4), (4, 1), key="s"),  # a second full view
+         "t": Tensor(storage, 0, (4, 3), (1, 4), key="s"),
+         "optimizer": {"state": {0: {"step": 3}, 1: {"step": 3}}}}  # small int keys
+  got = torch_pickle.read_archive(_write(tmp_path / "tied.pt", obj))
+  np.testing.assert_array_equal(got["tied"], storage.reshape(3, 4))
+  np.testing.assert_array_equal(got["t"], storage.reshape(3, 4).T)
+  assert got["optimizer"]["state"][1] == {"step": 3}
+
+
+@pytest.mark.parametrize("error", [RecursionError("maximum recursion depth exceeded"),
+                                   MemoryError(), zlib.error("invalid distance too far back"),
+                                   lzma.LZMAError("Corrupt input data"),
+                                   RuntimeError("File 'x' is encrypted"), KeyError(("a", 1))])
+def test_any_failure_while_reading_names_the_file(error):
+  with pytest.raises(torch_pickle.TorchPickleError, match=r"^weights\.pt: ") as err:
+    with torch_pickle.reading("weights.pt"):
+      raise error
+  assert "('a', 1)" not in str(err.value)  # no repr of what the file made
+  with pytest.raises(FileNotFoundError):
+    with torch_pickle.reading("weights.pt"):
+      raise FileNotFoundError("weights.pt: no such file")

@@ -483,16 +483,26 @@ def _nvidia_prefix(names) -> str | None:
   return None
 
 
-def _from_nvidia(state: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
+def _from_nvidia(state: dict[str, Any], prefix: str,
+                 where: str) -> tuple[dict[str, Any], dict[str, str]]:
   """NVIDIA's tensors under pytorch-fid names, with the batch-norm scale (which NVIDIA's file
-  has not) at ones; and pytorch-fid name -> NVIDIA name, for the messages."""
+  has not) at ones; and pytorch-fid name -> NVIDIA name, for the messages. Raises
+  TorchPickleError (naming `where`) where two of the file's tensors would take one name."""
   names = {f"{ours}.{torch_suffix}": f"{prefix}{theirs}.{suffix}"
            for theirs, ours in NVIDIA_CONVS.items()
            for suffix, torch_suffix in NVIDIA_TENSORS.items()}
   renamed = {nv: ours for ours, nv in names.items()}
-  out = {renamed.get(name, name): value for name, value in state.items()}
-  out.update({name: np.ones(s.shape, np.float32) for name, s in state_dict(_structure()).items()
-              if name.endswith(".bn.weight")})
+  out = {}
+  ones = {name: np.ones(s.shape, np.float32) for name, s in state_dict(_structure()).items()
+          if name.endswith(".bn.weight")}
+  for name, value in state.items():
+    ours = renamed.get(name, name)
+    if ours in out or ours in ones:
+      raise torch_pickle.TorchPickleError(
+          f"{where}: the file has {name[:80]} and a tensor that takes the same name, "
+          f"{ours[:80]}, in pytorch-fid's naming")
+    out[ours] = value
+  out.update(ones)
   return out, names
 
 
@@ -529,13 +539,14 @@ def _check_nvidia_structure(root: Any, where: str) -> None:
     got_stride = _pair(stride) if isinstance(stride, (int, list, tuple)) else stride
     got_padding = _pair(padding) if isinstance(padding, (int, list, tuple)) else padding
     if got_stride != want_stride or got_padding != want_padding:
-      problems.append(f"{theirs}: stride {stride}, padding {padding} (expected stride "
-                      f"{want_stride}, padding {want_padding})")
+      problems.append(f"{theirs}: stride {torch_pickle.short_repr(stride)}, padding "
+                      f"{torch_pickle.short_repr(padding)} (expected stride {want_stride}, "
+                      f"padding {want_padding})")
   for path, kind in NVIDIA_POOLS.items():
     node = find(path)
     got = node.qualname.rsplit(".", 1)[-1] if node is not None else None
     if got != kind:
-      problems.append(f"{path}: {got or 'no module'} (expected {kind})")
+      problems.append(f"{path}: {got[:80] if got else 'no module'} (expected {kind})")
   if problems:
     raise ValueError(f"{where}: the network differs from the FID Inception-v3 computed here: "
                      + "; ".join(problems))
@@ -593,19 +604,21 @@ def load_weights(path: str | os.PathLike) -> InceptionV3:
     `pt_inception-2015-12-05-6726825d.pth`) is read the same way, by `torch_pickle.read_legacy`.
 
   A file that is damaged, or whose tensors are not exactly those of the FID Inception-v3, raises
-  a ValueError naming the file and every problem, before any image is processed.
+  a ValueError naming the file and every problem, before any image is processed (damage, refused
+  content and the reader's bounds: `torch_pickle.TorchPickleError`, a ValueError).
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Inception weights not found: {path}")
   _check_name_hash(path)
   graph = torch_io.read(path)
-  state = torch_pickle.state_dict(graph)
+  with torch_pickle.reading(path):
+    state = torch_pickle.state_dict(graph, source=path)
   prefix = _nvidia_prefix(state)
   model = _abstract(NVIDIA if prefix else PYTORCH_FID)  # load_state_dict sets every variable
   names = None
   if prefix:
-    state, names = _from_nvidia(state, prefix)
+    state, names = _from_nvidia(state, prefix, path)
   load_state_dict(model, state, where=path, names=names)
   if prefix:
     _check_nvidia_structure(graph, path)
