@@ -1,6 +1,8 @@
 """Shared test setup: where the reference fixtures live, and small configs."""
+import importlib
 import os
 import pathlib
+import re
 
 import pytest
 
@@ -8,9 +10,48 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # XLA's CPU backend spends most of a test's time compiling; without LLVM's optimisations the
 # programs compile ~30% faster (and run a little slower, which the tiny test models don't feel).
-# Subprocesses inherit it.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_backend_optimization_level=0").strip()
+# Subprocesses inherit it. With a level in XLA_FLAGS the package passes no compile options
+# (`xla_options`): the tests that run the package as a user does take `user_xla_flags`.
+LEVEL_FLAG = "--xla_backend_optimization_level="
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {LEVEL_FLAG}0").strip()
+
+# A module-level program that xla_options jits: `NAME = xla_options.jit(` or `lazy_jit(`, or a
+# top-level function under `@xla_options.jit` / `@xla_options.lazy_jit`.
+_MODULE_PROGRAM = re.compile(r"^(\w+) = (?:xla_options\.)?(?:lazy_jit|jit)\(|"
+                             r"^@(?:xla_options\.)?(?:lazy_jit|jit)\b[^\n]*\ndef (\w+)", re.M)
+
+
+def module_programs() -> dict[tuple[str, str], object]:
+  """{(module, name): program} of every module-level program of the package that xla_options
+  jits, found in the source text."""
+  found = {}
+  for path in sorted((REPO / "patchdiff").rglob("*.py")):
+    module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    for a, b in _MODULE_PROGRAM.findall(path.read_text()):
+      found[module, a or b] = getattr(importlib.import_module(module), a or b)
+  return found
+
+
+def user_flags() -> str:
+  """XLA_FLAGS without the suite's level, as a user runs the package: its programs compile with
+  the package's own options."""
+  return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                  if not f.startswith(LEVEL_FLAG))
+
+
+@pytest.fixture
+def user_xla_flags(monkeypatch):
+  """XLA_FLAGS set to `user_flags()` for the test (`xla_options` reads XLA_FLAGS at each call, so
+  an in-process test compiles the user's programs; subprocesses inherit it). The module-level
+  programs' caches are emptied before and after, so that the test makes them under its own
+  flags whatever ran before it in the process."""
+  monkeypatch.setenv("XLA_FLAGS", user_flags())
+  programs = module_programs().values()
+  for program in programs:
+    program.program.cache_clear()
+  yield
+  for program in programs:
+    program.program.cache_clear()
 
 
 # The files that take minutes (end-to-end runs), longest first: handed out first, they keep both
