@@ -26,11 +26,19 @@ starts. ImageNet at 256 px with the defaults (chunk 512, shard 4096): 384 MiB of
 encoded files of 4 x 512 images, a 128 MiB shard, ~110 MiB of listing.
 
 Resuming: spec.json, written first, records what is encoded (the source and its fingerprint, the
-number of images, labels, resolution, the VAE's weights digest and compute dtype, the shard size).
-Rerunning the same command skips the finished shards and encodes the rest; a rerun that differs in
-any of these is a ValueError naming the key and both values. Every shard is written under a
-temporary name and renamed whole, so an interrupted run leaves finished shards and no partial one
-(a temporary folder left by a killed process is removed by the rerun).
+number of images, labels, resolution, the VAE's weights digest and compute dtype, the LLVM level
+the encoder compiles with (`xla_options.optimization_level`: XLA_FLAGS', else the package's), the
+shard size). Rerunning the same command skips the finished shards and encodes the rest, so that
+the result is the uninterrupted run's bit for bit; a rerun that differs in any of these is a
+ValueError naming the key and both values (for the source: both sources and image counts, as
+--limit changes the count). A spec.json without the level (written before it was recorded)
+resumes unchecked, with a warning where shards exist: those were compiled at the level of their
+run (XLA_FLAGS', else XLA's default 3), which it does not record; its manifest records no level.
+Every shard is written under a temporary name and renamed whole, and spec.json and manifest.json
+are written to temporary files and renamed, so an interrupted run leaves finished shards and no
+partial file; the rerun removes the temporary files and folders of killed processes. The rerun
+also checks each finished shard of its slice against its shard.json (the arrays' headers and
+file sizes, not their data) and encodes a damaged one again, saying so.
 
 Several processes or hosts: process p of P (--process_index, --process_count; by default
 `jax.process_index()` and `jax.process_count()`) encodes the contiguous shards
@@ -66,8 +74,13 @@ from patchdiff.data import latents as latent_files
 # The spec keys a rerun must match, in the order they are checked (what was given before what
 # follows from it); then any other key but the informative `vae_path`.
 _SPEC_KEYS = ("format", "source", "source_fingerprint", "num_images", "labels", "resolution",
-              "vae", "vae_dtype", "shard_size", "num_shards", "shape", "scaling_factor")
+              "vae", "vae_dtype", "xla_backend_optimization_level", "shard_size", "num_shards",
+              "shape", "scaling_factor")
 _INFO_KEYS = ("vae_path",)
+# What the source is: a mismatch in any is reported as both sources and image counts.
+_SOURCE_KEYS = ("source", "source_fingerprint", "num_images")
+# Keys that an older spec.json lacks; there they are not checked.
+_LATER_KEYS = ("xla_backend_optimization_level",)
 # Decoded chunks waiting for the VAE.
 _PREFETCH = 2
 
@@ -95,35 +108,71 @@ def _temp_name(final: Path) -> Path:
   return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def _publish_json(path: Path, obj: Any, replace: bool) -> None:
+  """Writes `obj` to a temporary file and renames it to `path` (replace=True), or links it there
+  (False: FileExistsError if `path` exists). A rerun starting meanwhile removes temporary files
+  (`_remove_temporary`): one gone before its rename is written again."""
+  for attempt in range(3):
+    tmp = _temp_name(path)
+    try:
+      _write_json(tmp, obj)
+      (os.replace if replace else os.link)(tmp, path)
+      return
+    except FileNotFoundError:
+      if attempt == 2 or not path.parent.is_dir():
+        raise
+    finally:
+      if not replace:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_temporary(out: Path) -> None:
+  """Removes the temporary spec.json and manifest.json files that a killed process left."""
+  for name in (latent_files.SPEC, latent_files.MANIFEST):
+    for stale in out.glob(f".{name}.tmp-*"):
+      stale.unlink(missing_ok=True)
+
+
 def _check_spec(path: Path, found: dict[str, Any], want: dict[str, Any]) -> None:
+  if any(found.get(key) != want.get(key) for key in _SOURCE_KEYS):
+    same = all(found.get(key) == want.get(key) for key in ("source", "num_images"))
+    raise ValueError(
+        f"{path.parent} holds an encoding of {found.get('num_images')} images of "
+        f"source={found.get('source')!r} ({path}), but this run has {want.get('num_images')} "
+        f"images of source={want.get('source')!r}"
+        + (" whose listing differs (the source changed since)" if same else "")
+        + ": resume with the flags it was started with (--path, --limit, --tfds_name...), or "
+        "write to another --out")
   rest = sorted(set(found) | set(want) - set(_SPEC_KEYS))
   for key in _SPEC_KEYS + tuple(rest):
-    if key in _INFO_KEYS or found.get(key) == want.get(key):
+    if (key in _INFO_KEYS or found.get(key) == want.get(key)
+        or (key in _LATER_KEYS and key not in found)):
       continue
+    hint = ""
+    if key == "xla_backend_optimization_level":
+      hint = (" (the level of XLA_FLAGS' --xla_backend_optimization_level, else the package's "
+              "for the platform: other levels change the latents' last bits)")
     raise ValueError(f"{path.parent} holds an encoding with {key}={found.get(key)!r} "
-                     f"({path}), but this run has {key}={want.get(key)!r}: resume with the "
-                     "flags it was started with, or write to another --out")
+                     f"({path}), but this run has {key}={want.get(key)!r}{hint}: resume with "
+                     "the flags it was started with, or write to another --out")
 
 
-def _claim_spec(out: Path, spec: dict[str, Any]) -> None:
-  """Writes out/spec.json, or checks the one there against `spec`. The first process to link
-  its complete file there wins; the others compare."""
+def _claim_spec(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
+  """Writes out/spec.json, or checks the one there against `spec`; returns the one there. The
+  first process to link its complete file there wins; the others compare."""
   path = out / latent_files.SPEC
   spec = json.loads(json.dumps(spec))  # tuples as lists, as read back
   if not path.exists():
-    tmp = _temp_name(path)
-    _write_json(tmp, spec)
     try:
-      os.link(tmp, path)  # fails if the file exists: never two different specs
+      _publish_json(path, spec, replace=False)  # fails if the file exists: never two specs
     except FileExistsError:
       pass
-    finally:
-      tmp.unlink()
   try:
     found = json.loads(path.read_text())
   except (ValueError, OSError) as e:
     raise ValueError(f"cannot read {path}: {e}") from e
   _check_spec(path, found, spec)
+  return found
 
 
 def _write_shard(out: Path, k: int, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> Path:
@@ -153,44 +202,81 @@ def _shard_done(out: Path, k: int) -> bool:
   return (out / latent_files.shard_name(k) / latent_files.SHARD_INFO).is_file()
 
 
-def _finish(out: Path, spec: dict[str, Any], origin: str) -> dict[str, Any] | None:
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+  """(shape, dtype, size in bytes the file must have) from an .npy file's header alone."""
+  readers = {(1, 0): np.lib.format.read_array_header_1_0,
+             (2, 0): np.lib.format.read_array_header_2_0}
+  with open(path, "rb") as f:
+    version = np.lib.format.read_magic(f)
+    if version not in readers:
+      raise ValueError(f"unknown .npy format version {version}")
+    shape, _, dtype = readers[version](f)
+    return shape, dtype, f.tell() + int(np.prod(shape)) * dtype.itemsize
+
+
+def _shard_damage(out: Path, k: int, spec: dict[str, Any]) -> str | None:
+  """What is wrong with the finished shard k, or None: its shard.json must cover the spec's image
+  range, and each array file hold the shape, dtype and size of the count it records. Reads the
+  files' headers, not their data."""
+  d = out / latent_files.shard_name(k)
+  try:
+    info = json.loads((d / latent_files.SHARD_INFO).read_text())
+    count = int(info["count"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"cannot read {d / latent_files.SHARD_INFO}: {e!r}"
+  size = spec["shard_size"]
+  start, stop = k * size, min((k + 1) * size, spec["num_images"])
+  if (info.get("start"), info.get("stop")) != (start, stop):
+    return (f"{d / latent_files.SHARD_INFO} covers images [{info.get('start')}, "
+            f"{info.get('stop')}), but shard {k} of {out / latent_files.SPEC} is [{start}, {stop})")
+  want = dict(mean=((count, *spec["shape"]), np.float32), std=((count, *spec["shape"]), np.float32))
+  if spec["labels"]:
+    want["labels"] = ((count,), np.int64)
+  for name, (shape, dtype) in want.items():
+    path = d / f"{name}.npy"
+    try:
+      found, found_dtype, nbytes = _npy_header(path)
+      actual = path.stat().st_size
+    except (OSError, ValueError, EOFError, SyntaxError) as e:
+      return f"cannot read latent shard file {path}: {e!r}"
+    if found != tuple(shape) or found_dtype != np.dtype(dtype):
+      return (f"latent shard file {path} holds {found_dtype} {found}, but "
+              f"{d / latent_files.SHARD_INFO} says {np.dtype(dtype)} {tuple(shape)}")
+    if actual != nbytes:
+      return f"latent shard file {path} has {actual} bytes, its header says {nbytes}"
+  return None
+
+
+def _finish(out: Path, spec: dict[str, Any], origin: str,
+            owner: Callable[[int], str]) -> dict[str, Any] | None:
   """Writes manifest.json once every shard is there (checking each against the spec); None while
-  some shard is missing."""
+  some shard is missing. `owner(k)`: which process encodes shard k, for a damaged one's error."""
   k_all = spec["num_shards"]
   if not all(_shard_done(out, k) for k in range(k_all)):
     return None
   shards, skipped, total = [], {}, 0
-  shape, size = tuple(spec["shape"]), spec["shard_size"]
+  size = spec["shard_size"]
   for k in range(k_all):
+    damage = _shard_damage(out, k, spec)
+    if damage is not None:
+      raise ValueError(f"shard {k} is damaged: {damage}. Rerun the command ({owner(k)}): it "
+                       f"encodes a damaged shard again")
     d = out / latent_files.shard_name(k)
     info = json.loads((d / latent_files.SHARD_INFO).read_text())
     start, stop = k * size, min((k + 1) * size, spec["num_images"])
-    if (info.get("start"), info.get("stop")) != (start, stop):
-      raise ValueError(f"{d / latent_files.SHARD_INFO} covers images [{info.get('start')}, "
-                       f"{info.get('stop')}), but shard {k} of {out / latent_files.SPEC} is "
-                       f"[{start}, {stop})")
     count = int(info["count"])
-    names = ["mean", "std"] + (["labels"] if spec["labels"] else [])
-    for name in names:
-      want = (count,) if name == "labels" else (count,) + shape
-      header = np.load(d / f"{name}.npy", mmap_mode="r")
-      if header.shape != want:
-        raise ValueError(f"latent shard file {d / f'{name}.npy'} has shape {header.shape}, "
-                         f"{d / latent_files.SHARD_INFO} says {want}")
     shards.append(dict(name=d.name, start=start, stop=stop, count=count))
     skipped.update(info.get("skipped", {}))
     total += count
   if not total:
     raise ValueError(f"no usable images in {origin}: all {spec['num_images']} are unreadable or "
                      "corrupt")
+  shape = spec["shape"]
   manifest = dict(format=latent_files.SHARDS_FORMAT, spec=spec, num_latents=total,
                   shape=list(shape), dtype="float32", layout="NCHW",
                   scaling_factor=spec["scaling_factor"], shards=shards,
                   num_skipped=len(skipped), skipped=skipped)
-  path = out / latent_files.MANIFEST
-  tmp = _temp_name(path)
-  _write_json(tmp, manifest)
-  os.replace(tmp, path)
+  _publish_json(out / latent_files.MANIFEST, manifest, replace=True)
   return manifest
 
 
@@ -287,15 +373,34 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
   k_all = -(-n // shard_size)
   source = (listing.origin if src == "tfds"  # "tfds:<name or directory>"
             else f"{src}:{os.path.abspath(os.path.expanduser(os.fspath(cfg['path'])))}")
+  level = xla_options.optimization_level(jax.default_backend())  # the mesh's platform
   spec = dict(format=latent_files.SHARDS_FORMAT, source=source,
               source_fingerprint=listing.fingerprint, num_images=n, labels=bool(cfg["labels"]),
               resolution=res, vae=vae_digest(vae), vae_dtype=jnp.dtype(dtype).name,
+              xla_backend_optimization_level=level,
               vae_path=os.path.abspath(os.fspath(vae_path)), shape=[c, lr, lr],
               scaling_factor=float(scale), shard_size=shard_size, num_shards=k_all)
   out.mkdir(parents=True, exist_ok=True)
-  _claim_spec(out, spec)
+  _remove_temporary(out)
+  found = _claim_spec(out, spec)
+  if "xla_backend_optimization_level" not in found and any(_shard_done(out, k)
+                                                            for k in range(k_all)):
+    logging.warning("%s does not record the LLVM level (an earlier version wrote it): the "
+                    "shards written now use level %d, the finished ones their run's (XLA_FLAGS', "
+                    "else XLA's default 3), which this run cannot check", out / latent_files.SPEC,
+                    level)
+  spec = {k: v for k, v in json.loads(json.dumps(spec)).items() if k in found}  # as recorded
 
   mine = range(k_all * p // n_proc, k_all * (p + 1) // n_proc)
+  resumed = [k for k in mine if _shard_done(out, k)]
+  for k in resumed:
+    damage = _shard_damage(out, k, spec)
+    if damage is not None:  # moved away whole, then removed: never half a shard in place
+      logging.warning("shard %d is damaged (%s): encoding it again", k, damage)
+      final = out / latent_files.shard_name(k)
+      aside = _temp_name(final)
+      os.rename(final, aside)
+      shutil.rmtree(aside)
   todo = [k for k in mine if not _shard_done(out, k)]
   for k in todo:  # temporary folders of a killed run
     for stale in out.glob(f".{latent_files.shard_name(k)}.tmp-*"):
@@ -309,7 +414,7 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
   chunk = min(chunk, shard_size)
   encode = vae_lib.encode_fn(vae)
 
-  @xla_options.jit  # the mesh's devices are the default backend's
+  @xla_options.jit  # the mesh's devices are the default backend's; `encode` is part of it
   def to_latent(u8):
     x = u8.astype(jnp.float32) / 127.5 - 1.0
     mean, std = encode(x)
@@ -372,7 +477,11 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
       if on_shard is not None:
         on_shard(k)
 
-  manifest = _finish(out, spec, listing.origin)
+  def owner(k: int) -> str:
+    q = next(q for q in range(n_proc) if k < k_all * (q + 1) // n_proc)
+    return f"--process_index={q} --process_count={n_proc}" if n_proc > 1 else "the same flags"
+
+  manifest = _finish(out, spec, listing.origin, owner)
   if manifest is not None:
     total, skipped = manifest["num_latents"], manifest["skipped"]
   else:

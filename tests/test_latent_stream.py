@@ -2,6 +2,7 @@
 and the latent source reading its folder memory-mapped. A tiny VAE on 16 px images (4x4 latents)."""
 import io
 import json
+import logging
 import shutil
 import zipfile
 
@@ -201,7 +202,7 @@ def test_damaged_shards_are_errors_naming_the_file(encoded, tmp_path):
     latents.load_latents(out, 4)
 
 
-def test_mismatched_rerun_is_an_error(encoded, vae_dir, image_zip, tmp_path):
+def test_mismatched_rerun_is_an_error(encoded, vae_dir, image_zip, tmp_path, monkeypatch):
   out, _ = encoded
   spec = out / "spec.json"
   before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
@@ -213,8 +214,24 @@ def test_mismatched_rerun_is_an_error(encoded, vae_dir, image_zip, tmp_path):
     encode_latents.encode_dataset(config(image_zip, labels=False), str(vae_dir), str(out), **KW)
   other_zip = tmp_path / "other.zip"
   shutil.copy(image_zip, other_zip)
-  with pytest.raises(ValueError, match=f"source='zip:{image_zip}'.*source='zip:{other_zip}'"):
+  with pytest.raises(ValueError, match=f"holds an encoding of 20 images of source='zip:"
+                                       f"{image_zip}' .*, but this run has 20 images of "
+                                       f"source='zip:{other_zip}': resume"):
     encode_latents.encode_dataset(config(other_zip), str(vae_dir), str(out), **KW)
+  # Another --limit: the counts differ (and the fingerprints, which the message leaves out).
+  with pytest.raises(ValueError, match=rf"holds an encoding of 20 images of source='zip:"
+                                       rf"{image_zip}' \({spec}\), but this run has 12 images "
+                                       rf"of source='zip:{image_zip}': resume with the flags it "
+                                       r"was started with \(--path, --limit"):
+    encode_latents.encode_dataset(dict(config(image_zip), limit=12), str(vae_dir), str(out),
+                                  **KW)
+  # Another compile level: other last bits.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")
+  with pytest.raises(ValueError, match=r"with xla_backend_optimization_level=0 .* this run has "
+                                       r"xla_backend_optimization_level=2 \(the level of "
+                                       r"XLA_FLAGS'"):
+    encode_latents.encode_dataset(config(image_zip), str(vae_dir), str(out), **KW)
+  monkeypatch.undo()
   # The same VAE elsewhere is the same VAE; other weights are not.
   moved = tmp_path / "vae"
   shutil.copytree(vae_dir, moved)
@@ -230,6 +247,104 @@ def test_mismatched_rerun_is_an_error(encoded, vae_dir, image_zip, tmp_path):
   # Nothing in the folder changed but manifest.json (rewritten by the matching rerun).
   after = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
   assert {p for p in after if after[p] != before.get(p)} <= {out / "manifest.json"}
+
+
+def test_encoding_with_the_package_options_resumes_bit_for_bit(encoded, vae_dir, image_zip,
+                                                              tmp_path, user_xla_flags):
+  """The encoder as a user runs it (`patchdiff.encode_latents`' body): no level in XLA_FLAGS, so
+  it compiles with the package's CPU options, its program calling the VAE's. In-process
+  (`user_xla_flags`): the same programs as a subprocess with a clean XLA_FLAGS, without its
+  start. Resumed from its first two shards (what a run killed after shard 1 leaves; the
+  interruption itself is tested above), it equals the uninterrupted run bit for bit, and the
+  suite's level-0 encoding to rounding."""
+  whole = tmp_path / "whole"
+  summary = encode_latents.encode_dataset(config(image_zip), str(vae_dir), str(whole), **KW)
+  assert summary["complete"] and summary["num_images"] == 18
+  assert json.loads((whole / "spec.json").read_text())["xla_backend_optimization_level"] == 1
+  out = tmp_path / "latents"
+  out.mkdir()
+  for name in ("spec.json", "shard-00000", "shard-00001"):
+    (shutil.copytree if name.startswith("shard") else shutil.copy)(whole / name, out / name)
+  resumed = encode_latents.encode_dataset(config(image_zip), str(vae_dir), str(out), **KW)
+  assert (resumed["shards_resumed"], resumed["shards_written"]) == (2, 2)
+  for a, b, c in zip(read(out)[:3], read(whole)[:3], read(encoded[0])[:3]):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_rerun_removes_temporary_files_and_encodes_damaged_shards_again(encoded, vae_dir,
+                                                                       image_zip, tmp_path,
+                                                                       caplog):
+  out = tmp_path / "latents"
+  shutil.copytree(encoded[0], out)
+  # Killed between writing spec.json's or manifest.json's temporary file and its rename.
+  (out / "manifest.json").unlink()
+  stale = [out / ".spec.json.tmp-999-dead", out / ".manifest.json.tmp-999-dead"]
+  for path in stale:
+    path.write_text("{")
+  truncated = out / "shard-00001" / "mean.npy"
+  size = truncated.stat().st_size
+  truncated.write_bytes(truncated.read_bytes()[:-100])
+  empty = out / "shard-00002" / "labels.npy"
+  empty.write_bytes(b"")
+  with caplog.at_level(logging.WARNING):
+    summary = encode_latents.encode_dataset(config(image_zip), str(vae_dir), str(out), **KW)
+  assert summary["complete"] and (summary["shards_resumed"], summary["shards_written"]) == (2, 2)
+  assert (f"shard 1 is damaged (latent shard file {truncated} has {size - 100} bytes, its "
+          f"header says {size}): encoding it again") in caplog.text
+  assert f"shard 2 is damaged (cannot read latent shard file {empty}: " in caplog.text
+  assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in encoded[0].iterdir())
+  for a, b in zip(read(out)[:3], read(encoded[0])[:3]):
+    np.testing.assert_array_equal(a, b)
+  # A damaged shard of another process's slice: an error naming the file and the process.
+  truncated = out / "shard-00003" / "std.npy"
+  truncated.write_bytes(truncated.read_bytes()[:-4])
+  with pytest.raises(ValueError, match=rf"shard 3 is damaged: latent shard file {truncated} has "
+                                       r"\d+ bytes, its header says \d+\. Rerun the command "
+                                       r"\(--process_index=1 --process_count=2\): it encodes a "
+                                       "damaged shard again"):
+    encode_latents.encode_dataset(config(image_zip), str(vae_dir), str(out), process_index=0,
+                                  process_count=2, **KW)
+
+
+def test_temporary_json_removed_before_its_rename_is_written_again(tmp_path, monkeypatch):
+  link, calls = encode_latents.os.link, []
+
+  def removed_first(src, dst):  # another process's start removes the temporary file
+    calls.append(src)
+    if len(calls) == 1:
+      src.unlink()
+    return link(src, dst)
+
+  monkeypatch.setattr(encode_latents.os, "link", removed_first)
+  publish = encode_latents._publish_json  # pylint: disable=protected-access
+  publish(tmp_path / "spec.json", {"a": 1}, replace=False)
+  assert len(calls) == 2 and json.loads((tmp_path / "spec.json").read_text()) == {"a": 1}
+  assert [p.name for p in tmp_path.iterdir()] == ["spec.json"]
+
+
+def test_spec_records_the_compile_level(encoded, vae_dir, image_zip, tmp_path, caplog):
+  out, _ = encoded
+  spec = json.loads((out / "spec.json").read_text())
+  assert spec["xla_backend_optimization_level"] == 0  # conftest.py's XLA_FLAGS
+  assert read(out)[3]["spec"]["xla_backend_optimization_level"] == 0
+  # An encoding started before the level was recorded resumes, saying that it cannot check it;
+  # its manifest records no level.
+  old = tmp_path / "old"
+  shutil.copytree(out, old)
+  (old / "manifest.json").unlink()
+  del spec["xla_backend_optimization_level"]
+  (old / "spec.json").write_text(json.dumps(spec))
+  with caplog.at_level(logging.WARNING):
+    summary = encode_latents.encode_dataset(config(image_zip), str(vae_dir), str(old), **KW)
+  assert summary["complete"] and summary["shards_written"] == 0
+  assert f"{old / 'spec.json'} does not record the LLVM level" in caplog.text
+  assert "xla_backend_optimization_level" not in read(old)[3]["spec"]
+  # The same source path and count, other images: the listing's fingerprint differs.
+  (old / "spec.json").write_text(json.dumps(dict(spec, source_fingerprint="0" * 64)))
+  with pytest.raises(ValueError, match=r"but this run has 20 images of source='zip:.*' whose "
+                                       r"listing differs \(the source changed since\)"):
+    encode_latents.encode_dataset(config(image_zip), str(vae_dir), str(old), **KW)
 
 
 def test_sharded_array_indexing():
