@@ -29,7 +29,10 @@ def _run(module, *args):
   return proc
 
 
-def test_convert_cli_then_sample_reproduces_the_official_network(reference, tmp_path):
+def test_convert_cli_then_sample_reproduces_the_official_network(reference, tmp_path,
+                                                                  user_xla_flags):
+  """The two commands as a user runs them: compiled with the package's CPU options
+  (`user_xla_flags`), as is the sampler run here."""
   weights = reference / "parity" / "ddpmpp_tiny_weights.npz"
   workdir = str(tmp_path / "converted")
   out = _run("patchdiff.convert", f"--input={weights}", f"--output={workdir}", *TINY_FLAGS)

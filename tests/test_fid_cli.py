@@ -53,7 +53,9 @@ def setup(tmp_path_factory):
   return tmp
 
 
-def test_reference_statistics_then_fid_over_seed_sets(setup):
+def test_reference_statistics_then_fid_over_seed_sets(setup, user_xla_flags):
+  """--mode=fid_ref and --mode=eval as a user runs them: compiled with the package's CPU options
+  (`user_xla_flags`)."""
   tmp = setup
   run_main(f"--workdir={tmp / 'run'}", "--mode=fid_ref", f"--inception={tmp / 'inception.npz'}",
            f"--ref={tmp / 'ref.npz'}")

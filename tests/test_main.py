@@ -118,9 +118,11 @@ def test_sample_cli_seeds_npz_and_outpainting(trained, tmp_path):
     assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
 
 
-def test_eval_reports_swd_and_fid_against_the_training_data(trained, inception_weights):
+def test_eval_reports_swd_and_fid_against_the_training_data(trained, inception_weights,
+                                                             user_xla_flags):
   """With the installed Inception weights and no --ref, FID is against the statistics of every
-  training image, made once and kept in the workdir (the demo's FID command)."""
+  training image, made once and kept in the workdir (the demo's FID command). The command runs
+  as a user's does, compiled with the package's CPU options (`user_xla_flags`)."""
   import json  # pylint: disable=import-outside-toplevel
   # Eight training images are the reference (data settings may differ from the checkpoint's).
   proc = run_main(f"--workdir={trained}", "--mode=eval", "--seeds=0-7", "--batch=4", *TINY,
