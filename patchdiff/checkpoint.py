@@ -87,6 +87,15 @@ def restore_config(mgr: ocp.CheckpointManager, step: int) -> dict:
   return mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
 
+def stored_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+  """The config checkpoint `step` (default: the latest) of `workdir` was written with."""
+  mgr = manager(workdir, create=False)
+  try:
+    return ml_collections.ConfigDict(restore_config(mgr, check_step(mgr, step)))
+  finally:
+    mgr.close()
+
+
 def check_step(mgr: ocp.CheckpointManager, step: int | None) -> int:
   """`step` (default: the latest) if the manager holds it; FileNotFoundError naming what exists."""
   step = mgr.latest_step() if step is None else step

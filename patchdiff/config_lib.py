@@ -20,7 +20,8 @@ SHAPE_KEYS = ("arch", "img_resolution", "img_channels", "out_channels", "label_d
               "decoder_type")
 
 
-DATA_SOURCES = ("twemoji", "folder", "zip", "tfds", "latents", "synthetic")
+# "none": no training data, the config of a network read from a file (`pretrained.network_config`).
+DATA_SOURCES = ("twemoji", "folder", "zip", "tfds", "latents", "synthetic", "none")
 # The sources whose batches hold uint8 pixels; the others (latents, synthetic) hold float32.
 PIXEL_SOURCES = ("twemoji", "folder", "zip", "tfds")
 LATENT_LAYOUTS = ("NCHW", "NHWC")
@@ -464,6 +465,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise ValueError(f"patch.sizes={sched.sizes} with model.channel_mult="
                      f"{list(m['channel_mult'])}: {e}") from None
   data_config(cfg.data, m["label_dim"])
+  if cfg.data.source == "none":
+    raise ValueError("data.source='none': the config names no training data (it was derived from "
+                     "a network file, to sample): set data.source and data.path to train")
   t = cfg.train
   _batch_per_device(t)
   if num_devices is not None:

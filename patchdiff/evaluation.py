@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from patchdiff import checkpoint, generate, images_io, metrics, patches, sharding
 from patchdiff.nn import inception, models
@@ -170,16 +171,18 @@ def sample_from_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: i
                            class_idx: int | None = None, fmt: str = "png",
                            outdir: str | None = None, canvas: int | None = None,
                            outpaint: str | None = None, inpaint: str | None = None,
-                           mask: str | None = None, keep_all: bool = False
-                           ) -> tuple[str, np.ndarray]:
-  """Restores EMA weights from `workdir` and writes samples of `seeds`: PNGs in folders of 1,000,
-  or one `samples.npz` (`arr_0` the uint8 NHWC images, `arr_1` the class of each for conditional
-  models, `seeds`: the keys OpenAI's ADM evaluation suite reads), written batch by batch as the
-  samples arrive; and a grid. Returns (outdir, the grid's images, or with `keep_all` every
-  image, held in one array).
+                           mask: str | None = None, keep_all: bool = False,
+                           denoiser=None) -> tuple[str, np.ndarray]:
+  """Restores EMA weights from `workdir` (or samples `denoiser`, a network read from a file, with
+  `outdir` given) and writes samples of `seeds`: PNGs in folders of 1,000, or one `samples.npz`
+  (`arr_0` the uint8 NHWC images, `arr_1` the class of each for conditional models, `seeds`: the
+  keys OpenAI's ADM evaluation suite reads), written batch by batch as the samples arrive; and a
+  grid. Returns (outdir, the grid's images, or with `keep_all` every image, held in one array).
 
   Every argument is checked before the checkpoint is read or anything is compiled.
   """
+  if denoiser is not None and not outdir:
+    raise UsageError("sampling a network file needs --outdir, where the samples go")
   seeds = default_seeds(cfg) if seeds is None else list(seeds)
   m = models.resolve(cfg.model)
   r, c = m["img_resolution"], m["img_channels"]
@@ -206,8 +209,12 @@ def sample_from_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: i
   if canvas is not None:
     generate.canvas_grid(1, canvas, r)  # validates
   mesh = sharding.data_mesh()
-  denoiser, step = checkpoint.load_ema(workdir, cfg, step,
-                                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if denoiser is None:
+    denoiser, step = checkpoint.load_ema(workdir, cfg, step, replicated)
+  else:  # placed as a restored checkpoint is, so both sample the same program bit for bit
+    graphdef, state = nnx.split(denoiser)
+    denoiser = nnx.merge(graphdef, jax.device_put(state, replicated))
   sampler = generate.Sampler(denoiser, m, cfg.sample, mesh=mesh, decoder=decoder)
   outdir = outdir or os.path.join(workdir, "samples", f"step_{step:08d}")
   writer = jax.process_index() == 0
@@ -266,18 +273,25 @@ def fid_reference(cfg: ml_collections.ConfigDict, inception_path: str | None, ou
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None,
              seeds: list[int] | None = None, batch: int | None = None,
              inception_path: str | None = None, ref: str | None = None,
-             fid_sets: int = 1) -> dict:
-  """Samples `seeds` from a checkpoint and reports their multi-scale SWD to the training data,
-  FID (minimum over `fid_sets` seed sets) and KID. FID is against the statistics `ref`, by
-  default those of every training image (made once, kept as WORKDIR/fid_ref.npz); the Inception
-  weights are `inception_path`, by default the installed ones; without weights, SWD only.
+             fid_sets: int = 1, denoiser=None, outdir: str | None = None) -> dict:
+  """Samples `seeds` from a checkpoint (or `denoiser`, a network read from a file, into `outdir`)
+  and reports their multi-scale SWD to the training data, FID (minimum over `fid_sets` seed
+  sets) and KID. FID is against the statistics `ref`, by default those of every training image
+  (made once, kept as WORKDIR/fid_ref.npz); the Inception weights are `inception_path`, by
+  default the installed ones; without weights, SWD only. A config without training data
+  (`data.source='none'`, derived from a network file) is measured by FID against `ref` only.
   Writes eval.json next to the samples."""
   if fid_sets < 1:
     raise UsageError(f"--fid_sets={fid_sets} must be >= 1")
   latent = bool(cfg.patch.latent)
+  no_data = cfg.data.source == "none"
   if latent and ref is None:
     raise UsageError("a latent model's training data are latents, not images: evaluate it "
                      "by FID against --ref statistics of the image dataset (with --inception)")
+  if no_data and ref is None:
+    raise UsageError("this model's config names no training data (data.source='none': it was "
+                     "derived from a network file): evaluate it by FID against --ref, reference "
+                     "statistics such as EDM's fid-refs .npz files")
   model = None
   if inception_path or ref or inception.default_weights_path():
     model = load_inception(inception_path)
@@ -290,22 +304,23 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = No
   base = default_seeds(cfg) if seeds is None else list(seeds)
   span = max(base) - min(base) + 1
   outdir, images = sample_from_checkpoint(cfg, workdir, step, seeds=base, batch=batch, fmt="npz",
-                                          keep_all=True)
+                                          keep_all=True, denoiser=denoiser, outdir=outdir)
   result = dict(num_images=len(images))
-  if not latent:  # SWD and KID compare with training images
+  if not latent and not no_data:  # SWD and KID compare with training images
     reference = reference_images(cfg, len(images))
     result.update(metrics.sliced_wasserstein(images, reference,
                                              min_resolution=min(16, images.shape[1])))
   if model is not None:
     if ref_stats is None:
       ref_stats = reference_statistics(cfg, model, os.path.join(workdir, "fid_ref.npz"))
-    ref_feats = None if latent else inception.features(model, reference)
+    ref_feats = None if latent or no_data else inception.features(model, reference)
     fids, kids = [], []
     for k in range(fid_sets):
       if k:
         _, images = sample_from_checkpoint(cfg, workdir, step, seeds=[s + k * span for s in base],
                                            batch=batch, fmt="npz", keep_all=True,
-                                           outdir=os.path.join(outdir, f"set_{k}"))
+                                           outdir=os.path.join(outdir, f"set_{k}"),
+                                           denoiser=denoiser)
       feats = inception.features(model, images)
       fids.append(metrics.frechet_distance(*metrics.feature_statistics(feats), *ref_stats))
       if ref_feats is not None:

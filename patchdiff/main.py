@@ -1,7 +1,10 @@
-"""Entry point: flags and dispatch. Trains, or samples from / evaluates a workdir's checkpoint.
+"""Entry point: flags and dispatch. Trains, or samples from / evaluates a workdir's checkpoint or
+an official network snapshot.
 
   python -m patchdiff.main --config=configs/demo.py --workdir=runs/demo
-  python -m patchdiff.main --config=configs/demo.py --workdir=runs/demo --mode=sample
+  python -m patchdiff.main --workdir=runs/demo --mode=sample       # the checkpoint's own config
+  python -m patchdiff.main --mode=sample --network=network-snapshot-200000.pkl --seeds=0-63 \
+      --outdir=out                                                 # the config from the snapshot
 Any config value can be overridden: --config.train.steps=50.
 """
 from __future__ import annotations
@@ -55,7 +58,22 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for clusters JAX does not detect")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "with --coordinator_address")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "with --coordinator_address")
-flags.mark_flags_as_required(["config", "workdir"])
+_NETWORK = flags.DEFINE_string("network", None, "sample/eval: an official network-snapshot .pkl "
+                               "(Patch Diffusion's or EDM's), sampled with no config file: the "
+                               "model comes from the arguments the snapshot records, the sampler "
+                               "from the paper's for its architecture; needs --outdir")
+_VAE = flags.DEFINE_string("vae", None, "with --network: the diffusers-format VAE folder that "
+                           "decodes a latent network's samples")
+# The official generate.py's sampler options, under this package's names (config.sample.*).
+_STEPS = flags.DEFINE_integer("steps", None, "sample/eval: Heun steps (generate.py --steps)")
+_S_CHURN = flags.DEFINE_float("s_churn", None, "sample/eval: stochasticity (--S_churn)")
+_S_MIN = flags.DEFINE_float("s_min", None, "sample/eval: lowest noise level with churn (--S_min)")
+_S_MAX = flags.DEFINE_float("s_max", None, "sample/eval: highest noise level with churn (--S_max)")
+_S_NOISE = flags.DEFINE_float("s_noise", None, "sample/eval: noise inflation with churn (--S_noise)")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "sample/eval: classifier-free guidance weight w, "
+                               "D = D_u + w (D_c - D_u); 1 is none (generate.py --cfg)")
+_SAMPLER_FLAGS = dict(num_steps=_STEPS, s_churn=_S_CHURN, s_min=_S_MIN, s_max=_S_MAX,
+                      s_noise=_S_NOISE, guidance=_GUIDANCE)
 
 
 def init_distributed() -> None:
@@ -79,9 +97,46 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
+def check_flags() -> None:
+  """The flags that go together for the mode, checked before anything is read or compiled."""
+  mode = _MODE.value
+  if mode in ("train", "fid_ref") and _CONFIG.value is None:
+    raise app.UsageError(f"--mode={mode} needs --config")
+  if mode == "train" and not _WORKDIR.value:
+    raise app.UsageError("--mode=train needs --workdir")
+  if mode in ("train", "fid_ref"):
+    for flag in [_NETWORK, _VAE, *_SAMPLER_FLAGS.values()]:
+      if flag.value is not None:
+        raise app.UsageError(f"--{flag.name} is a sample/eval flag, not one of --mode={mode}")
+    return
+  if _NETWORK.value:
+    if _CONFIG.value is not None or _WORKDIR.value or _STEP.value is not None:
+      raise app.UsageError("--network samples a snapshot file with the config it records: leave "
+                           "out --config, --workdir and --step")
+    if not _OUTDIR.value:
+      raise app.UsageError("--network needs --outdir, where the samples go")
+  elif not _WORKDIR.value:
+    raise app.UsageError(f"--mode={mode} needs --workdir (a run's checkpoints) or --network (an "
+                         "official network-snapshot .pkl)")
+  elif _VAE.value:
+    raise app.UsageError("--vae goes with --network; a workdir's VAE is --config.vae.path")
+
+
+def sample_config(cfg):
+  """`cfg` with the sampler flags given on the command line."""
+  given = {key: flag.value for key, flag in _SAMPLER_FLAGS.items() if flag.value is not None}
+  if not given:
+    return cfg
+  cfg = cfg.copy_and_resolve_references()
+  for key, value in given.items():
+    cfg.sample[key] = value
+  return cfg
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  check_flags()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   init_distributed()
   cfg = _CONFIG.value
@@ -93,16 +148,29 @@ def main(argv):
     from patchdiff import train  # pylint: disable=import-outside-toplevel
     train.train_and_evaluate(cfg, workdir)
     return
-  from patchdiff import evaluation, generate  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from patchdiff import checkpoint, evaluation, generate, pretrained
+  denoiser = None
   try:
     seeds = None if _SEEDS.value is None else generate.parse_seeds(_SEEDS.value)
+    if _NETWORK.value:
+      try:
+        cfg, denoiser = pretrained.load_network(_NETWORK.value, _VAE.value)
+      except (OSError, ValueError) as e:
+        raise app.UsageError(str(e)) from None
+      logging.info("the config derived from %s:\n%s", _NETWORK.value, cfg)
+    elif cfg is None and _MODE.value != "fid_ref":
+      cfg = checkpoint.stored_config(workdir, _STEP.value)
+    if _MODE.value != "fid_ref":
+      cfg = sample_config(cfg)
     if _MODE.value == "fid_ref":
       out = evaluation.fid_reference(cfg, _INCEPTION.value, _REF.value)
       print(f"reference statistics written to {out}")
     elif _MODE.value == "eval":
       result = evaluation.evaluate(cfg, workdir, _STEP.value, seeds=seeds, batch=_BATCH.value,
                                    inception_path=_INCEPTION.value, ref=_REF.value,
-                                   fid_sets=_FID_SETS.value)
+                                   fid_sets=_FID_SETS.value, denoiser=denoiser,
+                                   outdir=_OUTDIR.value)
       print("SWD x1e3 (lower is better): " + ", ".join(
           f"{k} {v:.2f}" for k, v in result.items() if k.startswith("swd")))
       if "fid" in result:
@@ -113,9 +181,9 @@ def main(argv):
       outdir, _ = evaluation.sample_from_checkpoint(
           cfg, workdir, _STEP.value, seeds=seeds, batch=_BATCH.value, class_idx=_CLASS.value,
           fmt=_FORMAT.value, outdir=_OUTDIR.value, canvas=_CANVAS.value,
-          outpaint=_OUTPAINT.value, inpaint=_INPAINT.value, mask=_MASK.value)
+          outpaint=_OUTPAINT.value, inpaint=_INPAINT.value, mask=_MASK.value, denoiser=denoiser)
       print(f"samples written to {outdir}")
-  except (evaluation.UsageError, evaluation.NoInceptionWeights) as e:
+  except (evaluation.UsageError, evaluation.NoInceptionWeights, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
 
 

@@ -226,5 +226,81 @@ def official_model_config(kwargs: Mapping[str, Any], *, coordinates: bool = True
   return out
 
 
+# The latent networks' VAE scale (Stable Diffusion's, which the official latent models use).
+SD_VAE_SCALE = 0.18215
+
+
+def network_config(info: Mapping[str, Any], path: str,
+                   vae: str | None = None) -> ml_collections.ConfigDict:
+  """The config that samples the network a snapshot describes (`info`, as `torch_io.read_snapshot`
+  returns it), with no config file: the model from the network's recorded keyword arguments
+  (`official_model_config`), the sampler the paper used for its architecture (DDPM++ / NCSN++:
+  `config_lib.pixel64_config`'s 50 deterministic Heun steps; ADM: `latent256_config`'s 256
+  steps with S_churn 40, S_min 0.05, S_max 50, S_noise 1.003), no guidance, and no training data
+  (`data.source='none'`). A network of 4 channels is a latent one: its samples are decoded by
+  the diffusers-format VAE folder `vae` (Stable Diffusion's scale, 0.18215), which it needs.
+
+  Raises ValueError naming `path` and the field: another preconditioning than EDM's, positional
+  constructor arguments, a network keyword patchdiff does not support, a latent network
+  without `vae`, or `vae` for a pixel network.
+  """
+  name = info.get("class_name")
+  if name not in PRECONDITIONINGS:
+    raise ValueError(f"{path}: class_name={name!r}: only {' and '.join(PRECONDITIONINGS)} networks "
+                     "have this denoiser's preconditioning (EDM's)")
+  if info.get("init_args"):
+    raise ValueError(f"{path}: the network was built with positional arguments "
+                     f"{info['init_args']!r}; patchdiff reads keyword arguments only")
+  kwargs = dict(info.get("init_kwargs") or {})
+  attributes = info.get("attributes") or {}
+  for key in ("img_resolution", "img_channels", "label_dim", "sigma_data", "use_fp16"):
+    if key not in kwargs and isinstance(attributes.get(key), (int, float)):
+      kwargs[key] = attributes[key]
+  if kwargs.get("sigma_data") == 0.5:
+    del kwargs["sigma_data"]
+  try:
+    model = official_model_config(kwargs, coordinates=name == "Patch_EDMPrecond")
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+  latent = model["img_channels"] == 4
+  if latent and not vae:
+    raise ValueError(f"{path}: a latent network (img_channels={model['img_channels']}): its "
+                     "samples are decoded by a VAE; give --vae=DIR, a diffusers-format folder "
+                     "(Stable Diffusion's sd-vae-ft-mse or sd-vae-ft-ema)")
+  if vae and not latent:
+    raise ValueError(f"{path}: --vae={vae}, but the network takes {model['img_channels']} image "
+                     "channels: a VAE decodes latent networks' samples only")
+  c = config_lib.base_config()
+  c.model.update(model)
+  r = model["img_resolution"]
+  c.data.source = "none"
+  c.data.resolution = r
+  c.data.labels = bool(model.get("label_dim"))
+  c.patch.latent = latent
+  if latent:
+    c.vae.path = vae
+    c.vae.scale = SD_VAE_SCALE
+  paper = config_lib.latent256_config() if model["arch"] == "adm" else config_lib.pixel64_config()
+  for key in ("num_steps", "s_churn", "s_min", "s_max", "s_noise"):
+    c.sample[key] = paper.sample[key]
+  return c
+
+
+def load_network(path: str, vae: str | None = None) -> tuple[ml_collections.ConfigDict, Any]:
+  """(`network_config` of an official `network-snapshot-*.pkl`, the denoiser holding its `ema`
+  weights). An `EDMPrecond` network (EDM's, no coordinate inputs) gets zero weights for the
+  coordinate channels, so the denoiser computes its function whatever the coordinates."""
+  if os.path.splitext(path)[1].lower() != ".pkl":
+    raise ValueError(f"{path}: not a network snapshot (.pkl); a state dict records no network "
+                     "arguments: convert it with `python -m patchdiff.convert --config=...`")
+  try:
+    state_dict, info = torch_io.read_snapshot(path)
+  except (OSError, ValueError) as e:
+    raise type(e)(str(e) if path in str(e) else f"{path}: {e}") from e
+  cfg = network_config(info, path, vae)
+  values, _, _ = models.pretrained_values(state_dict, cfg.model, where=path)
+  return cfg, models.denoiser_from_values(cfg.model, values)
+
+
 def _plain(v: Any) -> Any:
   return list(v) if isinstance(v, (list, tuple)) else v

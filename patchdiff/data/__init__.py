@@ -8,6 +8,7 @@ Sources (`data.source`; the keys and defaults are `config_lib.DATA_DEFAULTS`):
              (`latents.py`), float, used as stored.
   synthetic  `limit` (default 256) random arrays N(0, 0.5^2) of `channels` channels (and random
              labels), a pure function of the seed: for smoke runs and benchmarks, never for science.
+  none       no data: the config of a network read from a file, which samples but cannot train.
 Every source feeds the one patch pipeline (`pipeline.py`): order, crops, coordinates and the
 multi-host split are a pure function of (seed, step). TensorFlow is imported only when an input
 is built, by the modules here.
@@ -103,6 +104,9 @@ def build_input(data_cfg,
       raise ValueError(f"{what} has {got} channels, but the model takes {channels} "
                        "(model.img_channels)")
 
+  if src == "none":
+    raise ValueError("data.source='none': the config names no training data (it was derived "
+                     "from a network file); set data.source and data.path to read a dataset")
   if src == "twemoji":
     check_channels(3, "the Twemoji set")
     pixels = twemoji.load_twemoji(res, limit=cfg["limit"], cache_dir=cfg["cache_dir"],

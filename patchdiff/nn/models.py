@@ -270,6 +270,15 @@ def pretrained_values(state_dict: Mapping[str, Any], model_config, *, reset_labe
   return values, zeroed, fresh
 
 
+def denoiser_from_values(model_config, values: Mapping[str, Any]) -> edm.Denoiser:
+  """The denoiser of `model_config` holding `values` ({official name: array in our layout} for
+  every variable, as `pretrained_values` returns them with nothing left fresh)."""
+  denoiser = abstract_denoiser(model_config)
+  for name, (var, _) in torch_io.variables(denoiser, TORCH_LAYERS).items():
+    var.set_value(jnp.asarray(values[name], var.dtype))
+  return denoiser
+
+
 def set_variables(graphdef, variables, values: Mapping[str, Any]):
   """`variables` (the state of the denoiser `graphdef`) with the tensors named in `values`
   ({official name: array in our layout}) replaced, `variables` itself unchanged; traceable
