@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# N processes of one JAX job on this machine, joined on 127.0.0.1 (how the tests run multi-host).
+# Tries the multi-host path on one machine, on its CPU: N processes of one JAX job, joined on
+# 127.0.0.1, each with DEVICES_PER_PROCESS fake CPU devices (default 1). It is how the tests run
+# multi-host; it is not a way to use GPUs (one process already drives every GPU of a node: run
+# patchdiff.main directly; several nodes: launch/slurm.sbatch, launch/tpu_vm.sh).
 #   launch/local.sh N CONFIG WORKDIR [more flags for patchdiff.main ...]
-# Each process gets DEVICES_PER_PROCESS fake CPU devices (default 1) unless JAX_PLATFORMS says
-# otherwise; PORT picks the coordinator port (default 12355). Logs go to WORKDIR/process_I.log.
+# PORT picks the coordinator port (default 12355). Logs go to WORKDIR/process_I.log.
 # The interpreter is $PYTHON, else the repository's .venv/bin/python if it exists, else python3.
 set -euo pipefail
 n=${1:?number of processes}; config=${2:?config file}; workdir=${3:?workdir}; shift 3
@@ -13,6 +15,7 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$workdir"
+export JAX_PLATFORMS=cpu
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}"
 pids=()
 for ((i = 0; i < n; i++)); do
