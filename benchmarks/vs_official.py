@@ -194,8 +194,9 @@ def train_patchdiff(cfg, workdir: str) -> None:
 def convert(snapshot: str, cfg, workdir: str, step: int) -> None:
   """The snapshot's EMA network as a checkpoint that `evaluation` samples from."""
   from patchdiff import checkpoint  # pylint: disable=import-outside-toplevel
-  from patchdiff.nn import models, torch_io  # pylint: disable=import-outside-toplevel
-  denoiser = models.load_torch_state_dict(torch_io.read_state_dict(snapshot), cfg.model)
+  from patchdiff.nn import models  # pylint: disable=import-outside-toplevel
+  from patchdiff.weights import files  # pylint: disable=import-outside-toplevel
+  denoiser = models.load_torch_state_dict(files.read_state_dict(snapshot), cfg.model)
   checkpoint.save_weights(workdir, denoiser, cfg, step=step)
 
 

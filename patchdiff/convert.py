@@ -14,7 +14,7 @@ model. An EDM network (no coordinate inputs) gets zero weights for the coordinat
 from __future__ import annotations
 
 from patchdiff.nn.models import count_params, load_torch_state_dict  # noqa: F401
-from patchdiff.nn.torch_io import read_snapshot, read_state_dict  # noqa: F401
+from patchdiff.weights.files import read_snapshot, read_state_dict  # noqa: F401
 
 
 def convert(path: str, output: str, cfg=None, vae: str | None = None):

@@ -22,7 +22,8 @@ import numpy as np
 from absl import logging
 
 from patchdiff import checkpoint, config_lib
-from patchdiff.nn import models, torch_io
+from patchdiff.nn import models
+from patchdiff.weights import files
 
 # The official preconditionings that are this denoiser's (EDM's c_skip, c_out, c_in, c_noise).
 PRECONDITIONINGS = ("Patch_EDMPrecond", "EDMPrecond")
@@ -120,9 +121,9 @@ def _read_file(path: str, cfg: ml_collections.ConfigDict,
   are checked (preconditioning, sigma_data) and compared with `cfg.model` for the notes."""
   try:
     if os.path.splitext(path)[1].lower() == ".pkl":
-      state_dict, info = torch_io.read_snapshot(path)
+      state_dict, info = files.read_snapshot(path)
     else:
-      state_dict, info = torch_io.read_state_dict(path), None
+      state_dict, info = files.read_state_dict(path), None
   except (OSError, ValueError, ImportError) as e:  # the reader's TorchPickleError is a ValueError
     raise type(e)(f"{where}: {e}") from e
   except Exception as e:  # pylint: disable=broad-except  (whatever else a damaged file raises)
@@ -232,7 +233,7 @@ SD_VAE_SCALE = 0.18215
 
 def network_config(info: Mapping[str, Any], path: str,
                    vae: str | None = None) -> ml_collections.ConfigDict:
-  """The config that samples the network a snapshot describes (`info`, as `torch_io.read_snapshot`
+  """The config that samples the network a snapshot describes (`info`, as `files.read_snapshot`
   returns it), with no config file: the model from the network's recorded keyword arguments
   (`official_model_config`), the sampler the paper used for its architecture (DDPM++ / NCSN++:
   `config_lib.pixel64_config`'s 50 deterministic Heun steps; ADM: `latent256_config`'s 256
@@ -294,7 +295,7 @@ def load_network(path: str, vae: str | None = None) -> tuple[ml_collections.Conf
     raise ValueError(f"{path}: not a network snapshot (.pkl); a state dict records no network "
                      "arguments: convert it with `python -m patchdiff.convert --config=...`")
   try:
-    state_dict, info = torch_io.read_snapshot(path)
+    state_dict, info = files.read_snapshot(path)
   except (OSError, ValueError) as e:
     raise type(e)(str(e) if path in str(e) else f"{path}: {e}") from e
   cfg = network_config(info, path, vae)

@@ -1,6 +1,6 @@
 """Hostile weight files, one small file per class of attack the reader refuses (`corpus`), and a
 fuzzer's mutations of real files (`mutate`). Run as a script, it reads every file in a folder
-through `torch_io.read_state_dict` under an address-space limit and prints, per file, the
+through `files.read_state_dict` under an address-space limit and prints, per file, the
 outcome, the seconds and the added peak memory as JSON (test_hostile.py runs it):
 
   python tests/hostile_files.py DIR [FUZZ_SOURCE ...] --seeds N [--first SEED]
@@ -342,17 +342,17 @@ def _reset_peak() -> None:
 
 
 def _read_one(path: str) -> dict:
-  """Reads `path` by `torch_io.read_state_dict`: outcome, seconds, added peak MB."""
+  """Reads `path` by `files.read_state_dict`: outcome, seconds, added peak MB."""
   import gc  # pylint: disable=import-outside-toplevel
   import time  # pylint: disable=import-outside-toplevel
-  from patchdiff.nn import torch_io  # pylint: disable=import-outside-toplevel
+  from patchdiff.weights import files  # pylint: disable=import-outside-toplevel
   gc.collect()  # fast: the imports' objects are frozen (see `main`)
   _reset_peak()
   base = _memory_mb("VmRSS")
   start = time.perf_counter()
   got = None
   try:
-    got = torch_io.read_state_dict(path)
+    got = files.read_state_dict(path)
     ok = isinstance(got, dict) and all(isinstance(k, str) and isinstance(v, np.ndarray)
                                        for k, v in got.items())
     outcome = {"error": None, "names": sorted(got)[:8] if ok else None, "ok": ok}
@@ -374,7 +374,7 @@ def main(argv: list[str]) -> None:
   import gc  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   # The reader's imports (jax, flax) before the limit and the measurements.
-  from patchdiff.nn import torch_io  # noqa: F401  pylint: disable=import-outside-toplevel,W0611
+  from patchdiff.weights import files  # noqa: F401  pylint: disable=import-outside-toplevel,W0611
   gc.collect()
   gc.freeze()  # later collections skip the imports' objects
   imports = time.perf_counter() - start

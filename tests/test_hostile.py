@@ -1,6 +1,6 @@
 """The weight reader against hostile files: one crafted file per class of attack
 (`hostile_files.corpus`) and a fuzzer's mutations of real files, all read by
-`torch_io.read_state_dict` in one subprocess under an address-space limit, each within 10 s and
+`files.read_state_dict` in one subprocess under an address-space limit, each within 10 s and
 200 MB of added peak memory; and the bounds of the copies `torch_io` makes of a snapshot's
 plain data."""
 import json
@@ -13,7 +13,7 @@ import pytest
 
 import hostile_files
 from conftest import REPO, reference_dir
-from patchdiff.nn import torch_io, torch_pickle
+from patchdiff.weights import files, torch_pickle
 from torch_archive import Script, Shared, Tensor, legacy_save, records
 
 SEEDS = 256  # fuzzer mutations per run, spread over the sources
@@ -93,23 +93,23 @@ def test_fuzzed_files_give_the_readers_error_or_a_result(report):
 
 def test_torch_io_plain_copies_are_bounded():
   # pylint: disable=protected-access
-  assert torch_io._plain({"a": [1, (2.5, "x")], "b": np.float32(3)}) == {
+  assert files._plain({"a": [1, (2.5, "x")], "b": np.float32(3)}) == {
       "a": [1, (2.5, "x")], "b": 3.0}
   cycle = [1]
   cycle.append(cycle)
-  assert torch_io._plain(cycle) is torch_io._OPAQUE
+  assert files._plain(cycle) is files._OPAQUE
   deep = []
-  for _ in range(torch_io.PLAIN_DEPTH + 1):
+  for _ in range(files.PLAIN_DEPTH + 1):
     deep = [deep]
-  assert torch_io._plain(deep) is torch_io._OPAQUE
+  assert files._plain(deep) is files._OPAQUE
   dag = [0]
   for _ in range(40):  # 2**40 entries written out
     dag = [dag, dag]
-  assert torch_io._plain(dag) is torch_io._OPAQUE
+  assert files._plain(dag) is files._OPAQUE
   # One allowance for all of a network's attributes: each may be the same large value.
   shared = list(range(1000))
-  got = torch_io._plain_items({f"a{i}": shared for i in range(1000)})
-  assert 0 < len(got) <= torch_io.PLAIN_ITEMS // 1000
+  got = files._plain_items({f"a{i}": shared for i in range(1000)})
+  assert 0 < len(got) <= files.PLAIN_ITEMS // 1000
 
 
 def test_state_dict_lists_a_shared_module_under_each_path_and_refuses_a_clash():

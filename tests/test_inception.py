@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from patchdiff.nn import inception, torch_pickle
+from patchdiff.nn import inception
+from patchdiff.weights import torch_pickle
 from torch_archive import Call, Script, records, write_zip
 
 
@@ -206,7 +207,7 @@ def test_load_weights(model, tmp_path):
 def test_load_weights_pth_is_read_without_torch_and_damage_is_named(tmp_path):
   """A `.pth` is never handed to torch's unpickler: a damaged one is refused by the restricted
   reader, naming the file."""
-  from patchdiff.nn import torch_pickle  # pylint: disable=import-outside-toplevel
+  from patchdiff.weights import torch_pickle  # pylint: disable=import-outside-toplevel
   path = tmp_path / "pt_inception.pth"
   path.write_bytes(b"not read")
   with pytest.raises(torch_pickle.TorchPickleError, match="pt_inception.pth"):

@@ -12,6 +12,7 @@ from conftest import ADM_TINY, DDPMPP_TINY
 from test_train import tiny_config, watch_compiles
 from patchdiff import checkpoint, config_lib, evaluation, patches, pretrained, train
 from patchdiff.nn import edm, models, torch_io
+from patchdiff.weights import files
 
 
 def nhwc(a):
@@ -195,7 +196,7 @@ def _fresh_label_embedding(cfg):
 def test_another_label_dimension_needs_the_reset(reference, tmp_path, source, model):
   if source == "checkpoint":  # a patchdiff checkpoint of the unconditional fixture network
     path = str(tmp_path / "ckpt")
-    sd = torch_io.read_state_dict(reference / "parity" / "ddpmpp_tiny_weights.npz")
+    sd = files.read_state_dict(reference / "parity" / "ddpmpp_tiny_weights.npz")
     checkpoint.save_weights(path, models.load_torch_state_dict(sd, DDPMPP_TINY), tiny_config(),
                             step=3)
   else:
@@ -273,12 +274,12 @@ def test_weights_that_do_not_fit_fail_before_compiling(reference, tmp_path, case
 
 
 def test_other_preconditionings_are_refused(reference, monkeypatch):
-  read = torch_io.read_snapshot
+  read = files.read_snapshot
 
   def as_vp(path):
     sd, info = read(path)
     return sd, dict(info, class_name="VPPrecond")
-  monkeypatch.setattr(torch_io, "read_snapshot", as_vp)
+  monkeypatch.setattr(files, "read_snapshot", as_vp)
   path = reference / "parity" / "edm_ddpmpp_tiny_snapshot.pkl"
   with pytest.raises(ValueError, match=r"network is a VPPrecond; only \('Patch_EDMPrecond', "
                      r"'EDMPrecond'\)"):

@@ -76,7 +76,7 @@ def test_the_config_comes_from_the_snapshot_and_the_papers_sampler(reference, na
 
 
 def _info(**kwargs):
-  """A snapshot description, as `torch_io.read_snapshot` returns one."""
+  """A snapshot description, as `files.read_snapshot` returns one."""
   init = dict(img_resolution=32, img_channels=6, out_channels=4, label_dim=1000,
               model_type="DhariwalUNet", model_channels=64, channel_mult=[1, 2], num_blocks=1,
               attn_resolutions=[16], dropout=0.1, use_fp16=True)

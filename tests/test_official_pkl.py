@@ -1,5 +1,5 @@
 """Official `network-snapshot-*.pkl` files (EDM / Patch Diffusion training): read without torch and
-without running anything from the file (`torch_pickle.read_file`, `torch_io.read_snapshot`,
+without running anything from the file (`torch_pickle.read_file`, `files.read_snapshot`,
 `convert.read_state_dict`); hand-made snapshots (`torch_archive`) for shared storages, the
 legacy `torch.save` format, malicious and damaged files."""
 import os
@@ -11,7 +11,8 @@ import pytest
 
 from conftest import DDPMPP_TINY
 from patchdiff import convert
-from patchdiff.nn import edm, torch_pickle
+from patchdiff.nn import edm
+from patchdiff.weights import torch_pickle
 from test_networks import nhwc, rel_l2
 from torch_archive import (Call, Global, Reduce, LEGACY_MAGIC, Script, Shared, Storage, Tensor, View, dumps,
                            legacy_save, records, write_zip)

