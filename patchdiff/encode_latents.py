@@ -6,7 +6,7 @@ come, so memory does not grow with the dataset.
       --path=datasets/imagenet-256x256.zip --resolution=256 --labels \
       --out=datasets/imagenet256-latents
 
-Images go through the training decoder (`data.images.decode_image_tf`: alpha on white, centre crop,
+Images go through the training decoder (`data.decode.decode_image_tf`: alpha on white, centre crop,
 Lanczos resize to --resolution) and the VAE's encoder. The output is a folder of shards (the format
 is described in `data.latents`): shard k holds the latents of the source's images
 [k S, (k + 1) S) (S = --shard_size) that decoded, in source order, as `mean.npy` and `std.npy`
@@ -21,7 +21,7 @@ encodes one; at most 4 chunks are held (one being read and decoded, two waiting,
 encoded), each its encoded files plus R x R x 3 uint8 pixels, and one shard of latents,
 2 x S x C x (R/f)^2 x 4 bytes. Beyond these, the VAE and the runtime, the only memory that grows
 with the dataset is the source's listing: names and class ids, ~85 bytes per image of a labelled
-zip (`data.images.ZipIndex`), ~340 bytes per image while the listing is built, before encoding
+zip (`data.zip_index.ZipIndex`), ~340 bytes per image while the listing is built, before encoding
 starts. ImageNet at 256 px with the defaults (chunk 512, shard 4096): 384 MiB of pixels plus the
 encoded files of 4 x 512 images, a 128 MiB shard, ~110 MiB of listing.
 
@@ -342,7 +342,7 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
   shards_resumed (found finished), images_per_s (images read this run / seconds), seconds.
   """
   from patchdiff.nn import vae as vae_lib  # pylint: disable=import-outside-toplevel
-  from patchdiff.data import images  # pylint: disable=import-outside-toplevel
+  from patchdiff.data import decode, sources  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   out = Path(out)
   if out.suffix:
@@ -367,7 +367,7 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
   res, f = cfg["resolution"], vae.downsample_factor
   if res % f:
     raise ValueError(f"resolution {res} is not divisible by the VAE's downsampling factor {f}")
-  listing = images.list_source(cfg)
+  listing = sources.list_source(cfg)
   n, c, lr = len(listing), vae.latent_channels, res // f
   scale, shift = vae.scaling_factor, vae.shift_factor
   k_all = -(-n // shard_size)
@@ -428,7 +428,7 @@ def encode_dataset(data_cfg: dict, vae_path: str, out: str, *, batch: int = 64,
       start, stop = k * shard_size, min((k + 1) * shard_size, n)
       for lo in range(start, stop, chunk):
         part = listing.read(lo, min(lo + chunk, stop))
-        pixels, kept, bad = images.decode_all(part, res, cfg["skip_corrupt"], allow_none=True)
+        pixels, kept, bad = decode.decode_all(part, res, cfg["skip_corrupt"], allow_none=True)
         labels = part.labels[kept] if cfg["labels"] else None
         bad = {part.names[i]: why for i, why in bad.items()}
         del part  # the encoded files: not held while the next chunk is read

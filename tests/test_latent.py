@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from patchdiff import config_lib, data, encode_latents, evaluation, generate, patches, train
-from patchdiff.data import images, latents as latent_files
+from patchdiff.data import decode, latents as latent_files, sources
 from patchdiff.nn import vae
 
 RES = 32  # pixels; the tiny VAE downsamples 4x: 8x8 latents
@@ -60,8 +60,8 @@ def test_encode_latents_writes_scaled_posteriors(latents, vae_dir, image_zip):
   model = vae.load_vae(vae_dir)
   assert scale == pytest.approx(model.scaling_factor)
   # The same images through the training decoder and the VAE directly.
-  enc = images.scan_zip(path)
-  pixels, kept, _ = images.decode_all(enc, RES)
+  enc = sources.scan_zip(path)
+  pixels, kept, _ = decode.decode_all(enc, RES)
   m, s = model.encode(jnp.asarray(pixels, jnp.float32) / 127.5 - 1)
   np.testing.assert_allclose(mean, scale * np.transpose(np.asarray(m), (0, 3, 1, 2)),
                              rtol=1e-4, atol=1e-5)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from patchdiff import data, encode_latents, patches
-from patchdiff.data import images, latents
+from patchdiff.data import decode, latents, sources
 from patchdiff.nn import vae
 
 RES = 16
@@ -70,7 +70,7 @@ def test_streaming_equals_in_memory_encoding(encoded, vae_dir, image_zip):
   # The whole dataset decoded in memory and encoded in batches of the same size (what the
   # encoder did before it streamed): the same bits.
   model = vae.load_vae(vae_dir)
-  pixels, kept, _ = images.decode_all(images.scan_zip(image_zip), RES)
+  pixels, kept, _ = decode.decode_all(sources.scan_zip(image_zip), RES)
   assert list(kept) == [i for i in range(N) if i not in CORRUPT]
   encode, b = vae.encode_fn(model), KW["batch"]
   ref_mean, ref_std = [], []
@@ -100,7 +100,7 @@ def test_interrupted_run_leaves_whole_shards_and_resumes(encoded, vae_dir, image
                                        r"shards written\)"):
     latents.load_latents(out, RES // 4)
   # Interrupted in the middle of shard 2 (its second chunk fails to decode): nothing of it.
-  real, calls = images.decode_all, []
+  real, calls = decode.decode_all, []
 
   def failing(*args, **kw):
     calls.append(1)
@@ -108,10 +108,10 @@ def test_interrupted_run_leaves_whole_shards_and_resumes(encoded, vae_dir, image
       raise RuntimeError("interrupted while decoding")
     return real(*args, **kw)
 
-  monkeypatch.setattr(images, "decode_all", failing)
+  monkeypatch.setattr(decode, "decode_all", failing)
   with pytest.raises(RuntimeError, match="interrupted while decoding"):
     encode_latents.encode_dataset(config(image_zip), str(vae_dir), str(out), **KW)
-  monkeypatch.setattr(images, "decode_all", real)
+  monkeypatch.setattr(decode, "decode_all", real)
   assert sorted(p.name for p in out.iterdir()) == ["shard-00000", "shard-00001", "spec.json"]
   # A process killed while writing shard 3 leaves its temporary folder: the rerun removes it.
   stale = out / ".shard-00003.tmp-999-dead"

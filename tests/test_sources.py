@@ -14,7 +14,7 @@ from PIL import Image
 from reference_draws import posterior_eps_reference
 
 from patchdiff import config_lib, data
-from patchdiff.data import images, latents, pipeline, png, twemoji
+from patchdiff.data import decode, latents, pipeline, png, sources, twemoji
 from patchdiff.patches import PatchSchedule, coord_grid
 
 R = 16
@@ -170,8 +170,8 @@ def test_folder_with_class_labels(class_folder, rgb_images):
 def test_folder_preprocessing_and_cache_modes_agree(mixed_folder):
   root, rgba = mixed_folder
   cfg = dict(source="folder", path=str(root), hflip=True)
-  enc = images.scan_folder(root)
-  pixels, kept, bad = images.decode_all(enc, R)
+  enc = sources.scan_folder(root)
+  pixels, kept, bad = decode.decode_all(enc, R)
   assert len(kept) == 8 and not bad and pixels.shape == (8, R, R, 3)
   by_name = {n.rsplit("/", 1)[1]: p for n, p in zip(enc.names, pixels)}
   # RGBA composited on white: transparent rows are white, opaque pixels kept.
@@ -268,7 +268,7 @@ def test_zip_errors(tmp_path, rgb_images):
 
 
 def test_zip_listing_reads_what_zipfile_reads(tmp_path, monkeypatch, rgb_images):
-  """`images.list_zip` reads the central directory itself: stored, deflated and bzip2 members, a
+  """`sources.list_zip` reads the central directory itself: stored, deflated and bzip2 members, a
   name entered twice (its last entry counts), a non-ASCII name, a comment, zip64 records and data
   before the archive read as `zipfile` reads them."""
   members = [("b/x.png", encode(rgb_images[0]), zipfile.ZIP_DEFLATED),
@@ -297,7 +297,7 @@ def test_zip_listing_reads_what_zipfile_reads(tmp_path, monkeypatch, rgb_images)
     m.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 1)
     z64 = write(tmp_path / "z64.zip", prefix=b"data before the archive" * 3)
   for path in (plain, z64):
-    listing = images.list_zip(path, use_labels=True)
+    listing = sources.list_zip(path, use_labels=True)
     enc = listing.read(0, len(listing))
     with zipfile.ZipFile(path) as zf:
       assert enc.names == [f"{path}:{n}" for n in images_in]
@@ -306,11 +306,11 @@ def test_zip_listing_reads_what_zipfile_reads(tmp_path, monkeypatch, rgb_images)
     part = listing.read(1, 3)
     assert part.names == enc.names[1:3] and part.data == enc.data[1:3]
     np.testing.assert_array_equal(part.labels, [1, 2])
-    assert images.list_zip(path, limit=2).read(0, 2).names == enc.names[:2]
+    assert sources.list_zip(path, limit=2).read(0, 2).names == enc.names[:2]
   # The fingerprint follows the members' names and contents, not the file.
-  assert images.list_zip(plain).fingerprint == images.list_zip(z64).fingerprint
+  assert sources.list_zip(plain).fingerprint == sources.list_zip(z64).fingerprint
   members[1] = ("a.png", encode(rgb_images[5]), zipfile.ZIP_STORED)
-  assert images.list_zip(write(tmp_path / "other.zip")).fingerprint != images.list_zip(
+  assert sources.list_zip(write(tmp_path / "other.zip")).fingerprint != sources.list_zip(
       plain).fingerprint
 
 
@@ -405,8 +405,8 @@ def test_tfds_listing_reads_slices(tiny_tfds, rgb_images):
   data_dir, labels = tiny_tfds
   cfg = config_lib.data_config(dict(source="tfds", tfds_name="patchdiff_tiny_test",
                                     tfds_data_dir=str(data_dir), labels=True, limit=6), 3)
-  listing = images.list_tfds(cfg, use_labels=True)
-  whole = images.scan_tfds(cfg, use_labels=True)
+  listing = sources.list_tfds(cfg, use_labels=True)
+  whole = sources.scan_tfds(cfg, use_labels=True)
   assert len(listing) == 6 == len(whole.data) and listing.class_names == ["a", "b", "c"]
   part = listing.read(2, 5)
   assert part.names == whole.names[2:5] and part.data == whole.data[2:5]
@@ -712,7 +712,7 @@ def test_fast_png_path_equals_tensorflow_path(kinds_folder, monkeypatch, garble)
   monkeypatch.setattr(png, "ENABLED", False)
   assert png.decoder_name() == "tensorflow"
   assert_same(streamed, full_batches(cfg, n))
-  pixels, kept, _ = images.decode_all(images.scan_folder(root), R)
+  pixels, kept, _ = decode.decode_all(sources.scan_folder(root), R)
   assert len(kept) == n
   check_crops(streamed, pixels)
   assert_same(streamed, full_batches(dict(cfg, cache=True), n))

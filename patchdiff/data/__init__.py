@@ -3,7 +3,7 @@ iterator of patch batches the trainer consumes.
 
 Sources (`data.source`; the keys and defaults are `config_lib.DATA_DEFAULTS`):
   twemoji    the embedded Twemoji set (`twemoji.py`: PIL, decoded once and cached as .npz).
-  folder, zip, tfds  encoded images (`images.py`), decoded once (data.cache=True) or every step.
+  folder, zip, tfds  encoded images (`sources.py`, `zip_index.py`; `decode.py`, `uncached.py`), decoded once (data.cache=True) or every step.
   latents    precomputed latents, .npy or .npz or a folder of shards from `encode_latents`
              (`latents.py`), float, used as stored.
   synthetic  `limit` (default 256) random arrays N(0, 0.5^2) of `channels` channels (and random
@@ -21,8 +21,8 @@ from typing import Iterator
 import numpy as np
 
 from patchdiff import config_lib
-from patchdiff.data import images, latents, pipeline, twemoji
-from patchdiff.data.images import load_image  # noqa: F401  (re-exported)
+from patchdiff.data import decode, latents, pipeline, sources, twemoji, uncached
+from patchdiff.data.decode import load_image  # noqa: F401  (re-exported)
 from patchdiff.patches import PatchSchedule
 
 SYNTHETIC_EXAMPLES = 256
@@ -142,17 +142,17 @@ def build_input(data_cfg,
                                        total_steps, labels=lat.labels, **common)
     return InputIterator(ds, len(lat.mean), lat.channels, src, cfg["cache"])
 
-  enc = images.scan(cfg)
+  enc = sources.scan(cfg)
   check_channels(3, f"data.source={src!r} (RGB images)")
   if enc.labels is not None:
     _check_label_range(enc.labels, label_dim, enc.origin, enc.names)
-  pixels, kept, bad = images.decode_all(enc, res, cfg["skip_corrupt"], keep_pixels=cfg["cache"])
+  pixels, kept, bad = decode.decode_all(enc, res, cfg["skip_corrupt"], keep_pixels=cfg["cache"])
   labels = enc.labels[kept] if enc.labels is not None else None
   if cfg["cache"]:
     ds = pipeline.make_patch_dataset(pixels, schedule, batch_size, total_steps, labels=labels,
                                      **common)
   else:
-    fetch = images.encoded_fetch([enc.data[i] for i in kept], res)
+    fetch = uncached.encoded_fetch([enc.data[i] for i in kept], res)
     ds = pipeline.build_patch_pipeline(fetch, len(kept), res, True, schedule, batch_size,
                                        total_steps, labels=labels, **common)
   return InputIterator(ds, len(kept), 3, src, cfg["cache"],
