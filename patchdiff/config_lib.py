@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from patchdiff import patches
+from patchdiff import patches, phema
 from patchdiff.nn import models
 
 # Keys of the model config that fix the shapes of the weights: a checkpoint must agree on them.
@@ -164,6 +164,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.adam_eps = 1e-8
   c.train.ema_mimg = 0.5         # EMA half-life in Mimg
   c.train.ema_rampup = 0.05      # half-life <= ema_rampup * nimg; None disables
+  # Post-hoc EMA (EDM2; patchdiff/posthoc.py): one power-function EMA per relative std is
+  # tracked beside the EMA above, and snapshots of them are kept in WORKDIR/phema every
+  # every_kimg kimg counted and at the end, from which `--mode=phema --ema_std=S` reconstructs
+  # the EMA of any length after training. stds () is off.
+  c.train.phema = ml_collections.ConfigDict()
+  c.train.phema.stds = ()        # relative stds, each in (0, phema.MAX_STD], e.g. (0.05, 0.10)
+  c.train.phema.every_kimg = placeholder(float)  # snapshot interval; needed with stds
   c.train.loss_scaling = "static"  # or "dynamic" (halve on overflow, double after a period)
   c.train.loss_scale = 1.0       # static scale, as the official --ls; dynamic: the initial one
   c.train.loss_scale_period = 2000  # dynamic: finite steps before the scale doubles
@@ -504,6 +511,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
                      "model; measure latent models with --mode=eval and --ref")
   if t.ema_mimg < 0:
     raise ValueError(f"train.ema_mimg={t.ema_mimg} must be >= 0")
+  phema_stds(t, sched)
   vae = cfg.get("vae")
   if vae is not None and vae.path and not cfg.patch.latent:
     raise ValueError(f"vae.path={vae.path!r} is set, but patch.latent is False: a VAE decodes "
@@ -522,6 +530,53 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise ValueError(f"sample.batch_size={s.batch_size} must be >= 1")
   if s.guidance != 1.0 and not m["label_dim"]:
     raise ValueError(f"sample.guidance={s.guidance} needs a conditional model (label_dim > 0)")
+
+
+def phema_stds(tcfg: ml_collections.ConfigDict,
+               schedule: patches.PatchSchedule | None = None) -> tuple[float, ...]:
+  """The relative stds of train.phema (() when off, or for a config that has no train.phema),
+  checked with train.phema.every_kimg: ValueError naming the key and the value. With `schedule`
+  (the run's), a missing every_kimg's message suggests 1/20 of the run's images."""
+  p = tcfg.get("phema")
+  stds = () if p is None else p.get("stds", ())
+  if not isinstance(stds, (tuple, list)) or not all(
+      isinstance(s, (int, float, np.integer, np.floating)) and not isinstance(s, bool)
+      for s in stds):
+    raise ValueError(f"train.phema.stds={stds!r} must be a tuple of numbers, e.g. (0.05, 0.10)")
+  stds = tuple(float(s) for s in stds)
+  if not stds:
+    return ()
+  for s in stds:
+    if not 0 < s <= phema.MAX_STD:
+      raise ValueError(f"train.phema.stds={stds}: {s} is outside (0, {phema.MAX_STD:.4f}] (the "
+                       "relative std of a power-function EMA; EDM2 tracks 0.05 and 0.10)")
+  if len(set(stds)) != len(stds):
+    raise ValueError(f"train.phema.stds={stds}: each std is tracked once, got one twice")
+  every = p.get("every_kimg")
+  if every is None:
+    hint = ""
+    if schedule is not None and tcfg.steps:
+      run_kimg = (schedule.nimg_before([tcfg.steps])[0] - schedule.start_nimg) / 1000
+      hint = f", e.g. {max(round(run_kimg / 20, 3), 0.001):g} (1/20 of the run's {run_kimg:g} kimg)"
+    raise ValueError(f"train.phema.stds={stds} needs train.phema.every_kimg, the interval of "
+                     f"its snapshots in kimg counted{hint}")
+  images = snapshot_images(tcfg)
+  if images is None:
+    raise ValueError(f"train.phema.every_kimg={every!r} must be > 0 and a whole number of "
+                     "images (every_kimg * 1000)")
+  return stds
+
+
+def snapshot_images(tcfg: ml_collections.ConfigDict) -> int | None:
+  """train.phema.every_kimg in images (an integer), or None where it is not a positive whole
+  number of images."""
+  every = tcfg.phema.get("every_kimg")
+  if isinstance(every, bool) or not isinstance(every, (int, float, np.integer, np.floating)):
+    return None
+  images = float(every) * 1000
+  if not images >= 1 or abs(images - round(images)) > 1e-6:
+    return None
+  return int(round(images))
 
 
 def check_compatible(saved: Mapping[str, Any], cfg: ml_collections.ConfigDict, where: str) -> None:
