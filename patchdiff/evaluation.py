@@ -273,14 +273,16 @@ def fid_reference(cfg: ml_collections.ConfigDict, inception_path: str | None, ou
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None,
              seeds: list[int] | None = None, batch: int | None = None,
              inception_path: str | None = None, ref: str | None = None,
-             fid_sets: int = 1, denoiser=None, outdir: str | None = None) -> dict:
+             fid_sets: int = 1, denoiser=None, outdir: str | None = None,
+             fid_ref_path: str | None = None) -> dict:
   """Samples `seeds` from a checkpoint (or `denoiser`, a network read from a file, into `outdir`)
   and reports their multi-scale SWD to the training data, FID (minimum over `fid_sets` seed
   sets) and KID. FID is against the statistics `ref`, by default those of every training image
   (made once, kept as WORKDIR/fid_ref.npz); the Inception weights are `inception_path`, by
   default the installed ones; without weights, SWD only. A config without training data
   (`data.source='none'`, derived from a network file) is measured by FID against `ref` only.
-  Writes eval.json next to the samples."""
+  `fid_ref_path` moves the kept statistics of the training images elsewhere than the workdir
+  (a reconstructed post-hoc EMA shares its run's). Writes eval.json next to the samples."""
   if fid_sets < 1:
     raise UsageError(f"--fid_sets={fid_sets} must be >= 1")
   latent = bool(cfg.patch.latent)
@@ -312,7 +314,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = No
                                              min_resolution=min(16, images.shape[1])))
   if model is not None:
     if ref_stats is None:
-      ref_stats = reference_statistics(cfg, model, os.path.join(workdir, "fid_ref.npz"))
+      ref_stats = reference_statistics(cfg, model,
+                                       fid_ref_path or os.path.join(workdir, "fid_ref.npz"))
     ref_feats = None if latent or no_data else inception.features(model, reference)
     fids, kids = [], []
     for k in range(fid_sets):

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from patchdiff import (checkpoint, config_lib, data, evaluation, generate, images_io, metrics,
-                       patches, pretrained, sharding, train_step, xla_options)
+                       patches, phema, posthoc, pretrained, sharding, train_step, xla_options)
 from patchdiff.nn import models
 
 # ---------------------------------------------------------------------------------------------
@@ -44,6 +44,9 @@ class Run:
     self.cfg = cfg
     self.model_cfg = models.resolve(cfg.model)
     self.schedule = config_lib.patch_schedule(cfg)
+    # Post-hoc EMA (train.phema): the relative stds tracked and their exponents.
+    self.phema_stds = config_lib.phema_stds(cfg.train)
+    self.phema_gammas = np.asarray([phema.exponent(s) for s in self.phema_stds], np.float64)
     self.mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_batch(cfg.train.batch_size, self.mesh, jax.process_count(),
                          "train.batch_size")
@@ -70,7 +73,7 @@ class Run:
     if weights:
       variables = models.set_variables(self._init_graphdef, variables, weights)
     return train_step.init_train_state(self._init_graphdef, variables, self.optimizer,
-                                      self.cfg.train.loss_scale)
+                                      self.cfg.train.loss_scale, len(self.phema_stds))
 
   def init_state(self, weights: dict[str, np.ndarray] | None = None):
     """A freshly initialised training state, laid out on the mesh. `weights` ({official tensor
@@ -126,13 +129,24 @@ class Run:
     return train_step.make_grad_step(self.graphdef, self.cfg.train, self.cfg.seed,
                                      rounds=rounds, shards=n, mesh=local)
 
-  def hyper(self, step: int, size: int) -> jax.Array:
-    """[lr, ema_beta] of step `step` (`size` px), computed on the host in float64 from the
-    exact image count (`train_step.step_hyperparameters`) and replicated on the mesh as
-    float32: the update program's per-step input."""
+  def hyper_values(self, step: int, size: int) -> np.ndarray:
+    """[lr, ema_beta, then a beta per post-hoc EMA] of step `step` (`size` px), in float64 from
+    the exact image count: lr and ema_beta as `train_step.step_hyperparameters`, the post-hoc
+    betas `phema.beta(gamma, nimg after the step, the step's images)`, with nimg counting
+    train.start_kimg too (the EMAs start as the first parameters, standing for the trajectory
+    before; with start_kimg 0 the first step's betas are 0)."""
     lr, beta = train_step.step_hyperparameters(self.cfg.train, self.schedule, self.nimg(step),
                                                size)
-    values = np.asarray([lr, beta], np.float32)
+    values = [lr, beta]
+    if self.phema_stds:
+      after, images = self.nimg(step + 1), self.schedule.step_images(size)
+      values += np.atleast_1d(phema.beta(self.phema_gammas, after, images)).tolist()
+    return np.asarray(values, np.float64)
+
+  def hyper(self, step: int, size: int) -> jax.Array:
+    """`hyper_values` as float32, replicated on the mesh: the update program's per-step input
+    ([lr, ema_beta] and the post-hoc betas; its shape is fixed for the run)."""
+    values = self.hyper_values(step, size).astype(np.float32)
     return jax.make_array_from_callback(values.shape, self.replicated, lambda index: values[index])
 
   def trace_grad(self, size: int):
@@ -148,7 +162,8 @@ class Run:
     jitted = self.jit(train_step.make_apply_step(self.optimizer, self.cfg.train),
                       donate_argnums=0, out_shardings=(self.state_shardings, self.replicated))
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=self.replicated)
-    hyper = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=self.replicated)
+    hyper = jax.ShapeDtypeStruct((2 + len(self.phema_stds),), jnp.float32,
+                                 sharding=self.replicated)
     return jitted.trace(self.abstract_state, self.abstract_state["params"], scalar, hyper)
 
   def bind_step(self, size: int, grad, apply) -> "Step":
@@ -324,8 +339,21 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   mgr = checkpoint.manager(workdir, max_to_keep=tcfg.keep_checkpoints)
   start = mgr.latest_step()
   if start is not None:
-    config_lib.check_compatible(checkpoint.restore_config(mgr, start), cfg,
-                                where=f"{mgr.directory}/{start}")
+    saved_cfg = checkpoint.restore_config(mgr, start)
+    config_lib.check_compatible(saved_cfg, cfg, where=f"{mgr.directory}/{start}")
+    saved_stds = config_lib.phema_stds(ml_collections.ConfigDict(saved_cfg).train)
+    if saved_stds != run.phema_stds:
+      raise ValueError(f"checkpoint {mgr.directory}/{start} was written with train.phema.stds="
+                       f"{saved_stds}, the config has {run.phema_stds}: a run tracks the same "
+                       "post-hoc EMAs from its first step to its last (start a new workdir, or "
+                       "set them back)")
+  # Post-hoc EMA snapshots (train.phema): WORKDIR/phema, every `every` images counted.
+  snapshots, every = None, None
+  if run.phema_stds:
+    every = config_lib.snapshot_images(tcfg)
+    snapshots = posthoc.Snapshots(workdir, create=True)
+    logging.info("post-hoc EMA: stds %s tracked, snapshots every %d images counted and at the "
+                 "end in %s", run.phema_stds, every, snapshots.directory)
   init_weights = None  # train.init_from: read and checked here, before anything is compiled
   if tcfg.get("init_from") and start is None:
     init_weights = pretrained.load(tcfg.init_from, cfg)
@@ -416,13 +444,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       if done % tcfg.log_every == 0 or done == tcfg.steps:
         last = _log(run, writer, pending, done, first, t_log, t_loop, mgr, clock)
         pending, t_log = [], time.perf_counter()
+      if snapshots is not None and (done == tcfg.steps or posthoc.snapshot_due(
+          run.nimg(done - 1), run.nimg(done), every)):
+        snapshots.save(done, run.nimg(done), state, run.phema_stds, cfg)
       if watch.should_stop(done):
-        _save(mgr, done, run, state, clock())
+        _save(mgr, done, run, state, clock(), snapshots)
         logging.warning("stopped at step %d on a preemption notice; the checkpoint is saved, "
                         "run the same command again to resume", done)
         break
       if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
-        _save(mgr, done, run, state, clock())
+        _save(mgr, done, run, state, clock(), snapshots)
       # Sample grids need every host's devices; sharded multi-host sampling is still to come.
       want_grid = jax.process_count() == 1 and cfg.sample.grid_size and show_samples and (
           (tcfg.sample_every and done % tcfg.sample_every == 0) or done == tcfg.steps)
@@ -451,6 +482,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
         t_log += time.perf_counter() - t_pause  # the interval's rates are of steps only
   finally:
     watch.close()
+    if snapshots is not None:
+      snapshots.close()
     mgr.wait_until_finished()
     mgr.close()
     writer.flush()
@@ -525,7 +558,12 @@ def _log(run: Run, writer, pending, done: int, first: int, t_log: float, t_loop:
   return out
 
 
-def _save(mgr, step: int, run: Run, state, train_seconds: float) -> None:
+def _save(mgr, step: int, run: Run, state, train_seconds: float,
+          snapshots: posthoc.Snapshots | None = None) -> None:
+  """Saves the training checkpoint of `step`, once the post-hoc EMA snapshot being written (if
+  any) is complete: a checkpoint is never ahead of a snapshot that a kill could still lose."""
+  if snapshots is not None:
+    snapshots.wait()
   checkpoint.save_state(mgr, step, run.cfg, state, progress=dict(
       step=step, nimg=run.nimg(step), data_position=step, train_seconds=train_seconds,
       process_count=jax.process_count(), mesh=dict(run.mesh.shape)))

@@ -10,7 +10,9 @@ functions.
 
 The state is one dict of arrays. `init_train_state` defines its keys and the step returns the
 same dict, so the keys are written here only; `patchdiff.checkpoint` stores the EMA weights and
-buffers as the `ema` item (enough to sample) and every other key as the `train` item.
+buffers as the `ema` item (enough to sample) and every other key as the `train` item. With
+post-hoc EMA (train.phema.stds) the state holds `phema`, a list of power-function EMAs of the
+parameters (`patchdiff.phema`), one per std, each moved by its own beta of `hyper`.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
+from patchdiff import phema
 from patchdiff.nn import edm
 
 
@@ -62,15 +65,21 @@ def sanitize_grads(grads):
                                 grads)
 
 
-def init_train_state(graphdef, variables, optimizer, loss_scale: float = 1.0) -> dict[str, Any]:
+def init_train_state(graphdef, variables, optimizer, loss_scale: float = 1.0,
+                     phema_count: int = 0) -> dict[str, Any]:
+  """The training state of fresh `variables`: the EMA (and, with `phema_count` > 0, as many
+  post-hoc EMAs under `phema`) start as copies of the parameters."""
   model = nnx.merge(graphdef, variables)
   _, params, buffers = nnx.split(model, nnx.Param, ...)
-  return dict(params=params, buffers=buffers, ema=jax.tree_util.tree_map(jnp.copy, params),
-              opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
-              loss_scale=jnp.asarray(loss_scale, jnp.float32),
-              good_steps=jnp.zeros((), jnp.int32),      # finite steps since the scale changed
-              nonfinite_streak=jnp.zeros((), jnp.int32),  # consecutive non-finite losses
-              nonfinite_total=jnp.zeros((), jnp.int32))
+  state = dict(params=params, buffers=buffers, ema=jax.tree_util.tree_map(jnp.copy, params),
+               opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
+               loss_scale=jnp.asarray(loss_scale, jnp.float32),
+               good_steps=jnp.zeros((), jnp.int32),      # finite steps since the scale changed
+               nonfinite_streak=jnp.zeros((), jnp.int32),  # consecutive non-finite losses
+               nonfinite_total=jnp.zeros((), jnp.int32))
+  if phema_count:
+    state["phema"] = [jax.tree_util.tree_map(jnp.copy, params) for _ in range(phema_count)]
+  return state
 
 
 def _all_finite(tree):
@@ -203,7 +212,10 @@ def make_apply_step(optimizer, tcfg: ml_collections.ConfigDict) -> Callable:
   is the same for every bucket, so one program serves them all.
 
   `hyper` = [lr, ema_beta] (float32) of this step, computed on the host from the exact image
-  count (`step_hyperparameters`), as the official loop computes them in Python.
+  count (`step_hyperparameters`), as the official loop computes them in Python; with post-hoc
+  EMAs in the state (`state["phema"]`, k of them) it is followed by their k betas
+  (`patchdiff.phema.beta`), and each EMA moves to beta * phema + (1 - beta) * params with the
+  step's final params (a skipped step's are the old ones: the trajectory holds still).
 
   The gradients arrive multiplied by `state["loss_scale"]`. Static scaling hands them to Adam
   so, as the official loop does (its --ls; Adam's eps then meets the scaled gradient), after
@@ -215,6 +227,10 @@ def make_apply_step(optimizer, tcfg: ml_collections.ConfigDict) -> Callable:
   dynamic = tcfg.loss_scaling == "dynamic"
 
   def apply_step(state, grads, loss, hyper):
+    tracked = len(state.get("phema", ()))
+    if hyper.shape != (2 + tracked,):
+      raise ValueError(f"hyper has shape {hyper.shape}, the step needs ({2 + tracked},): "
+                       f"[lr, ema_beta] and a beta per post-hoc EMA ({tracked} in the state)")
     lr, beta = hyper[0], hyper[1]
     scale = state["loss_scale"]
     if dynamic:
@@ -235,6 +251,9 @@ def make_apply_step(optimizer, tcfg: ml_collections.ConfigDict) -> Callable:
       scale = jnp.where(grads_finite, jnp.where(grow, scale * 2, scale),
                         jnp.maximum(scale / 2, 1.0))
       good_steps = jnp.where(grads_finite & ~grow, good_steps + 1, 0)
+    if tracked:
+      new["phema"] = [phema.update(e, new["params"], hyper[2 + i])
+                      for i, e in enumerate(state["phema"])]
     loss_finite = jnp.isfinite(loss)
     streak = jnp.where(loss_finite, 0, state["nonfinite_streak"] + 1)
     new_state = dict(state, **new, step=state["step"] + 1, loss_scale=scale,
