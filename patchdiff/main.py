@@ -5,6 +5,8 @@ an official network snapshot.
   python -m patchdiff.main --workdir=runs/demo --mode=sample       # the checkpoint's own config
   python -m patchdiff.main --mode=sample --network=network-snapshot-200000.pkl --seeds=0-63 \
       --outdir=out                                                 # the config from the snapshot
+  python -m patchdiff.main --workdir=runs/demo --mode=phema --ema_std=0.05,0.08  # post-hoc EMA
+  python -m patchdiff.main --workdir=runs/demo --mode=eval --ema_std=0.03,0.05,0.08,0.12
 Any config value can be overridden: --config.train.steps=50.
 """
 from __future__ import annotations
@@ -19,12 +21,19 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "fid_ref"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "fid_ref", "phema"],
                           "train; sample from a checkpoint; eval: sample --seeds and measure them "
                           "(multi-scale SWD against as many training images; FID and KID with "
                           "--inception and --ref); fid_ref: Inception statistics of the whole "
-                          "training set into --ref")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step to sample from (default: latest)")
+                          "training set into --ref; phema: reconstruct the post-hoc EMA of each "
+                          "--ema_std from the run's snapshots (see patchdiff/posthoc.py)")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step to sample from (default: latest); "
+                             "with --ema_std, the snapshot step the EMA is reconstructed at")
+_EMA_STD = flags.DEFINE_string("ema_std", None, "phema/sample/eval: post-hoc EMA lengths as "
+                               "relative stds, e.g. 0.05,0.08 (sample: one), reconstructed from "
+                               "the snapshots of a run trained with train.phema.stds (where not "
+                               "done yet) into WORKDIR/phema_ema/std_S; eval reports FID per "
+                               "length, and a plot")
 _SEEDS = flags.DEFINE_string("seeds", None, "sample: seeds such as 0-49999 or 0,3,10-19 (default: "
                              "config.sample.seed .. + config.sample.num_images - 1)")
 _BATCH = flags.DEFINE_integer("batch", None, "sample: global batch (default config.sample.batch_size)")
@@ -100,6 +109,18 @@ class _QuietLibraries(pylogging.Filter):
 def check_flags() -> None:
   """The flags that go together for the mode, checked before anything is read or compiled."""
   mode = _MODE.value
+  if _EMA_STD.value is not None:
+    if mode in ("train", "fid_ref"):
+      raise app.UsageError(f"--ema_std is a phema/sample/eval flag, not one of --mode={mode}")
+    if _NETWORK.value:
+      raise app.UsageError("--ema_std reconstructs from a workdir's post-hoc EMA snapshots: "
+                           "it does not go with --network")
+    stds = ema_stds()
+    if mode == "sample" and len(stds) != 1:
+      raise app.UsageError(f"--mode=sample takes one --ema_std, got {_EMA_STD.value}")
+  if mode == "phema" and (not _WORKDIR.value or _EMA_STD.value is None):
+    raise app.UsageError("--mode=phema needs --workdir (a run trained with train.phema.stds) and "
+                         "--ema_std (the lengths to reconstruct, e.g. 0.05,0.08)")
   if mode in ("train", "fid_ref") and _CONFIG.value is None:
     raise app.UsageError(f"--mode={mode} needs --config")
   if mode == "train" and not _WORKDIR.value:
@@ -120,6 +141,17 @@ def check_flags() -> None:
                          "official network-snapshot .pkl)")
   elif _VAE.value:
     raise app.UsageError("--vae goes with --network; a workdir's VAE is --config.vae.path")
+
+
+def ema_stds() -> tuple[float, ...]:
+  """--ema_std parsed (() without it); a bad value is a UsageError naming it."""
+  if _EMA_STD.value is None:
+    return ()
+  from patchdiff import posthoc  # pylint: disable=import-outside-toplevel
+  try:
+    return posthoc.parse_stds(_EMA_STD.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
 
 
 def sample_config(cfg):
@@ -149,8 +181,9 @@ def main(argv):
     train.train_and_evaluate(cfg, workdir)
     return
   # pylint: disable-next=import-outside-toplevel
-  from patchdiff import checkpoint, evaluation, generate, pretrained
+  from patchdiff import checkpoint, evaluation, generate, posthoc, pretrained
   denoiser = None
+  stds = ema_stds()
   try:
     seeds = None if _SEEDS.value is None else generate.parse_seeds(_SEEDS.value)
     if _NETWORK.value:
@@ -159,6 +192,8 @@ def main(argv):
       except (OSError, ValueError) as e:
         raise app.UsageError(str(e)) from None
       logging.info("the config derived from %s:\n%s", _NETWORK.value, cfg)
+    elif cfg is None and stds:  # --step is a snapshot's: the config of the run's snapshots
+      cfg = posthoc.stored_config(workdir)
     elif cfg is None and _MODE.value != "fid_ref":
       cfg = checkpoint.stored_config(workdir, _STEP.value)
     if _MODE.value != "fid_ref":
@@ -166,6 +201,21 @@ def main(argv):
     if _MODE.value == "fid_ref":
       out = evaluation.fid_reference(cfg, _INCEPTION.value, _REF.value)
       print(f"reference statistics written to {out}")
+    elif _MODE.value == "phema":
+      for rec in posthoc.reconstruct(cfg, workdir, stds, _STEP.value):
+        print(f"EMA std {rec['std']:.4f} at step {rec['step']} ({rec['nimg'] / 1000:g} kimg): "
+              f"relative residual {rec['residual']:.3g} from {len(rec['snapshots'])} snapshot "
+              f"EMAs -> {rec['dir']}")
+    elif _MODE.value == "eval" and stds:
+      table = posthoc.evaluate(cfg, workdir, stds, _STEP.value, seeds=seeds, batch=_BATCH.value,
+                               inception_path=_INCEPTION.value, ref=_REF.value,
+                               fid_sets=_FID_SETS.value, outdir=_OUTDIR.value)
+      for row in table["rows"]:
+        print(f"EMA std {row['std']:.4f} (residual {row['residual']:.3g}): "
+              + (f"FID {row['fid']:.3f}, " if "fid" in row else "")
+              + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith("swd")))
+      print(f"best {table['metric']}: EMA std {table['best_std']:.4f}; table {table['json']}, "
+            f"plot {table['plot']}")
     elif _MODE.value == "eval":
       result = evaluation.evaluate(cfg, workdir, _STEP.value, seeds=seeds, batch=_BATCH.value,
                                    inception_path=_INCEPTION.value, ref=_REF.value,
@@ -178,8 +228,12 @@ def main(argv):
               f"{', '.join(f'{v:.3f}' for v in result['fid_sets'])})"
               + (f", KID {result['kid']:.5f}" if "kid" in result else ""))
     else:
+      step = _STEP.value
+      if stds:  # the reconstructed EMA's own weights-only workdir
+        [rec] = posthoc.reconstruct(cfg, workdir, stds, step)
+        workdir, step = rec["dir"], rec["step"]
       outdir, _ = evaluation.sample_from_checkpoint(
-          cfg, workdir, _STEP.value, seeds=seeds, batch=_BATCH.value, class_idx=_CLASS.value,
+          cfg, workdir, step, seeds=seeds, batch=_BATCH.value, class_idx=_CLASS.value,
           fmt=_FORMAT.value, outdir=_OUTDIR.value, canvas=_CANVAS.value,
           outpaint=_OUTPAINT.value, inpaint=_INPAINT.value, mask=_MASK.value, denoiser=denoiser)
       print(f"samples written to {outdir}")
