@@ -221,8 +221,9 @@ def main(argv):
                                    inception_path=_INCEPTION.value, ref=_REF.value,
                                    fid_sets=_FID_SETS.value, denoiser=denoiser,
                                    outdir=_OUTDIR.value)
-      print("SWD x1e3 (lower is better): " + ", ".join(
-          f"{k} {v:.2f}" for k, v in result.items() if k.startswith("swd")))
+      swd = [f"{k} {v:.2f}" for k, v in result.items() if k.startswith("swd")]
+      if swd:  # none for a model without training images (latent, or a network file)
+        print("SWD x1e3 (lower is better): " + ", ".join(swd))
       if "fid" in result:
         print(f"FID {result['fid']:.3f} (min over {len(result['fid_sets'])} seed sets: "
               f"{', '.join(f'{v:.3f}' for v in result['fid_sets'])})"

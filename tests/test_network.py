@@ -129,7 +129,8 @@ def test_a_state_dict_as_network_asks_for_convert_and_a_config(reference, tmp_pa
              f"--outdir={tmp_path}")
 
 
-def test_eval_of_a_snapshot_scores_its_samples_against_ref(reference, tmp_path, monkeypatch):
+def test_eval_of_a_snapshot_scores_its_samples_against_ref(reference, tmp_path, monkeypatch,
+                                                          capsys):
   """The plumbing of `--mode=eval --network`: the Inception is a stub (the real one has its own
   tests), so FID here is the Frechet distance of pixel features; there is no SWD (no data)."""
   from patchdiff import evaluation  # pylint: disable=import-outside-toplevel
@@ -145,6 +146,8 @@ def test_eval_of_a_snapshot_scores_its_samples_against_ref(reference, tmp_path, 
   ref = str(tmp_path / "ref.npz")
   metrics.save_statistics(ref, np.zeros(2048), np.eye(2048), resolution=16)
   run_main("--mode=eval", f"--network={path}", f"--outdir={out}", f"--ref={ref}", *SAMPLE)
+  printed = capsys.readouterr().out
+  assert "FID " in printed and "SWD" not in printed
   with open(out / "eval.json", encoding="utf-8") as f:
     result = json.load(f)
   with np.load(out / "samples.npz") as f:
