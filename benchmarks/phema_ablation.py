@@ -85,6 +85,11 @@ def train_all(args) -> None:
     core = free.get()
     t0 = time.time()
     try:
+      while subprocess.run(["pgrep", "-f", f"workdir={workdir}( |$)"],
+                           capture_output=True, check=False).returncode == 0:
+        time.sleep(30)  # a training of this run started by an earlier command is still going
+      if os.path.isdir(os.path.join(workdir, "checkpoints", str(steps))):
+        open(os.path.join(workdir, "phema_done"), "w", encoding="utf-8").close()
       if not os.path.isfile(os.path.join(workdir, "phema_done")):
         run(main + [f"--config={CONFIG}:{arg}", f"--workdir={workdir}",
                     f"--config.train.steps={steps}", f"--config.train.checkpoint_every={steps}",
@@ -174,7 +179,7 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="runs/phema_ablation", help="folder of the runs")
   parser.add_argument("--cores", default="0,1", help="CPU cores, one run on each at a time")
-  parser.add_argument("--lengths", default="0.02,0.035,0.05,0.08,0.12",
+  parser.add_argument("--lengths", default="0.02,0.04,0.07,0.12",
                       help="candidate EMA lengths (relative stds), the same for every run")
   parser.add_argument("--samples", type=int, default=500, help="samples per FID")
   parser.add_argument("--report", default=None, help="write the table, plot and grids here")
