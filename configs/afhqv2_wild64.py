@@ -13,11 +13,11 @@ EDM's --xflip).
 
   python -m patchdiff.main --config=configs/afhqv2_wild64.py --workdir=runs/afhqv2_wild64 \
       --config.data.path=datasets/afhqv2-wild-64x64.zip
-Arguments (config_lib.VARIANT_HELP): `:smoke` (a few CPU steps on synthetic data), `:p=F` (the
+Arguments (presets.VARIANT_HELP): `:smoke` (a few CPU steps on synthetic data), `:p=F` (the
 full-image ratio ablation), `:schedule=progressive`, `:edm` (the EDM baseline, p=1), combined with
 commas, e.g. `--config=configs/afhqv2_wild64.py:p=0.25`.
 """
-from patchdiff import config_lib
+from patchdiff import config_lib, presets
 
 
 def get_config(arg=None):
@@ -27,4 +27,4 @@ def get_config(arg=None):
   c.model.dropout = 0.25
   c.train.duration_mimg = 75.0  # 154,321 steps at p=0.5 (int(256 x 1.9) = 486 images per step)
   c.train.ema_mimg = 0.5
-  return config_lib.apply_args(c, arg)
+  return presets.apply_args(c, arg)

@@ -12,9 +12,9 @@ and other contributors).
   python -m patchdiff.main --config=configs/demo.py --workdir=runs/demo --mode=eval --seeds=0-499
 
 Arguments: `all` trains on all 4,009 Twemoji images instead of one category (the ablations'
-data), combined with config_lib's (`p=F`, `edm`, `schedule=S`, `smoke`), e.g. `:p=0.5,all`.
+data), combined with presets' (`p=F`, `edm`, `schedule=S`, `smoke`), e.g. `:p=0.5,all`.
 """
-from patchdiff import config_lib
+from patchdiff import config_lib, presets
 
 
 def get_config(arg=None):
@@ -58,4 +58,4 @@ def get_config(arg=None):
   if "all" in tokens:  # every Twemoji image, not one category (the ablations' data)
     tokens.remove("all")
     c.data.twemoji_category = None
-  return config_lib.apply_args(c, ",".join(tokens))
+  return presets.apply_args(c, ",".join(tokens))

@@ -12,11 +12,11 @@ cannot be restored. Paper FID 3.11; EDM 2.60. Data: the zip of EDM's dataset_too
 
   python -m patchdiff.main --config=configs/ffhq64.py --workdir=runs/ffhq64 \
       --config.data.path=datasets/ffhq-64x64.zip
-Arguments (config_lib.VARIANT_HELP): `:smoke` (a few CPU steps on synthetic data), `:p=F` (the
+Arguments (presets.VARIANT_HELP): `:smoke` (a few CPU steps on synthetic data), `:p=F` (the
 full-image ratio ablation), `:schedule=progressive`, `:edm` (the EDM baseline, p=1), combined with
 commas, e.g. `--config=configs/ffhq64.py:p=0.25`.
 """
-from patchdiff import config_lib
+from patchdiff import config_lib, presets
 
 
 def get_config(arg=None):
@@ -26,4 +26,4 @@ def get_config(arg=None):
   c.model.dropout = 0.05
   c.train.duration_mimg = 200.0  # 411,523 steps at p=0.5 (int(256 x 1.9) = 486 images per step)
   c.train.ema_mimg = 0.5
-  return config_lib.apply_args(c, arg)
+  return presets.apply_args(c, arg)

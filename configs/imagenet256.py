@@ -28,11 +28,11 @@ with its dataset.json labels, encoded with sd-vae-ft-ema.
       --out=datasets/imagenet256-latents --labels
   python -m patchdiff.main --config=configs/imagenet256.py --workdir=runs/imagenet256 \
       --config.data.path=datasets/imagenet256-latents --config.vae.path=sd-vae-ft-ema
-Arguments: `:label_dropout=F` (above), and config_lib.VARIANT_HELP's: `:smoke` (a few CPU steps on
+Arguments: `:label_dropout=F` (above), and presets.VARIANT_HELP's: `:smoke` (a few CPU steps on
 synthetic latents), `:p=F`, `:schedule=progressive`, `:edm` (p=1: full 32x32 latents only),
 combined with commas, e.g. `--config=configs/imagenet256.py:label_dropout=0.1,p=0.25`.
 """
-from patchdiff import config_lib
+from patchdiff import config_lib, presets
 
 
 def _label_dropout(token, value):
@@ -62,4 +62,4 @@ def get_config(arg=None):
       c.model.label_dropout = _label_dropout(token, value)
     else:
       rest.append(token)
-  return config_lib.apply_args(c, ",".join(rest))
+  return presets.apply_args(c, ",".join(rest))

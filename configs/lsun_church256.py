@@ -16,10 +16,10 @@ FID 2.66. Latents are precomputed with sd-vae-ft-ema; sampling decodes to pixels
       --out=datasets/lsun_church256-latents
   python -m patchdiff.main --config=configs/lsun_church256.py --workdir=runs/lsun_church256 \
       --config.data.path=datasets/lsun_church256-latents --config.vae.path=sd-vae-ft-ema
-Arguments (config_lib.VARIANT_HELP): `:smoke` (a few CPU steps on synthetic latents), `:p=F`,
+Arguments (presets.VARIANT_HELP): `:smoke` (a few CPU steps on synthetic latents), `:p=F`,
 `:schedule=progressive`, `:edm` (p=1: full 32x32 latents only), combined with commas.
 """
-from patchdiff import config_lib
+from patchdiff import config_lib, presets
 
 
 def get_config(arg=None):
@@ -27,4 +27,4 @@ def get_config(arg=None):
   c.train.batch_size = 1024
   # 130,209 steps at p=0.5 (1024 x 1.5 = 1,536 images per step)
   c.train.duration_mimg = 200.0
-  return config_lib.apply_args(c, arg)
+  return presets.apply_args(c, arg)

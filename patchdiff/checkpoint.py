@@ -7,21 +7,27 @@ seen, data position, the layout that wrote it). Converted official weights carry
 `config` only. Arrays are restored into the caller's shardings, so a checkpoint written on one
 mesh restores on any other. A save runs in the background and appears under its final name only
 once complete: a process killed mid-save leaves the previous step as the latest.
+`check_compatible` refuses a checkpoint (or post-hoc EMA snapshot) whose model config builds
+weights of other shapes than the config's (the model keys of SHAPE_KEYS).
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from patchdiff import config_lib
 from patchdiff.nn import models
 
 CHECKPOINT_DIR = "checkpoints"
+# Keys of the model config that fix the shapes of the weights: a checkpoint must agree on them.
+SHAPE_KEYS = ("arch", "img_resolution", "img_channels", "out_channels", "label_dim", "augment_dim",
+              "model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
+              "attn_resolutions", "embedding_type", "channel_mult_noise", "encoder_type",
+              "decoder_type")
 
 
 def manager(workdir: str, max_to_keep: int | None = 3, async_save: bool = True,
@@ -132,7 +138,7 @@ def load_ema(workdir: str, cfg: ml_collections.ConfigDict, step: int | None = No
   mgr = manager(workdir, create=False)
   try:
     step = check_step(mgr, step)
-    config_lib.check_compatible(restore_config(mgr, step), cfg, where=f"{mgr.directory}/{step}")
+    check_compatible(restore_config(mgr, step), cfg, where=f"{mgr.directory}/{step}")
     graphdef, params, buffers = nnx.split(models.abstract_denoiser(cfg.model), nnx.Param, ...)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = _abstract(_ema_item(params, buffers), sharding)
@@ -140,3 +146,27 @@ def load_ema(workdir: str, cfg: ml_collections.ConfigDict, step: int | None = No
   finally:
     mgr.close()
   return nnx.merge(graphdef, ema["params"], ema["buffers"]), step
+
+
+def check_compatible(saved: Mapping[str, Any], cfg: ml_collections.ConfigDict, where: str) -> None:
+  """A checkpoint's config must build weights of the same shapes as `cfg`."""
+  try:
+    old = models.resolve(saved["model"])
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"checkpoint {where} has an unreadable model config: {e}") from None
+  diffs = model_differences(old, cfg.model)
+  if diffs:
+    raise ValueError(f"checkpoint {where} was written by an incompatible model config:\n  "
+                     + "\n  ".join(diffs))
+
+
+def model_differences(saved_model: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> list[str]:
+  """`model.KEY: checkpoint A vs config B` for each of SHAPE_KEYS on which a checkpoint's model
+  config and `model_cfg` differ."""
+  old, new = models.resolve(saved_model), models.resolve(model_cfg)
+  return [f"model.{k}: checkpoint {old.get(k)!r} vs config {new.get(k)!r}"
+          for k in SHAPE_KEYS if _norm(old.get(k)) != _norm(new.get(k))]
+
+
+def _norm(v):
+  return tuple(v) if isinstance(v, (list, tuple)) else v

@@ -1,6 +1,11 @@
-"""Experiment-config helpers: defaults shared by every config, validation, and derived objects.
+"""The experiment config: its schema (`base_config`, every key with its default), its
+validation (`validate`, `data_config`), and the values derived from it (`finalize`,
+`patch_schedule`).
 
 A config is checked here before anything is compiled; every error names the key and the value.
+The paper's presets and config-file variants are `patchdiff.presets`, the gradient-accumulation
+arithmetic `patchdiff.accumulation`, the checkpoint compatibility check `patchdiff.checkpoint`;
+the names they had here are kept below.
 """
 from __future__ import annotations
 
@@ -10,14 +15,13 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from patchdiff import patches, phema
+from patchdiff import accumulation, checkpoint, patches, phema, presets
 from patchdiff.nn import models
 
-# Keys of the model config that fix the shapes of the weights: a checkpoint must agree on them.
-SHAPE_KEYS = ("arch", "img_resolution", "img_channels", "out_channels", "label_dim", "augment_dim",
-              "model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
-              "attn_resolutions", "embedding_type", "channel_mult_noise", "encoder_type",
-              "decoder_type")
+# Re-exports of names that moved: configs and users' code call them as config_lib.NAME.
+VARIANT_HELP, apply_args = presets.VARIANT_HELP, presets.apply_args
+SHAPE_KEYS, check_compatible, model_differences = (
+    checkpoint.SHAPE_KEYS, checkpoint.check_compatible, checkpoint.model_differences)
 
 
 # "none": no training data, the config of a network read from a file (`pretrained.network_config`).
@@ -29,31 +33,37 @@ LATENT_LAYOUTS = ("NCHW", "NHWC")
 TWEMOJI_CATEGORIES = ("Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink",
                       "Travel & Places", "Activities", "Objects", "Symbols", "Flags", "Component")
 
-# The data section (`cfg.data`, read by `patchdiff.data.build_input`): every key and its default.
-DATA_DEFAULTS: dict[str, Any] = dict(
-    source="twemoji",      # one of DATA_SOURCES (see patchdiff/data/__init__.py)
-    path=None,             # folder / dataset_tool zip / latents (.npy, .npz, shards) / TFDS dir
-    resolution=32,         # R: images are centre-cropped and resized to R x R
-    hflip=False,           # random horizontal flips (per sample, from (seed, k))
-    limit=None,            # use only the first `limit` examples (in source order)
-    twemoji_category=None,  # twemoji: one of TWEMOJI_CATEGORIES, e.g. "Smileys & Emotion"
-    twemoji_subset_seed=None,  # twemoji: `limit` images drawn at random with this seed
-    cache=True,            # decode once into memory (True) or decode per step from the bytes
-    labels=False,          # use class labels (needs model.label_dim > 0)
-    skip_corrupt=True,     # skip + log unreadable images (True) or fail on the first (False)
-    cache_dir=None,        # Twemoji .npz cache folder (default $PATCHDIFF_CACHE or ~/.cache)
-    tfds_name=None,        # TFDS dataset name, e.g. "cifar10" (or None with `path`)
-    tfds_split="train",
-    tfds_data_dir=None,
-    tfds_download=False,   # allow TFDS to download and prepare
-    tfds_image_key="image",
-    tfds_label_key="label",
-    latent_layout="NCHW",  # layout of latent arrays: (N, C, R, R) "NCHW" or (N, R, R, C) "NHWC"
-    latent_scale=None,     # latents: the VAE scale factor the file must have been written with
-)
-# The type of each key that defaults to None (what a command-line override is parsed as).
-_DATA_NONE_TYPES = dict(path=str, limit=int, twemoji_category=str, twemoji_subset_seed=int,
-                        cache_dir=str, tfds_name=str, tfds_data_dir=str, latent_scale=float)
+
+def data_section() -> ml_collections.ConfigDict:
+  """The data section (`cfg.data`, read by `patchdiff.data.build_input`): every key with its
+  default. A key that defaults to None is a placeholder of its type: a command-line override is
+  parsed as that type, and an assignment of another type is refused."""
+  placeholder = ml_collections.config_dict.placeholder
+  return ml_collections.ConfigDict(dict(
+      source="twemoji",      # one of DATA_SOURCES (see patchdiff/data/__init__.py)
+      path=placeholder(str),  # folder / dataset_tool zip / latents (.npy, .npz, shards) / TFDS dir
+      resolution=32,         # R: images are centre-cropped and resized to R x R
+      hflip=False,           # random horizontal flips (per sample, from (seed, k))
+      limit=placeholder(int),  # use only the first `limit` examples (in source order)
+      twemoji_category=placeholder(str),  # twemoji: one of TWEMOJI_CATEGORIES
+      twemoji_subset_seed=placeholder(int),  # twemoji: `limit` images drawn at random
+      cache=True,            # decode once into memory (True) or decode per step from the bytes
+      labels=False,          # use class labels (needs model.label_dim > 0)
+      skip_corrupt=True,     # skip + log unreadable images (True) or fail on the first (False)
+      cache_dir=placeholder(str),  # Twemoji .npz cache (default $PATCHDIFF_CACHE or ~/.cache)
+      tfds_name=placeholder(str),  # TFDS dataset name, e.g. "cifar10" (or None with `path`)
+      tfds_split="train",
+      tfds_data_dir=placeholder(str),
+      tfds_download=False,   # allow TFDS to download and prepare
+      tfds_image_key="image",
+      tfds_label_key="label",
+      latent_layout="NCHW",  # layout of latent arrays: (N, C, R, R) "NCHW" or (N, R, R, C) "NHWC"
+      latent_scale=placeholder(float),  # latents: the VAE scale factor of the file
+  ))
+
+
+# Every key of the data section and its default (None for the placeholders).
+DATA_DEFAULTS: dict[str, Any] = data_section().to_dict()
 
 
 def data_config(data_cfg, label_dim: int = 0) -> dict[str, Any]:
@@ -120,8 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   placeholder = ml_collections.config_dict.placeholder
-  c.data = ml_collections.ConfigDict({k: placeholder(_DATA_NONE_TYPES[k]) if v is None else v
-                                      for k, v in DATA_DEFAULTS.items()})
+  c.data = data_section()
 
   # Latent models: the autoencoder that maps samples back to pixels (patchdiff/vae.py).
   c.vae = ml_collections.ConfigDict()
@@ -147,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256       # global batch of a full-size step
-  # Gradient accumulation: the most samples a device computes at once (see accumulation_rounds);
+  # Gradient accumulation: the most samples a device computes at once (patchdiff/accumulation.py);
   # None computes each device's whole share of the batch at once. Results do not depend on it.
   c.train.batch_per_device = placeholder(int)
   c.train.steps = 1000           # 0: from duration_mimg
@@ -224,125 +233,14 @@ def override(cfg: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_co
 
 
 def pixel64_config() -> ml_collections.ConfigDict:
-  """What every 64 px experiment shares: EDM's DDPM++ at 64 px (channel_mult 1,2,2,2, 61.8M
-  parameters) on a dataset_tool zip, the paper's stochastic schedule, and the sampler of the
-  paper's 64 px FIDs: 50 deterministic Heun steps (99 network evaluations)."""
-  c = base_config()
-  c.data.source = "zip"
-  c.data.resolution = 64
-  c.model.arch = "ddpmpp"
-  c.model.img_resolution = 64
-  c.model.img_channels = 3
-  c.model.channel_mult = (1, 2, 2, 2)
-  c.patch.real_p = 0.5
-  c.train.steps = 0  # from train.duration_mimg
-  c.train.log_every = 500
-  c.train.checkpoint_every = 10_000
-  c.train.sample_every = 50_000
-  c.sample.num_steps = 50  # deterministic (s_churn 0), as the paper's 64 px FIDs were sampled
-  return c
+  """`base_config()` with what every 64 px experiment of the paper shares (`presets.pixel64`)."""
+  return presets.pixel64(base_config())
 
 
 def latent256_config() -> ml_collections.ConfigDict:
-  """What every 256 px latent experiment shares: Stable Diffusion VAE latents (4x32x32, scale
-  0.18215) from `patchdiff.encode_latents`, EDM's ADM backbone (279.6M parameters unconditional),
-  latent patches of 16 and 32, fp16 with loss scale 100, and the published stochastic sampler."""
-  c = base_config()
-  c.data.source = "latents"
-  c.data.resolution = 32
-  c.data.latent_scale = 0.18215
-  c.vae.scale = 0.18215
-  c.model.arch = "adm"
-  c.model.img_resolution = 32
-  c.model.img_channels = 4
-  c.model.dropout = 0.10
-  c.model.dtype = "float16"   # as published; bfloat16 (no loss scale needed) on TPU / H100
-  c.patch.latent = True
-  c.patch.real_p = 0.5
-  c.train.lr = 1e-4
-  c.train.ema_mimg = 50.0
-  c.train.loss_scale = 100.0
-  c.train.steps = 0  # from train.duration_mimg
-  c.train.duration_mimg = 200.0
-  c.train.log_every = 500
-  c.train.checkpoint_every = 10_000
-  c.train.sample_every = 50_000
-  c.sample.num_steps = 256
-  c.sample.s_churn = 40.0
-  c.sample.s_min = 0.05
-  c.sample.s_max = 50.0
-  c.sample.s_noise = 1.003
-  return c
-
-
-VARIANT_HELP = """Config arguments (`--config=configs/NAME.py:ARG,ARG`):
-  smoke                 a tiny model on synthetic data for a few steps (CPU)
-  p=F                   the full-image ratio real_p (paper ablation: 0, 0.1, 0.25, 0.5, 0.75, 1)
-  schedule=S            stochastic (paper) or progressive (ablation)
-  edm                   the EDM baseline: full images only (p=1)"""
-
-
-def apply_args(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Applies a config file's argument string (see VARIANT_HELP) to `c`; returns `c`.
-
-  The run length stays what the config says in Mimg (train.steps follows from it), so a
-  variant of p trains on as many images as the paper's runs of that variant did.
-  """
-  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
-    key, eq, value = token.partition("=")
-    if key == "smoke" and not eq:
-      _smoke(c)
-    elif key == "edm" and not eq:
-      c.patch.real_p = 1.0
-    elif key == "p" and eq:
-      try:
-        c.patch.real_p = float(value)
-      except ValueError:
-        raise ValueError(f"config argument {token!r}: {value!r} is not a number") from None
-      if not 0.0 <= c.patch.real_p <= 1.0:
-        raise ValueError(f"config argument {token!r}: p must lie in [0, 1]")
-    elif key == "schedule" and eq:
-      if value not in patches.SCHEDULES:
-        raise ValueError(f"config argument {token!r}: schedule is not one of {patches.SCHEDULES}")
-      c.patch.schedule = value
-    else:
-      raise ValueError(f"unknown config argument {token!r}\n{VARIANT_HELP}")
-  return c
-
-
-def _smoke(c: ml_collections.ConfigDict) -> None:
-  """Shrinks `c` to seconds on a CPU, keeping its kind: backbone, pixel or latent, channels,
-  labels, patch schedule, precision and sampler settings."""
-  latent = c.patch.latent
-  r = 16
-  c.data.source = "synthetic"
-  c.data.path = None
-  c.data.resolution = r
-  c.data.limit = 64
-  c.data.latent_scale = None
-  c.vae.path = None
-  c.model.img_resolution = r
-  c.model.model_channels = 64 if c.model.arch == "adm" else 32  # ADM: 64 channels per head
-  c.model.channel_mult = (1, 2)
-  c.model.num_blocks = 1
-  c.model.attn_resolutions = (r // 2,)
-  # Values that differ between configs of one kind only as constants are made equal, so that
-  # smoke runs of, e.g., every 64 px config are one program (and one persistent-cache entry).
-  c.model.dropout = 0.1
-  c.train.lr = 1e-3
-  c.train.ema_mimg = 0.001
-  c.patch.sizes = None if latent else (4, 8, 16)
-  c.train.batch_size = 8
-  c.train.steps = 3
-  c.train.duration_mimg = None
-  c.train.lr_rampup_kimg = 0.1
-  c.train.log_every = 1
-  c.train.checkpoint_every = 3
-  c.train.sample_every = 0
-  c.sample.num_steps = 3
-  c.sample.batch_size = 4
-  c.sample.grid_size = 4
-  c.sample.num_images = 4
+  """`base_config()` with what every 256 px latent experiment of the paper shares
+  (`presets.latent256`)."""
+  return presets.latent256(base_config())
 
 
 def finalize(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -400,55 +298,18 @@ def patch_schedule(cfg: ml_collections.ConfigDict,
                                total_kimg=total_kimg(cfg.train))
 
 
-def _batch_per_device(tcfg: ml_collections.ConfigDict) -> int | None:
-  m = tcfg.get("batch_per_device")
-  if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m <= 0):
-    raise ValueError(f"train.batch_per_device={m!r} must be a positive integer or None")
-  return None if m is None else int(m)
-
-
 def accumulation_rounds(cfg: ml_collections.ConfigDict, num_devices: int,
                         sizes: tuple[int, ...] | None = None) -> dict[int, int]:
-  """{patch size: k} for the buckets `sizes` (default: those the patch schedule draws): each
-  bucket's step accumulates gradients over k micro-batches.
-
-  A bucket's per-device batch is b = train.batch_size * batch_mul / num_devices. With
-  train.batch_per_device = m unset or b <= m the bucket is one round (k = 1); otherwise it runs
-  k = ceil(b / m) rounds of b / k samples per device, and k must divide b (else a ValueError
-  naming the key, the bucket and a value that works). The results are those of k = 1: the
-  rounds sum the gradient of the mean loss over the whole batch.
-  """
-  m = _batch_per_device(cfg.train)
-  sched = patch_schedule(cfg)
-  sizes = sched.active_sizes if sizes is None else tuple(sizes)
-  if m is None:
-    return {s: 1 for s in sizes}
-  per_device = {}  # full images first: their batch is the smallest
-  for s in sorted(sizes, reverse=True):
-    total = cfg.train.batch_size * patches.batch_mul(s, sched.resolution)
-    if total % num_devices:
-      raise ValueError(f"train.batch_size={cfg.train.batch_size}: the {total} samples of the "
-                       f"{s}px bucket do not split over the {num_devices} devices")
-    per_device[s] = total // num_devices
-  rounds = {}
-  for s, b in per_device.items():
-    k = -(-b // m)
-    if b % k:
-      common = int(np.gcd.reduce(list(per_device.values())))
-      fits = max(d for d in range(1, min(m, common) + 1) if common % d == 0)
-      raise ValueError(f"train.batch_per_device={m}: the {s}px bucket has {b} samples per "
-                       f"device, which do not split into {k} equal micro-batches of at most "
-                       f"{m}; train.batch_per_device={fits} (a divisor of every bucket's "
-                       "per-device batch) would")
-    rounds[s] = k
-  return rounds
+  """{patch size: micro-batches per step} of `cfg`'s patch schedule on `num_devices` devices
+  (`accumulation.rounds_per_bucket`)."""
+  return accumulation.rounds_per_bucket(patch_schedule(cfg), cfg.train, num_devices, sizes)
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raises ValueError naming the key and value of the first inconsistency found.
 
   With `num_devices` (the mesh's), train.batch_per_device is checked against every bucket's
-  per-device batch too (`accumulation_rounds`).
+  per-device batch too (`accumulation.rounds_per_bucket`).
   """
   m = models.resolve(cfg.model)
   r = m["img_resolution"]
@@ -476,9 +337,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise ValueError("data.source='none': the config names no training data (it was derived from "
                      "a network file, to sample): set data.source and data.path to train")
   t = cfg.train
-  _batch_per_device(t)
+  accumulation.batch_per_device(t)
   if num_devices is not None:
-    accumulation_rounds(cfg, num_devices)
+    accumulation.rounds_per_bucket(sched, t, num_devices)
   if t.loss_scaling not in ("static", "dynamic"):
     raise ValueError(f"train.loss_scaling={t.loss_scaling!r} is not 'static' or 'dynamic'")
   if not t.loss_scale > 0:
@@ -577,27 +438,3 @@ def snapshot_images(tcfg: ml_collections.ConfigDict) -> int | None:
   if not images >= 1 or abs(images - round(images)) > 1e-6:
     return None
   return int(round(images))
-
-
-def check_compatible(saved: Mapping[str, Any], cfg: ml_collections.ConfigDict, where: str) -> None:
-  """A checkpoint's config must build weights of the same shapes as `cfg`."""
-  try:
-    old = models.resolve(saved["model"])
-  except (KeyError, ValueError) as e:
-    raise ValueError(f"checkpoint {where} has an unreadable model config: {e}") from None
-  diffs = model_differences(old, cfg.model)
-  if diffs:
-    raise ValueError(f"checkpoint {where} was written by an incompatible model config:\n  "
-                     + "\n  ".join(diffs))
-
-
-def model_differences(saved_model: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> list[str]:
-  """`model.KEY: checkpoint A vs config B` for each of SHAPE_KEYS on which a checkpoint's model
-  config and `model_cfg` differ."""
-  old, new = models.resolve(saved_model), models.resolve(model_cfg)
-  return [f"model.{k}: checkpoint {old.get(k)!r} vs config {new.get(k)!r}"
-          for k in SHAPE_KEYS if _norm(old.get(k)) != _norm(new.get(k))]
-
-
-def _norm(v):
-  return tuple(v) if isinstance(v, (list, tuple)) else v

@@ -53,7 +53,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from patchdiff import checkpoint, config_lib, phema, sharding
+from patchdiff import checkpoint, phema, sharding
 from patchdiff.nn import models
 
 SNAPSHOT_DIR = "phema"
@@ -268,7 +268,7 @@ def reconstruct(cfg: ml_collections.ConfigDict, workdir: str, stds: Sequence[flo
   out = []
   try:
     target = _target(snaps, step)
-    config_lib.check_compatible(snaps.config(target).to_dict(), cfg,
+    checkpoint.check_compatible(snaps.config(target).to_dict(), cfg,
                                 where=f"{snaps.directory}/{target}")
     graphdef, params, buffers = nnx.split(models.abstract_denoiser(cfg.model), nnx.Param, ...)
     placed = jax.sharding.NamedSharding(sharding.data_mesh(), jax.sharding.PartitionSpec())

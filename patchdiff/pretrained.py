@@ -107,7 +107,7 @@ def _read_checkpoint(workdir: str, step: int | None, cfg: ml_collections.ConfigD
   finally:
     mgr.close()
   try:
-    notes = config_lib.model_differences(saved["model"], cfg.model)
+    notes = checkpoint.model_differences(saved["model"], cfg.model)
   except (KeyError, ValueError) as e:
     raise ValueError(f"{where}: checkpoint step {step} has an unreadable model config: "
                      f"{e}") from None

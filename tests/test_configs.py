@@ -164,9 +164,27 @@ def test_validate_checks_the_data_section(key, value, message):
     config_lib.validate(cfg)
 
 
-def test_data_defaults_are_base_config_data():
-  assert config_lib.base_config().data.to_dict() == config_lib.DATA_DEFAULTS
-  assert config_lib.data_config(None) == config_lib.DATA_DEFAULTS
+@pytest.mark.parametrize("key", [k for k, v in config_lib.DATA_DEFAULTS.items() if v is None])
+def test_data_keys_without_a_default_are_typed(key):
+  # A key that defaults to None still has a type: a value of another type is refused on
+  # assignment, with a message naming the key and the value.
+  data = config_lib.base_config().data
+  wrong = 12345 if data.get_ref(key).get_type() is str else "not-a-number"
+  with pytest.raises(TypeError, match=f"field '{key}'.*{wrong}"):
+    data[key] = wrong
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("resolution", "32", "data.resolution must be a positive integer, got '32'"),
+    ("limit", 2.5, "data.limit must be a positive integer or None, got 2.5"),
+    ("hflip", 1, "data.hflip must be a bool, got 1"),
+    ("latent_scale", "0.18", "data.latent_scale must be a positive number or None, got '0.18'"),
+    ("shuffle", True, r"unknown data config key\(s\) \['shuffle'\]"),
+])
+def test_data_config_refuses_unknown_keys_and_wrong_types(key, value, message):
+  assert config_lib.data_config(None) == config_lib.DATA_DEFAULTS  # the defaults pass
+  with pytest.raises(ValueError, match=message):
+    config_lib.data_config({key: value})
 
 
 # One experiment of each kind trains; the smoke variants of the others are the same configs.

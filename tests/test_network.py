@@ -39,7 +39,7 @@ def test_a_snapshot_samples_as_its_converted_checkpoint_bit_for_bit(reference, t
   workdir = str(tmp_path / "converted")
   convert.convert(path, workdir)  # no config: the snapshot's own
   stored = checkpoint.stored_config(workdir)
-  assert config_lib.model_differences(stored.model, SNAPSHOTS[name]) == []
+  assert checkpoint.model_differences(stored.model, SNAPSHOTS[name]) == []
   assert stored.data.source == "none"
   run_main("--mode=sample", f"--workdir={workdir}", f"--outdir={tmp_path / 'checkpoint'}", *SAMPLE)
   with np.load(tmp_path / "network" / "samples.npz") as a, \
@@ -55,7 +55,7 @@ def test_a_snapshot_samples_as_its_converted_checkpoint_bit_for_bit(reference, t
 @pytest.mark.parametrize("name", sorted(SNAPSHOTS))
 def test_the_config_comes_from_the_snapshot_and_the_papers_sampler(reference, name):
   cfg, denoiser = pretrained.load_network(snapshot(reference, name))
-  assert config_lib.model_differences(cfg.model, SNAPSHOTS[name]) == []
+  assert checkpoint.model_differences(cfg.model, SNAPSHOTS[name]) == []
   s = cfg.sample
   assert (s.num_steps, s.s_churn, s.s_min, s.s_max, s.s_noise) == PAPER_SAMPLER[cfg.model.arch]
   assert s.guidance == 1.0 and not cfg.patch.latent and cfg.data.source == "none"
