@@ -5,7 +5,8 @@ persistent compilation cache (what a restart pays).
   python benchmarks/compile_time.py --config=configs/ffhq64.py --config.train.batch_size=1
 
 Each measurement runs in a fresh process (so no in-memory cache helps) with the trainer's own
-`Run.compile_steps`, and prints the wall time from the first trace to the last program:
+`programs.Programs.compile_steps`, and prints the wall time from the first trace to the last
+program:
   1. `train.compile_threads=1`, no persistent cache: the programs one after the other;
   2. `train.compile_threads=0` (the default), no persistent cache: all programs at once;
   3. the default again, twice, with a persistent cache in a fresh folder: the first run fills
@@ -41,11 +42,11 @@ flags.mark_flags_as_required(["config"])
 
 def _child(cache: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel
-  from patchdiff import train  # pylint: disable=import-outside-toplevel
+  from patchdiff import programs, train  # pylint: disable=import-outside-toplevel
   train.use_compilation_cache(cache, tempfile.gettempdir())
-  run = train.Run(_CONFIG.value)
-  _, stats = run.compile_steps()
-  print(json.dumps(dict(wall=run.compile_wall_seconds, platform=jax.devices()[0].platform,
+  step_programs = programs.Programs(train.Run(_CONFIG.value))
+  _, stats = step_programs.compile_steps()
+  print(json.dumps(dict(wall=step_programs.compile_wall_seconds, platform=jax.devices()[0].platform,
                         programs={k: v["compile_seconds"] for k, v in stats.items()})))
 
 

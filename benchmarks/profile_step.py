@@ -21,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from patchdiff import train  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff import programs, train  # noqa: E402  pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _SIZE = flags.DEFINE_integer("size", None, "patch size of the bucket (default: full size)")
@@ -36,8 +36,9 @@ def main(argv):
   run = train.Run(cfg)
   size = _SIZE.value or run.schedule.resolution
   state = run.init_state()
-  compiled = run.compile_step(size)
-  batch = run.to_device(run.random_batch(size, np.random.default_rng(0)))
+  step_programs = programs.Programs(run)
+  compiled = step_programs.compile_step(size)
+  batch = run.to_device(step_programs.random_batch(size, np.random.default_rng(0)))
   hyper = run.hyper(0, size)
   for _ in range(2):
     state, m = compiled(state, batch, hyper)

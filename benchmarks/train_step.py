@@ -36,7 +36,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from patchdiff import config_lib, patches, train, train_step  # noqa: E402  pylint: disable=wrong-import-position
+from patchdiff import accumulation, patches, programs, train  # noqa: E402  pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps per bucket (after --warmup)")
@@ -81,20 +81,21 @@ def main(argv):
   state = run.init_state()
   rng = np.random.default_rng(0)
   t0 = time.perf_counter()
-  apply = run.update_program()  # compiled once for all buckets
+  step_programs = programs.Programs(run)
+  apply = step_programs.update_program()  # compiled once for all buckets
   print(f"compiled the update program in {time.perf_counter() - t0:.1f} s", flush=True)
   rows = {}
   for size in sizes:
-    spec = run.batch_spec(size)
+    spec = step_programs.batch_spec(size)
     print(f"compiling the {size}px step ...", flush=True)
     t0 = time.perf_counter()
-    traced = run.trace_grad(size)  # one trace: compiled, and its FLOPs counted
+    traced = step_programs.trace_grad(size)  # one trace: compiled, and its FLOPs counted
     grad = traced.lower().compile()
     compile_s = time.perf_counter() - t0
-    compiled = run.bind_step(size, grad, apply)
-    st = train_step.program_stats(grad)
+    compiled = programs.Step(grad, apply)
+    st = programs.program_stats(grad)
     b = spec["image"].shape[0]
-    batch = run.to_device(run.random_batch(size, rng))
+    batch = run.to_device(step_programs.random_batch(size, rng))
     hyper = run.hyper(0, size)
     for _ in range(_WARMUP.value):
       state, m = compiled(state, batch, hyper)
@@ -106,8 +107,9 @@ def main(argv):
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    flops = train_step.jaxpr_flops(traced.jaxpr)
-    rounds = config_lib.accumulation_rounds(run.cfg, run.mesh.devices.size, sizes=(size,))[size]
+    flops = programs.jaxpr_flops(traced.jaxpr)
+    rounds = accumulation.rounds_per_bucket(run.schedule, run.cfg.train, run.mesh.devices.size,
+                                            sizes=(size,))[size]
     rows[size] = row = dict(batch=b, rounds=rounds, seconds=med, flops=flops,
                             compile_s=compile_s, xla_bytes=st["argument_bytes"] + st["temp_bytes"],
                             peak_bytes=_peak_bytes(device))

@@ -204,13 +204,13 @@ def measure(cfg, workdir: str, num: int, ref: str, grid: str) -> dict:
   """FID of samples of seeds 0..num-1 against `ref`, as `evaluation.evaluate` computes it (its
   SWD and KID, which need the training images' features too, are left out: on a shared CPU they
   cost as much again)."""
-  from patchdiff import evaluation, metrics  # pylint: disable=import-outside-toplevel
+  from patchdiff import evaluation, generate, metrics  # pylint: disable=import-outside-toplevel
   from patchdiff.nn import inception  # pylint: disable=import-outside-toplevel
   model = evaluation.load_inception(None)
   stats = metrics.load_statistics(ref, feature_dim=2048, resolution=cfg.model.img_resolution)
   t0 = time.perf_counter()
-  outdir, images = evaluation.sample_from_checkpoint(cfg, workdir, seeds=list(range(num)),
-                                                     fmt="npz", keep_all=True)
+  outdir, images = generate.sample_from_checkpoint(cfg, workdir, seeds=list(range(num)),
+                                                   fmt="npz", keep_all=True)
   t1 = time.perf_counter()
   feats = inception.features(model, images)
   fid = metrics.frechet_distance(*metrics.feature_statistics(feats), *stats)

@@ -1,5 +1,6 @@
-"""Sampling from checkpoints and measuring samples against the training data: the workflows of
-`--mode=sample`, `--mode=eval` and `--mode=fid_ref`, and the FID + SWD that training logs.
+"""Measuring samples against the training data: the workflows of `--mode=eval` (FID, KID and
+SWD of a checkpoint's samples) and `--mode=fid_ref`, and the grids, FID and SWD that training
+logs (`QualityMonitor`). Sampling a checkpoint is `patchdiff.generate`'s.
 
 Nothing here builds an optimizer or a training state: weights come from `checkpoint.load_ema`.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Callable
 
 import jax
 import ml_collections
@@ -15,8 +17,12 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from patchdiff import checkpoint, generate, images_io, metrics, patches, sharding
+from patchdiff import generate, images_io, metrics, patches
 from patchdiff.nn import inception, models
+
+# Sampling from a checkpoint lives in `patchdiff.generate`; its names stay importable from here.
+UsageError = generate.UsageError
+sample_from_checkpoint = generate.sample_from_checkpoint
 
 
 def reference_images(cfg: ml_collections.ConfigDict, n: int | None = None) -> np.ndarray:
@@ -91,24 +97,106 @@ def load_inception(path: str | None):
 
 
 class QualityMonitor:
-  """FID of `train.fid_samples` EMA samples against the training set's Inception statistics
-  (`train.fid_ref`, else computed once and kept as WORKDIR/fid_ref.npz), and the multi-scale
-  SWD against as many training images.
+  """What the trainer measures of the EMA as it trains, at the steps due, with one process only
+  (sampling needs every host's devices; sharded multi-host sampling is still to come):
 
-  The network is loaded when the monitor is made, so missing or damaged weights stop a run
-  before anything is compiled; the statistics are computed at the first measurement.
+  - a grid of `sample.grid_size` samples every `train.sample_every` steps and at the last, saved
+    as WORKDIR/samples_STEP.png and written as the `ema_samples` image, with its SWD to as many
+    full-size training images of the loop's batches (`grid_swd_*`; pixel models);
+  - with `train.fid_every`, every that many steps and at the last: the FID of
+    `train.fid_samples` samples against the training set's Inception statistics
+    (`train.fid_ref`, else computed once and kept as WORKDIR/fid_ref.npz), and their multi-scale
+    SWD against as many training images.
+
+  One sampling serves both when both are due. The Inception network is loaded when the monitor
+  is made, so missing or damaged weights stop a run before anything is compiled; the statistics
+  are computed at the first measurement. `load_decoder` loads a latent model's VAE decoder,
+  which shows its samples.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, writer, graphdef,
+               model_cfg: dict, mesh: jax.sharding.Mesh):
     t = cfg.train
-    self.cfg, self.workdir = cfg, workdir
-    self.num = int(t.fid_samples)
-    self.model = load_inception(t.inception)
-    self.ref_path = t.fid_ref or os.path.join(workdir, "fid_ref.npz")
-    if t.fid_ref and not os.path.isfile(t.fid_ref):
-      raise FileNotFoundError(f"train.fid_ref={t.fid_ref!r} does not exist")
+    self.cfg, self.workdir, self.writer = cfg, workdir, writer
+    self.graphdef, self.model_cfg, self.mesh = graphdef, model_cfg, mesh
+    self.single = jax.process_count() == 1
+    self.model = None  # the Inception network, when FID is measured
+    if t.fid_every and not self.single:
+      logging.warning("train.fid_every: FID during training runs with one process only; use "
+                      "--mode=eval on the checkpoints")
+    elif t.fid_every:
+      self.num = int(t.fid_samples)
+      self.model = load_inception(t.inception)
+      self.ref_path = t.fid_ref or os.path.join(workdir, "fid_ref.npz")
+      if t.fid_ref and not os.path.isfile(t.fid_ref):
+        raise FileNotFoundError(f"train.fid_ref={t.fid_ref!r} does not exist")
     self._ref = None
     self._images = None
+    self.decoder, self.show_samples, self.want_grid_reference = None, False, False
+    self.grid_reference: list[np.ndarray] = []  # full-size training images, for the grid's SWD
+
+  def load_decoder(self) -> None:
+    """Loads the VAE decoder of a latent model with `vae.path` (a pixel model needs none); a
+    latent model without one shows no grids."""
+    pixels = generate.pixel_model(self.cfg)
+    self.want_grid_reference = self.single and self.cfg.sample.grid_size >= 2 and pixels
+    self.decoder = generate.latent_decoder(self.cfg)  # None for a pixel model
+    self.show_samples = pixels or self.decoder is not None
+    if not self.show_samples:
+      logging.info("no sample grids: a latent model needs vae.path to decode its samples")
+
+  def observe(self, batch: dict[str, np.ndarray]) -> None:
+    """Keeps the full-size images of a training batch until the grid's SWD has as many."""
+    if (self.want_grid_reference and batch["image"].shape[1] == self.model_cfg["img_resolution"]
+        and sum(len(r) for r in self.grid_reference) < self.cfg.sample.grid_size):
+      self.grid_reference.append(images_io.to_uint8(batch["image"]))  # uint8, unless synthetic
+
+  def after_step(self, done: int, state: dict, clock: Callable[[], float]) -> float:
+    """Samples the EMA of `state` (the training state after step `done`) and writes the grid
+    and the FID due at that step, if any; returns the seconds it took (0 when nothing was due).
+    `clock()` is the training time so far, written next to the FID once the steps dispatched
+    so far have run."""
+    cfg, tcfg = self.cfg, self.cfg.train
+    last = done == tcfg.steps
+    want_grid = self.single and cfg.sample.grid_size and self.show_samples and (
+        (tcfg.sample_every and done % tcfg.sample_every == 0) or last)
+    want_fid = self.model is not None and (done % tcfg.fid_every == 0 or last)
+    if not (want_grid or want_fid):
+      return 0.0
+    jax.block_until_ready(state)  # the steps dispatched so far count as training time
+    seconds, t_pause = clock(), time.perf_counter()
+    sampler = generate.Sampler(nnx.merge(self.graphdef, state["ema"], state["buffers"]),
+                               self.model_cfg, cfg.sample, mesh=self.mesh, decoder=self.decoder)
+    num = max(cfg.sample.grid_size if want_grid else 0, self.num if want_fid else 0)
+    images = images_io.to_uint8(sampler.sample(list(range(cfg.sample.seed,
+                                                          cfg.sample.seed + num))))
+    if want_fid:
+      scores = self.measure(images)
+      self.writer.write_scalars(done, dict(scores, train_seconds=seconds))
+      logging.info("step %d: FID %.2f of %d EMA samples against the training set; SWD %s",
+                   done, scores["fid"], len(images), ", ".join(
+                       f"{k} {v:.1f}" for k, v in scores.items() if k.startswith("swd")))
+    if want_grid:
+      grid = images[:cfg.sample.grid_size]
+      images_io.save_grid(grid, os.path.join(self.workdir, f"samples_{done:08d}.png"))
+      self.writer.write_images(done, {"ema_samples": images_io.make_grid(grid)[None]})
+      if self.grid_reference:
+        self._log_grid_swd(done, grid, np.concatenate(self.grid_reference))
+    return time.perf_counter() - t_pause
+
+  def _log_grid_swd(self, step: int, samples: np.ndarray, reference: np.ndarray) -> None:
+    """Sliced Wasserstein distance of the EMA grid to as many training images: a rough, offline
+    quality signal (small sets are noisy; `--mode=eval` measures on thousands)."""
+    n = min(len(samples), len(reference))
+    try:
+      swd = metrics.sliced_wasserstein(samples[:n], reference[:n],
+                                       min_resolution=min(16, samples.shape[1]))
+    except ValueError as e:
+      logging.warning("no SWD for the sample grid: %s", e)
+      return
+    self.writer.write_scalars(step, {f"grid_{k}": v for k, v in swd.items()})
+    logging.info("SWD of %d EMA samples to %d training images: %s", n, n,
+                 ", ".join(f"{k} {v:.1f}" for k, v in swd.items()))
 
   def _reference(self):
     if self._ref is None:
@@ -129,130 +217,6 @@ class QualityMonitor:
     out.update(metrics.sliced_wasserstein(images[:n], self._images[:n],
                                           min_resolution=min(16, images.shape[1])))
     return out
-
-
-class UsageError(ValueError):
-  """Arguments of a workflow that do not go together (the command line shows them as usage)."""
-
-
-def pixel_model(cfg: ml_collections.ConfigDict) -> bool:
-  """Whether the model's samples are images (else latents, which need a VAE to be seen)."""
-  return not cfg.patch.latent and models.resolve(cfg.model)["img_channels"] in (1, 3)
-
-
-def latent_decoder(cfg: ml_collections.ConfigDict):
-  """The VAE decoder of a latent model with `vae.path`, else None."""
-  vae_cfg = cfg.get("vae")
-  if pixel_model(cfg) or vae_cfg is None or not vae_cfg.path:
-    return None
-  from patchdiff.nn import vae  # pylint: disable=import-outside-toplevel
-  return vae.latent_decoder(vae_cfg.path, vae_cfg.scale)
-
-
-def load_image(path: str, size: int, channels: int) -> np.ndarray:
-  """An image file as (size, size, channels) in [-1, 1], preprocessed exactly as training data
-  (RGBA on white, centre crop, Lanczos resize)."""
-  from patchdiff import data  # pylint: disable=import-outside-toplevel  (TensorFlow)
-  if channels not in (1, 3):
-    raise UsageError(f"a {channels}-channel model cannot take an image file ({path})")
-  try:
-    x = data.load_image(path, size)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"cannot read image {path}: {e}") from None
-  return x[..., :channels].astype(np.float32) / 127.5 - 1
-
-
-def default_seeds(cfg: ml_collections.ConfigDict) -> list[int]:
-  return list(range(cfg.sample.seed, cfg.sample.seed + cfg.sample.num_images))
-
-
-def sample_from_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None,
-                           seeds: list[int] | None = None, batch: int | None = None,
-                           class_idx: int | None = None, fmt: str = "png",
-                           outdir: str | None = None, canvas: int | None = None,
-                           outpaint: str | None = None, inpaint: str | None = None,
-                           mask: str | None = None, keep_all: bool = False,
-                           denoiser=None) -> tuple[str, np.ndarray]:
-  """Restores EMA weights from `workdir` (or samples `denoiser`, a network read from a file, with
-  `outdir` given) and writes samples of `seeds`: PNGs in folders of 1,000, or one `samples.npz`
-  (`arr_0` the uint8 NHWC images, `arr_1` the class of each for conditional models, `seeds`: the
-  keys OpenAI's ADM evaluation suite reads), written batch by batch as the samples arrive; and a
-  grid. Returns (outdir, the grid's images, or with `keep_all` every image, held in one array).
-
-  Every argument is checked before the checkpoint is read or anything is compiled.
-  """
-  if denoiser is not None and not outdir:
-    raise UsageError("sampling a network file needs --outdir, where the samples go")
-  seeds = default_seeds(cfg) if seeds is None else list(seeds)
-  m = models.resolve(cfg.model)
-  r, c = m["img_resolution"], m["img_channels"]
-  decoder = None
-  if not pixel_model(cfg):
-    if outpaint or inpaint:
-      raise UsageError("--outpaint and --inpaint work on pixel models only (a latent model "
-                       "would need the known image encoded)")
-    decoder = latent_decoder(cfg)
-    if decoder is None:
-      raise UsageError("a latent model's samples are decoded by its VAE: set "
-                       "--config.vae.path to a diffusers-format VAE folder")
-  if (inpaint is None) != (mask is None):
-    raise UsageError("--inpaint and --mask go together")
-  if outpaint and inpaint:
-    raise UsageError("--outpaint and --inpaint exclude each other")
-  known = None
-  if outpaint:
-    known = generate.Known.centred(load_image(outpaint, r, c), canvas or r)
-  elif inpaint:
-    size = canvas or r
-    known = generate.Known(load_image(inpaint, size, c),
-                           (load_image(mask, size, 1) > 0).astype(np.float32))
-  if canvas is not None:
-    generate.canvas_grid(1, canvas, r)  # validates
-  mesh = sharding.data_mesh()
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  if denoiser is None:
-    denoiser, step = checkpoint.load_ema(workdir, cfg, step, replicated)
-  else:  # placed as a restored checkpoint is, so both sample the same program bit for bit
-    graphdef, state = nnx.split(denoiser)
-    denoiser = nnx.merge(graphdef, jax.device_put(state, replicated))
-  sampler = generate.Sampler(denoiser, m, cfg.sample, mesh=mesh, decoder=decoder)
-  outdir = outdir or os.path.join(workdir, "samples", f"step_{step:08d}")
-  writer = jax.process_index() == 0
-  npz, kept, done = None, None, 0
-  t0 = time.perf_counter()
-
-  def on_batch(batch_seeds, images):
-    nonlocal npz, kept, done
-    images = images_io.to_uint8(images)
-    if kept is None:  # the images' shape: the canvas's, or the decoder's for a latent model
-      kept = np.zeros((len(seeds) if keep_all else min(cfg.sample.grid_size, len(seeds)),
-                       *images.shape[1:]), np.uint8)
-      if fmt == "npz" and writer:
-        npz = images_io.NpzStream(os.path.join(outdir, "samples.npz"), "arr_0",
-                                  (len(seeds), *images.shape[1:]), np.uint8)
-    if fmt == "png" and writer:
-      images_io.save_pngs(images, batch_seeds, outdir)
-    if npz is not None:
-      npz.append(images)
-    kept[done:done + len(images)] = images[:max(len(kept) - done, 0)]
-    done += len(images)
-  try:
-    sampler.sample(seeds, batch_size=batch, class_idx=class_idx, canvas=canvas, known=known,
-                   on_batch=on_batch)
-  except BaseException:
-    if npz is not None:
-      npz.abort()
-    raise
-  dt = time.perf_counter() - t0
-  if npz is not None:
-    extra = {}
-    if m["label_dim"]:
-      extra["arr_1"] = generate.seed_classes(seeds, m["label_dim"], class_idx)
-    npz.close(**extra, seeds=np.asarray(seeds, np.int64))
-  if writer and cfg.sample.grid_size:
-    images_io.save_grid(kept[:cfg.sample.grid_size], os.path.join(outdir, "grid.png"))
-  logging.info("wrote %d samples to %s (%.2f images/s)", len(seeds), outdir, len(seeds) / dt)
-  return outdir, kept
 
 
 def fid_reference(cfg: ml_collections.ConfigDict, inception_path: str | None, out: str) -> str:
@@ -303,10 +267,11 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = No
   if ref:
     ref_stats = metrics.load_statistics(ref, feature_dim=2048, resolution=None if latent else
                                         cfg.model.img_resolution)
-  base = default_seeds(cfg) if seeds is None else list(seeds)
+  base = generate.default_seeds(cfg) if seeds is None else list(seeds)
   span = max(base) - min(base) + 1
-  outdir, images = sample_from_checkpoint(cfg, workdir, step, seeds=base, batch=batch, fmt="npz",
-                                          keep_all=True, denoiser=denoiser, outdir=outdir)
+  outdir, images = generate.sample_from_checkpoint(cfg, workdir, step, seeds=base, batch=batch,
+                                                   fmt="npz", keep_all=True, denoiser=denoiser,
+                                                   outdir=outdir)
   result = dict(num_images=len(images))
   if not latent and not no_data:  # SWD and KID compare with training images
     reference = reference_images(cfg, len(images))
@@ -320,10 +285,9 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = No
     fids, kids = [], []
     for k in range(fid_sets):
       if k:
-        _, images = sample_from_checkpoint(cfg, workdir, step, seeds=[s + k * span for s in base],
-                                           batch=batch, fmt="npz", keep_all=True,
-                                           outdir=os.path.join(outdir, f"set_{k}"),
-                                           denoiser=denoiser)
+        _, images = generate.sample_from_checkpoint(
+            cfg, workdir, step, seeds=[s + k * span for s in base], batch=batch, fmt="npz",
+            keep_all=True, outdir=os.path.join(outdir, f"set_{k}"), denoiser=denoiser)
       feats = inception.features(model, images)
       fids.append(metrics.frechet_distance(*metrics.feature_statistics(feats), *ref_stats))
       if ref_feats is not None:

@@ -1,10 +1,12 @@
-"""Drawing samples: seed ranges, batches sharded over every device, canvases and known regions.
+"""Drawing samples: seed ranges, batches sharded over every device, canvases and known regions;
+and `--mode=sample`, sampling a checkpoint (or a network file) into PNGs or an .npz.
 
 Each image depends on its seed alone (its latents, churn noise and drawn class come from
 `jax.random.key(seed)`), not on the batch size, the device count or the host count.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -12,12 +14,14 @@ from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from patchdiff import sampling, sharding
+from patchdiff import checkpoint, images_io, sampling, sharding
+from patchdiff.nn import models
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -37,11 +41,6 @@ def parse_seeds(spec: str) -> list[int]:
   if max(seeds) >= 2 ** 32:
     raise ValueError(f"seeds {spec!r}: seeds must be below 2^32")
   return seeds
-
-
-# The sampler's coordinates (one definition, in sampling: its default full grid is this canvas at
-# the training resolution); public here for the callers that pick a canvas.
-canvas_grid = sampling.canvas_grid
 
 
 @dataclass
@@ -112,7 +111,7 @@ class Sampler:
       labels = None
       if label_dim:
         labels = jax.nn.one_hot(_classes(keys, label_dim, class_idx), label_dim)
-      pos = jax.device_put(canvas_grid(len(batch), size, r), self.sharding)
+      pos = jax.device_put(sampling.canvas_grid(len(batch), size, r), self.sharding)
       kw = {}
       if known is not None:
         kw = dict(known=jax.device_put(np.broadcast_to(known.image, (len(batch), *known.image.shape)),
@@ -156,3 +155,129 @@ def _gather(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+class UsageError(ValueError):
+  """Arguments of a workflow that do not go together (the command line shows them as usage)."""
+
+
+def pixel_model(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the model's samples are images (else latents, which need a VAE to be seen)."""
+  return not cfg.patch.latent and models.resolve(cfg.model)["img_channels"] in (1, 3)
+
+
+def latent_decoder(cfg: ml_collections.ConfigDict):
+  """The VAE decoder of a latent model with `vae.path`, else None."""
+  vae_cfg = cfg.get("vae")
+  if pixel_model(cfg) or vae_cfg is None or not vae_cfg.path:
+    return None
+  from patchdiff.nn import vae  # pylint: disable=import-outside-toplevel
+  return vae.latent_decoder(vae_cfg.path, vae_cfg.scale)
+
+
+def load_image_pm1(path: str, size: int, channels: int) -> np.ndarray:
+  """An image file as (size, size, channels) float32 in [-1, 1] (`data.load_image` gives the
+  uint8 pixels), preprocessed exactly as training data (RGBA on white, centre crop, Lanczos
+  resize)."""
+  from patchdiff import data  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  if channels not in (1, 3):
+    raise UsageError(f"a {channels}-channel model cannot take an image file ({path})")
+  try:
+    x = data.load_image(path, size)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"cannot read image {path}: {e}") from None
+  return x[..., :channels].astype(np.float32) / 127.5 - 1
+
+
+def default_seeds(cfg: ml_collections.ConfigDict) -> list[int]:
+  """The seeds sampled when none are given: sample.num_images from sample.seed."""
+  return list(range(cfg.sample.seed, cfg.sample.seed + cfg.sample.num_images))
+
+
+def sample_from_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+                           seeds: list[int] | None = None, batch: int | None = None,
+                           class_idx: int | None = None, fmt: str = "png",
+                           outdir: str | None = None, canvas: int | None = None,
+                           outpaint: str | None = None, inpaint: str | None = None,
+                           mask: str | None = None, keep_all: bool = False,
+                           denoiser=None) -> tuple[str, np.ndarray]:
+  """Restores EMA weights from `workdir` (or samples `denoiser`, a network read from a file, with
+  `outdir` given) and writes samples of `seeds`: PNGs in folders of 1,000, or one `samples.npz`
+  (`arr_0` the uint8 NHWC images, `arr_1` the class of each for conditional models, `seeds`: the
+  keys OpenAI's ADM evaluation suite reads), written batch by batch as the samples arrive; and a
+  grid. Returns (outdir, the grid's images, or with `keep_all` every image, held in one array).
+
+  Every argument is checked before the checkpoint is read or anything is compiled.
+  """
+  if denoiser is not None and not outdir:
+    raise UsageError("sampling a network file needs --outdir, where the samples go")
+  seeds = default_seeds(cfg) if seeds is None else list(seeds)
+  m = models.resolve(cfg.model)
+  r, c = m["img_resolution"], m["img_channels"]
+  decoder = None
+  if not pixel_model(cfg):
+    if outpaint or inpaint:
+      raise UsageError("--outpaint and --inpaint work on pixel models only (a latent model "
+                       "would need the known image encoded)")
+    decoder = latent_decoder(cfg)
+    if decoder is None:
+      raise UsageError("a latent model's samples are decoded by its VAE: set "
+                       "--config.vae.path to a diffusers-format VAE folder")
+  if (inpaint is None) != (mask is None):
+    raise UsageError("--inpaint and --mask go together")
+  if outpaint and inpaint:
+    raise UsageError("--outpaint and --inpaint exclude each other")
+  known = None
+  if outpaint:
+    known = Known.centred(load_image_pm1(outpaint, r, c), canvas or r)
+  elif inpaint:
+    size = canvas or r
+    known = Known(load_image_pm1(inpaint, size, c),
+                  (load_image_pm1(mask, size, 1) > 0).astype(np.float32))
+  if canvas is not None:
+    sampling.canvas_grid(1, canvas, r)  # validates
+  mesh = sharding.data_mesh()
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if denoiser is None:
+    denoiser, step = checkpoint.load_ema(workdir, cfg, step, replicated)
+  else:  # placed as a restored checkpoint is, so both sample the same program bit for bit
+    graphdef, state = nnx.split(denoiser)
+    denoiser = nnx.merge(graphdef, jax.device_put(state, replicated))
+  sampler = Sampler(denoiser, m, cfg.sample, mesh=mesh, decoder=decoder)
+  outdir = outdir or os.path.join(workdir, "samples", f"step_{step:08d}")
+  writer = jax.process_index() == 0
+  npz, kept, done = None, None, 0
+  t0 = time.perf_counter()
+
+  def on_batch(batch_seeds, images):
+    nonlocal npz, kept, done
+    images = images_io.to_uint8(images)
+    if kept is None:  # the images' shape: the canvas's, or the decoder's for a latent model
+      kept = np.zeros((len(seeds) if keep_all else min(cfg.sample.grid_size, len(seeds)),
+                       *images.shape[1:]), np.uint8)
+      if fmt == "npz" and writer:
+        npz = images_io.NpzStream(os.path.join(outdir, "samples.npz"), "arr_0",
+                                  (len(seeds), *images.shape[1:]), np.uint8)
+    if fmt == "png" and writer:
+      images_io.save_pngs(images, batch_seeds, outdir)
+    if npz is not None:
+      npz.append(images)
+    kept[done:done + len(images)] = images[:max(len(kept) - done, 0)]
+    done += len(images)
+  try:
+    sampler.sample(seeds, batch_size=batch, class_idx=class_idx, canvas=canvas, known=known,
+                   on_batch=on_batch)
+  except BaseException:
+    if npz is not None:
+      npz.abort()
+    raise
+  dt = time.perf_counter() - t0
+  if npz is not None:
+    extra = {}
+    if m["label_dim"]:
+      extra["arr_1"] = seed_classes(seeds, m["label_dim"], class_idx)
+    npz.close(**extra, seeds=np.asarray(seeds, np.int64))
+  if writer and cfg.sample.grid_size:
+    images_io.save_grid(kept[:cfg.sample.grid_size], os.path.join(outdir, "grid.png"))
+  logging.info("wrote %d samples to %s (%.2f images/s)", len(seeds), outdir, len(seeds) / dt)
+  return outdir, kept

@@ -233,12 +233,12 @@ def main(argv):
       if stds:  # the reconstructed EMA's own weights-only workdir
         [rec] = posthoc.reconstruct(cfg, workdir, stds, step)
         workdir, step = rec["dir"], rec["step"]
-      outdir, _ = evaluation.sample_from_checkpoint(
+      outdir, _ = generate.sample_from_checkpoint(
           cfg, workdir, step, seeds=seeds, batch=_BATCH.value, class_idx=_CLASS.value,
           fmt=_FORMAT.value, outdir=_OUTDIR.value, canvas=_CANVAS.value,
           outpaint=_OUTPAINT.value, inpaint=_INPAINT.value, mask=_MASK.value, denoiser=denoiser)
       print(f"samples written to {outdir}")
-  except (evaluation.UsageError, evaluation.NoInceptionWeights, FileNotFoundError) as e:
+  except (generate.UsageError, evaluation.NoInceptionWeights, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
 
 

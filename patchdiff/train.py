@@ -1,12 +1,12 @@
-"""The trainer: mesh, input, state, one compiled gradient program per patch-size bucket and one
-update program that they share, and the loop.
+"""The trainer: mesh, input, state, and the loop.
 
-The programs are compiled ahead of time at start-up; the loop only dispatches. The step itself
-is `patchdiff.train_step`; checkpoints are `patchdiff.checkpoint`.
+The step's programs (one gradient program per patch-size bucket and one update program that
+they share, `patchdiff.programs`) are compiled ahead of time at start-up; the loop only
+dispatches. The step itself is `patchdiff.train_step`; checkpoints are `patchdiff.checkpoint`;
+the sample grids and FID it logs, `evaluation.QualityMonitor`.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import os
@@ -16,15 +16,14 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from patchdiff import (checkpoint, config_lib, data, evaluation, generate, images_io, metrics,
-                       patches, phema, posthoc, pretrained, sharding, train_step, xla_options)
+from patchdiff import (accumulation, checkpoint, config_lib, data, evaluation, patches, phema,
+                       posthoc, pretrained, programs, sharding, train_step, xla_options)
 from patchdiff.nn import models
 
 # ---------------------------------------------------------------------------------------------
@@ -33,7 +32,7 @@ from patchdiff.nn import models
 
 class Run:
   """Everything derived from the config that the loop needs: mesh, schedule, state layout, and
-  the programs of the step.
+  the step's functions (`programs.Programs` compiles them).
 
   `devices` (default: all) is the set the mesh spans; the tests use subsets to compare layouts.
   """
@@ -51,12 +50,12 @@ class Run:
     sharding.check_batch(cfg.train.batch_size, self.mesh, jax.process_count(),
                          "train.batch_size")
     # Gradient-accumulation rounds per bucket (train.batch_per_device; 1: none).
-    self.rounds = config_lib.accumulation_rounds(cfg, self.mesh.devices.size)
+    self.rounds = accumulation.rounds_per_bucket(self.schedule, cfg.train,
+                                                 self.mesh.devices.size)
     if max(self.rounds.values()) > 1:
       logging.info("gradient accumulation (train.batch_per_device=%d): rounds per bucket %s",
                    cfg.train.batch_per_device, self.rounds)
     self.replicated = NamedSharding(self.mesh, P())
-    self._apply = None  # the compiled update program, once compiled
     self.batch_sharding = NamedSharding(self.mesh, sharding.BATCH)
     self.optimizer = train_step.make_optimizer(cfg.train)
     self._init_graphdef, self._init_fn = models.initializer(self.model_cfg, seed=cfg.seed)
@@ -72,8 +71,8 @@ class Run:
     variables = self._init_fn()
     if weights:
       variables = models.set_variables(self._init_graphdef, variables, weights)
-    return train_step.init_train_state(self._init_graphdef, variables, self.optimizer,
-                                      self.cfg.train.loss_scale, len(self.phema_stds))
+    return train_step.train_state_of(self._init_graphdef, variables, self.optimizer,
+                                     self.cfg.train.loss_scale, len(self.phema_stds))
 
   def init_state(self, weights: dict[str, np.ndarray] | None = None):
     """A freshly initialised training state, laid out on the mesh. `weights` ({official tensor
@@ -90,31 +89,6 @@ class Run:
     """`jax.jit` with the compile options of the mesh's platform (`xla_options`)."""
     return xla_options.jit(fun, self.mesh.devices.flat[0].platform, **jit_kwargs)
 
-  def batch_spec(self, size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    b = self.cfg.train.batch_size * patches.batch_mul(size, self.schedule.resolution)
-    c = self.model_cfg["img_channels"]
-    shard = self.batch_sharding
-    # Pixel sources send uint8 pixels (the step maps them to [-1, 1]); latents send float32.
-    dtype = jnp.uint8 if self.cfg.data.source in config_lib.PIXEL_SOURCES else jnp.float32
-    spec = dict(image=jax.ShapeDtypeStruct((b, size, size, c), dtype, sharding=shard),
-                pos=jax.ShapeDtypeStruct((b, size, size, 2), jnp.float32, sharding=shard))
-    if self.model_cfg["label_dim"]:
-      spec["label"] = jax.ShapeDtypeStruct((b, self.model_cfg["label_dim"]), jnp.float32,
-                                           sharding=shard)
-    return spec
-
-  def random_batch(self, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A host batch of `batch_spec(size)` with random content (for benchmarks): pixels as the
-    pipeline sends them (uint8 for pixel sources), the coordinates of patches at (0, 0)."""
-    spec = self.batch_spec(size)
-    host = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in spec.items()}
-    if spec["image"].dtype == np.uint8:
-      host["image"] = rng.integers(0, 256, spec["image"].shape, dtype=np.uint8)
-    b = spec["image"].shape[0]
-    host["pos"] = patches.coord_grid(np.zeros(b, np.int32), np.zeros(b, np.int32), size,
-                                     self.schedule.resolution)
-    return host
-
   def nimg(self, step: int) -> int:
     """Images counted before `step`, exactly as the official loop counts them
     (`patches.PatchSchedule`)."""
@@ -122,8 +96,8 @@ class Run:
 
   def grad_step_fn(self, size: int) -> Callable:
     n = self.mesh.devices.size
-    rounds = self.rounds.get(size) or config_lib.accumulation_rounds(  # a bucket never drawn
-        self.cfg, n, sizes=(size,))[size]
+    rounds = self.rounds.get(size) or accumulation.rounds_per_bucket(  # a bucket never drawn
+        self.schedule, self.cfg.train, n, sizes=(size,))[size]
     # Replicated state: each device sums its rounds' gradients, then one all-reduce per step.
     local = self.mesh if self.cfg.mesh.param_sharding == "replicated" else None
     return train_step.make_grad_step(self.graphdef, self.cfg.train, self.cfg.seed,
@@ -149,105 +123,11 @@ class Run:
     values = self.hyper_values(step, size).astype(np.float32)
     return jax.make_array_from_callback(values.shape, self.replicated, lambda index: values[index])
 
-  def trace_grad(self, size: int):
-    """The gradient program of `size` px patches, traced for the mesh: `.jaxpr` for counting
-    FLOPs, `.lower()` for compiling; one trace serves both."""
-    jitted = self.jit(self.grad_step_fn(size),
-                      out_shardings=(self.state_shardings["params"], self.replicated))
-    return jitted.trace(self.abstract_state, self.batch_spec(size))
-
-  def trace_apply(self):
-    """The update program that every bucket shares, traced for the mesh (state donated; the
-    gradients have no output of their shape left to reuse)."""
-    jitted = self.jit(train_step.make_apply_step(self.optimizer, self.cfg.train),
-                      donate_argnums=0, out_shardings=(self.state_shardings, self.replicated))
-    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=self.replicated)
-    hyper = jax.ShapeDtypeStruct((2 + len(self.phema_stds),), jnp.float32,
-                                 sharding=self.replicated)
-    return jitted.trace(self.abstract_state, self.abstract_state["params"], scalar, hyper)
-
-  def bind_step(self, size: int, grad, apply) -> "Step":
-    """The step of `size` px patches from its compiled gradient and update programs."""
-    return Step(grad, apply)
-
-  def update_program(self):
-    """The compiled update program, compiled on the first call (or by `compile_steps`)."""
-    if self._apply is None:
-      self._apply = self.trace_apply().lower().compile()
-    return self._apply
-
-  def compile_step(self, size: int) -> "Step":
-    """The train step of `size` px patches, compiled (the update program once per Run)."""
-    return self.bind_step(size, self.trace_grad(size).lower().compile(), self.update_program())
-
-  def compile_steps(self) -> tuple[dict[int, "Step"], dict[str, dict[str, float]]]:
-    """Every bucket's train step, compiled ahead of time (the loop never compiles again), and
-    each program's compile time, FLOPs per step and memory (bytes), keyed "16px", ...,
-    "update".
-
-    A step is two programs: the bucket's gradient program and the update program (optimizer,
-    EMA, loss scaling), which is the same for every bucket and so compiled once. The programs
-    are traced and lowered one after the other (Python, under the GIL) and handed to XLA as each
-    is ready, `train.compile_threads` at a time (0: all at once): XLA compiles outside the GIL,
-    so one program's compile overlaps the next one's tracing and the other compiles. The
-    programs are the same as compiled one by one.
-    """
-    sizes = list(self.schedule.active_sizes)
-    threads = self.cfg.train.compile_threads or len(sizes) + 1
-    t_all = time.perf_counter()
-    jobs, traced_at = {}, {}
-
-    def compile_one(lowered):
-      t0 = time.perf_counter()
-      return lowered.compile(), time.perf_counter() - t0
-
-    names = {"update": None, **{f"{size}px": size for size in sizes}}
-    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="compile") as pool:
-      for name, size in names.items():
-        t0 = time.perf_counter()
-        traced = self.trace_apply() if size is None else self.trace_grad(size)
-        lowered = traced.lower()
-        traced_at[name] = (traced, time.perf_counter() - t0)
-        jobs[name] = pool.submit(compile_one, lowered)
-      programs, stats = {}, {}
-      for name, size in names.items():
-        programs[name], seconds = jobs[name].result()
-        traced, trace_seconds = traced_at[name]
-        stats[name] = s = dict(compile_seconds=trace_seconds + seconds,
-                               model_flops=train_step.jaxpr_flops(traced.jaxpr),
-                               **train_step.program_stats(programs[name]))
-        what = ("the update program" if size is None else
-                f"the {size}px gradient program (batch {self.batch_spec(size)['image'].shape[0]}, "
-                f"{s['model_flops'] / 1e9:.4g} GFLOP per step)")
-        logging.info("compiled %s in %.1f s (tracing %.1f s); memory per device: arguments "
-                     "%.1f MiB, outputs %.1f MiB, temporaries %.1f MiB", what,
-                     s["compile_seconds"], trace_seconds, s["argument_bytes"] / 2**20,
-                     s["output_bytes"] / 2**20, s["temp_bytes"] / 2**20)
-    self._apply = programs["update"]
-    steps = {size: self.bind_step(size, programs[f"{size}px"], self._apply) for size in sizes}
-    self.compile_wall_seconds = time.perf_counter() - t_all
-    logging.info("compiled %d programs (%d buckets and the update) in %.1f s (%d at a time)",
-                 len(names), len(sizes), self.compile_wall_seconds, threads)
-    return steps, stats
-
   def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This host's slice of the step's batch -> global arrays sharded over the mesh."""
     keys = ("image", "pos", "label") if self.model_cfg["label_dim"] else ("image", "pos")
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, batch[k])
             for k in keys}
-
-
-class Step:
-  """One bucket's train step as the loop calls it, step(state, batch, hyper) -> (state,
-  metrics): the bucket's gradient program `grad`, then the update program `apply` that all
-  buckets share (it donates the state), given the step's [lr, ema_beta] (`Run.hyper`)."""
-
-  def __init__(self, grad, apply):
-    self.grad, self.apply = grad, apply
-
-  def __call__(self, state, batch, hyper: jax.Array):
-    grads, loss = self.grad(state, batch)
-    return self.apply(state, grads, loss, hyper)
 
 
 class PreemptionWatch:
@@ -327,9 +207,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   `on_step(step, patch_size)` is called after each step is dispatched (tests use it);
   `devices` restricts the mesh to a subset of the devices.
   """
-  cfg = config_lib.finalize(cfg)
-  tcfg = cfg.train
   run = Run(cfg, devices)
+  cfg = run.cfg  # finalized: train.steps = 0 became the step count of train.duration_mimg
+  tcfg = cfg.train
   os.makedirs(workdir, exist_ok=True)
   use_compilation_cache(tcfg.compilation_cache_dir, workdir)
   from clu import metric_writers  # pylint: disable=import-outside-toplevel
@@ -340,7 +220,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   start = mgr.latest_step()
   if start is not None:
     saved_cfg = checkpoint.restore_config(mgr, start)
-    config_lib.check_compatible(saved_cfg, cfg, where=f"{mgr.directory}/{start}")
+    checkpoint.check_compatible(saved_cfg, cfg, where=f"{mgr.directory}/{start}")
     saved_stds = config_lib.phema_stds(ml_collections.ConfigDict(saved_cfg).train)
     if saved_stds != run.phema_stds:
       raise ValueError(f"checkpoint {mgr.directory}/{start} was written with train.phema.stds="
@@ -368,14 +248,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   logging.info("steps %d..%d, per bucket %s, schedule digest %s", first, tcfg.steps, counts,
                digest)
 
-  # ---- FID during training: the Inception weights load here, before anything is compiled.
-  monitor = None
-  if tcfg.fid_every:
-    if jax.process_count() > 1:
-      logging.warning("train.fid_every: FID during training runs with one process only; use "
-                      "--mode=eval on the checkpoints")
-    else:
-      monitor = evaluation.QualityMonitor(cfg, workdir)
+  # ---- Grids and FID during training: the Inception weights load here, before anything is
+  # compiled.
+  monitor = evaluation.QualityMonitor(cfg, workdir, writer, run.graphdef, run.model_cfg, run.mesh)
 
   # ---- Input from that step; a bad dataset fails here, before anything is compiled.
   batches = data.build_input(cfg.data, run.schedule, tcfg.batch_size, tcfg.steps,
@@ -403,7 +278,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                    "count", float(progress["nimg"]), start, nimg)
 
   # ---- Programs: a gradient program per bucket, one update program for all.
-  compiled, stats = run.compile_steps()
+  compiled, stats = programs.Programs(run).compile_steps()
   scalars = {}
   for name, st in stats.items():
     scalars.update({f"compile_seconds_{name}": st["compile_seconds"],
@@ -414,13 +289,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
 
   # ---- Loop. Nothing here waits for the device except the metrics fetched every log_every.
   pending, last = [], dict(loss=float("nan"))
-  reference: list[np.ndarray] = []  # full-size training images, for SWD of the sample grids
-  pixels = evaluation.pixel_model(cfg)
-  want_reference = jax.process_count() == 1 and cfg.sample.grid_size >= 2 and pixels
-  decoder = evaluation.latent_decoder(cfg)  # None for a pixel model
-  show_samples = pixels or decoder is not None
-  if not show_samples:
-    logging.info("no sample grids: a latent model needs vae.path to decode its samples")
+  monitor.load_decoder()
   t_log = t_loop = time.perf_counter()
   paused = 0.0  # seconds of the loop spent sampling and measuring
   clock = lambda: train_seconds + time.perf_counter() - t_loop - paused  # noqa: E731
@@ -430,9 +299,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     for step in range(first, tcfg.steps):
       batch = next(batches)
       size = int(batch["image"].shape[1])
-      if (want_reference and size == run.schedule.resolution
-          and sum(len(r) for r in reference) < cfg.sample.grid_size):
-        reference.append(images_io.to_uint8(batch["image"]))  # uint8 already, unless synthetic
+      monitor.observe(batch)  # full-size training images, for SWD of the sample grids
       arrays = run.to_device(batch)  # the loop's explicit host-to-device transfers: the batch
       hyper = run.hyper(step, size)  # and the step's [lr, ema_beta]
       with jax.transfer_guard(tcfg.transfer_guard):
@@ -454,32 +321,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
         break
       if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
         _save(mgr, done, run, state, clock(), snapshots)
-      # Sample grids need every host's devices; sharded multi-host sampling is still to come.
-      want_grid = jax.process_count() == 1 and cfg.sample.grid_size and show_samples and (
-          (tcfg.sample_every and done % tcfg.sample_every == 0) or done == tcfg.steps)
-      want_fid = monitor is not None and (done % tcfg.fid_every == 0 or done == tcfg.steps)
-      if want_grid or want_fid:
-        jax.block_until_ready(state)  # the steps dispatched so far count as training time
-        seconds, t_pause = clock(), time.perf_counter()
-        sampler = generate.Sampler(nnx.merge(run.graphdef, state["ema"], state["buffers"]),
-                                   run.model_cfg, cfg.sample, mesh=run.mesh, decoder=decoder)
-        num = max(cfg.sample.grid_size if want_grid else 0, monitor.num if want_fid else 0)
-        images = images_io.to_uint8(sampler.sample(list(range(cfg.sample.seed,
-                                                              cfg.sample.seed + num))))
-        if want_fid:
-          scores = monitor.measure(images)
-          writer.write_scalars(done, dict(scores, train_seconds=seconds))
-          logging.info("step %d: FID %.2f of %d EMA samples against the training set; SWD %s",
-                       done, scores["fid"], len(images), ", ".join(
-                           f"{k} {v:.1f}" for k, v in scores.items() if k.startswith("swd")))
-        if want_grid:
-          grid = images[:cfg.sample.grid_size]
-          images_io.save_grid(grid, os.path.join(workdir, f"samples_{done:08d}.png"))
-          writer.write_images(done, {"ema_samples": images_io.make_grid(grid)[None]})
-          if reference:
-            _log_swd(writer, done, grid, np.concatenate(reference))
-        paused += time.perf_counter() - t_pause
-        t_log += time.perf_counter() - t_pause  # the interval's rates are of steps only
+      spent = monitor.after_step(done, state, clock)  # sample grids and FID, when due
+      paused += spent
+      t_log += spent  # the interval's rates are of steps only
   finally:
     watch.close()
     if snapshots is not None:
@@ -488,21 +332,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     mgr.close()
     writer.flush()
   return last
-
-
-def _log_swd(writer, step: int, samples: np.ndarray, reference: np.ndarray) -> None:
-  """Sliced Wasserstein distance of the EMA grid to as many training images: a rough, offline
-  quality signal (small sets are noisy; `--mode=eval` measures on thousands)."""
-  n = min(len(samples), len(reference))
-  try:
-    swd = metrics.sliced_wasserstein(samples[:n], reference[:n],
-                                     min_resolution=min(16, samples.shape[1]))
-  except ValueError as e:
-    logging.warning("no SWD for the sample grid: %s", e)
-    return
-  writer.write_scalars(step, {f"grid_{k}": v for k, v in swd.items()})
-  logging.info("SWD of %d EMA samples to %d training images: %s", n, n,
-               ", ".join(f"{k} {v:.1f}" for k, v in swd.items()))
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -2,13 +2,13 @@
 
 The step has two halves: `make_grad_step` (the loss and its gradient, which depend on the
 bucket's batch shape) and `make_apply_step` (everything after the gradient, the same for every
-bucket, so the trainer compiles it once); `make_train_step` is the two as one function. The
-step's learning rate and EMA decay are computed on the host, in float64 from the exact image
-count, as the official loop computes them (`step_hyperparameters`), and enter as arguments.
+bucket, so the trainer compiles it once; `patchdiff.programs` compiles both). The step's
+learning rate and EMA decay are computed on the host, in float64 from the exact image count, as
+the official loop computes them (`step_hyperparameters`), and enter as arguments.
 tests/test_official_steps.py replays the official loop's recorded steps through these
 functions.
 
-The state is one dict of arrays. `init_train_state` defines its keys and the step returns the
+The state is one dict of arrays. `train_state_of` defines its keys and the step returns the
 same dict, so the keys are written here only; `patchdiff.checkpoint` stores the EMA weights and
 buffers as the `ema` item (enough to sample) and every other key as the `train` item. With
 post-hoc EMA (train.phema.stds) the state holds `phema`, a list of power-function EMAs of the
@@ -65,10 +65,11 @@ def sanitize_grads(grads):
                                 grads)
 
 
-def init_train_state(graphdef, variables, optimizer, loss_scale: float = 1.0,
-                     phema_count: int = 0) -> dict[str, Any]:
-  """The training state of fresh `variables`: the EMA (and, with `phema_count` > 0, as many
-  post-hoc EMAs under `phema`) start as copies of the parameters."""
+def train_state_of(graphdef, variables, optimizer, loss_scale: float = 1.0,
+                   phema_count: int = 0) -> dict[str, Any]:
+  """The training state that starts from `variables` (the state of the denoiser `graphdef`;
+  traceable inside a jit): the EMA (and, with `phema_count` > 0, as many post-hoc EMAs under
+  `phema`) start as copies of the parameters, the optimizer state, step and counters fresh."""
   model = nnx.merge(graphdef, variables)
   _, params, buffers = nnx.split(model, nnx.Param, ...)
   state = dict(params=params, buffers=buffers, ema=jax.tree_util.tree_map(jnp.copy, params),
@@ -268,66 +269,3 @@ def make_apply_step(optimizer, tcfg: ml_collections.ConfigDict) -> Callable:
     return new_state, metrics
 
   return apply_step
-
-
-def make_train_step(graphdef, optimizer, tcfg: ml_collections.ConfigDict, seed: int,
-                    rounds: int = 1, shards: int = 1, mesh: Mesh | None = None) -> Callable:
-  """train_step(state, batch, hyper) -> (state, metrics): `make_grad_step`, then
-  `make_apply_step`, as one function. The trainer compiles the two halves apart (one gradient
-  program per bucket, one update program for all); this is the same computation."""
-  grad_step = make_grad_step(graphdef, tcfg, seed, rounds, shards, mesh)
-  apply_step = make_apply_step(optimizer, tcfg)
-
-  def train_step(state, batch, hyper):
-    grads, loss = grad_step(state, batch)
-    return apply_step(state, grads, loss, hyper)
-
-  return train_step
-
-
-def jaxpr_flops(closed_jaxpr) -> float:
-  """FLOPs of the convolutions and matrix products of a traced program's (closed) jaxpr (2 per
-  multiply-add), forward and backward passes included: the count that MFU is defined with, the
-  same on every platform (XLA's own counts skip the cuDNN calls on GPU)."""
-  from jax.extend import core as jcore  # pylint: disable=import-outside-toplevel
-
-  def count(jaxpr) -> float:
-    total = 0.0
-    for eqn in jaxpr.eqns:
-      name = eqn.primitive.name
-      if name in ("dot_general", "conv_general_dilated"):
-        out = float(np.prod(eqn.outvars[0].aval.shape))
-        if name == "dot_general":
-          (lc, _), _ = eqn.params["dimension_numbers"]
-          shape = eqn.invars[0].aval.shape
-          total += 2 * out * float(np.prod([shape[d] for d in lc]))
-        else:
-          rhs = eqn.invars[1].aval.shape
-          out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
-          total += 2 * out * float(np.prod(rhs)) / rhs[out_dim]
-      times = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
-      for value in eqn.params.values():
-        subs = value if isinstance(value, (tuple, list)) else (value,)
-        found = [count(v.jaxpr if isinstance(v, jcore.ClosedJaxpr) else v) for v in subs
-                 if isinstance(v, (jcore.ClosedJaxpr, jcore.Jaxpr))]
-        if found:
-          total += times * (max(found) if name == "cond" else sum(found))
-    return total
-  return count(closed_jaxpr.jaxpr)
-
-
-def program_stats(compiled) -> dict[str, float]:
-  """XLA's memory analysis of a compiled program (bytes per device).
-
-  XLA's cost analysis is left out: its FLOP count is not reliable on GPU (after compilation,
-  convolutions are cuDNN custom calls that it counts as zero: 712 GFLOP for a 64 TFLOP step of
-  the FFHQ-64 model on an H100; the lowered module's analysis gave 0 there, JAX 0.11.2), and on
-  the lowered module it converts the whole program to HLO first (a second per bucket of a tiny
-  model on CPU, paid at every start). `jaxpr_flops` is the count to use.
-  """
-  mem = compiled.memory_analysis()
-  get = lambda name: float(getattr(mem, name, 0) or 0) if mem is not None else 0.0  # noqa: E731
-  return dict(argument_bytes=get("argument_size_in_bytes"),
-              output_bytes=get("output_size_in_bytes"),
-              temp_bytes=get("temp_size_in_bytes"),
-              alias_bytes=get("alias_size_in_bytes"))

@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from sharded_worker import batches, layout, max_rel  # pylint: disable=wrong-import-position
 
-from patchdiff import train  # pylint: disable=wrong-import-position
+from patchdiff import programs, train  # pylint: disable=wrong-import-position
 
 SIZE = 8  # the R/2 bucket: batch 8 x 2 = 16, 2 per device, so batch_per_device=1 is 2 rounds
 STEPS = 2
@@ -40,7 +40,7 @@ def collectives(hlo: str) -> dict[str, int]:
 
 def run(cfg, devices, state0):
   r = train.Run(cfg, devices)
-  compiled = r.compile_step(SIZE)
+  compiled = programs.Programs(r).compile_step(SIZE)
   state = jax.device_put(state0, r.state_shardings)
   losses = []
   for step, batch in enumerate(batches(cfg)[:STEPS]):

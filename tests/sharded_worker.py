@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 sys.path.insert(0, os.path.dirname(__file__))
 from test_train import tiny_config  # pylint: disable=wrong-import-position
 
-from patchdiff import checkpoint, generate, patches, train  # pylint: disable=wrong-import-position
+# pylint: disable-next=wrong-import-position
+from patchdiff import checkpoint, generate, patches, programs, train
 
 SIZES = (8, 8, 8)  # one bucket (each layout compiles what it runs: ~12 s a program here)
 
@@ -44,7 +45,8 @@ def layout(data, fsdp, param_sharding, **overrides):
 def train_steps(cfg, devices, state0):
   run = train.Run(cfg, devices)
   state = jax.device_put(state0, run.state_shardings)
-  compiled = {s: run.compile_step(s) for s in set(SIZES)}
+  step_programs = programs.Programs(run)
+  compiled = {s: step_programs.compile_step(s) for s in set(SIZES)}
   for step, (size, batch) in enumerate(zip(SIZES, batches(cfg))):
     state, _ = compiled[size](state, run.to_device(batch), run.hyper(step, size))
   return run, state

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from conftest import ADM_TINY, run_on_eight_devices
-from patchdiff import config_lib, patches, train, train_step
+from patchdiff import accumulation, config_lib, patches, programs, train, train_step
 from patchdiff.nn import edm, models
 from test_train import tiny_config, watch_compiles
 
@@ -33,7 +33,8 @@ def _rel(a, b) -> float:
 ])
 def test_rounds_per_bucket(batch, devices, per_device, rounds):
   cfg = tiny_config(**{"train.batch_size": batch, "train.batch_per_device": per_device})
-  assert config_lib.accumulation_rounds(cfg, devices) == rounds
+  schedule = config_lib.patch_schedule(cfg)
+  assert accumulation.rounds_per_bucket(schedule, cfg.train, devices) == rounds
 
 
 def test_rounds_of_the_imagenet256_batch_on_8_devices():
@@ -144,7 +145,7 @@ def _batches(cfg, n):
 
 def _steps(cfg, state0, n=2):
   run = train.Run(cfg)
-  compiled = run.compile_step(SIZE)
+  compiled = programs.Programs(run).compile_step(SIZE)
   state, metrics = jax.device_put(state0, run.state_shardings), []
   for step, batch in enumerate(_batches(cfg, n)):
     state, m = compiled(state, run.to_device(batch), run.hyper(step, SIZE))
@@ -190,16 +191,16 @@ def test_the_program_holds_one_scan_over_the_rounds(param_sharding):
   """One scan of length k whose body holds the network once: the program does not grow with k,
   and the FLOPs counted from the jaxpr are the unsplit step's (the scan's body times k)."""
   kw = {"mesh.param_sharding": param_sharding}
-  plain = train.Run(_cfg(**kw)).trace_grad(SIZE).jaxpr
-  split = train.Run(_cfg(2, **kw)).trace_grad(SIZE).jaxpr
+  plain = programs.Programs(train.Run(_cfg(**kw))).trace_grad(SIZE).jaxpr
+  split = programs.Programs(train.Run(_cfg(2, **kw))).trace_grad(SIZE).jaxpr
   assert not _eqns(plain.jaxpr, "scan")
   [scan] = _eqns(split.jaxpr, "scan")
   assert scan.params["length"] == 4
   convs = len(_eqns(plain.jaxpr, "conv_general_dilated"))
   assert convs > 0 and len(_eqns(scan.params["jaxpr"].jaxpr, "conv_general_dilated")) == convs
   assert len(_eqns(split.jaxpr, "conv_general_dilated")) == convs
-  flops = train_step.jaxpr_flops(plain)
-  np.testing.assert_allclose(train_step.jaxpr_flops(split), flops, rtol=1e-9)
+  flops = programs.jaxpr_flops(plain)
+  np.testing.assert_allclose(programs.jaxpr_flops(split), flops, rtol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------

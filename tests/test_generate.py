@@ -42,7 +42,7 @@ def test_each_image_depends_on_its_seed_alone(sampler):
 
 
 def test_extrapolated_canvas_continues_the_coordinates():
-  grid = generate.canvas_grid(1, 24, 16)[0]
+  grid = sampling.canvas_grid(1, 24, 16)[0]
   step = 2 / 15
   np.testing.assert_allclose(grid[0, 0], [-1 - 4 * step, -1 - 4 * step], rtol=1e-6)
   np.testing.assert_allclose(grid[-1, -1], [1 + 4 * step, 1 + 4 * step], rtol=1e-6)
@@ -50,7 +50,7 @@ def test_extrapolated_canvas_continues_the_coordinates():
   zeros = np.zeros(1, np.int32)
   np.testing.assert_array_equal(grid[4:20, 4:20], patches.coord_grid(zeros, zeros, 16, 16)[0])
   with pytest.raises(ValueError, match="even number"):
-    generate.canvas_grid(1, 23, 16)
+    sampling.canvas_grid(1, 23, 16)
 
 
 @pytest.mark.parametrize("canvas,resolution", [(16, 16), (24, 16), (12, 8), (7, 7)])
@@ -59,7 +59,6 @@ def test_canvas_grid_is_the_coordinate_grid_at_its_offsets(canvas, resolution):
   (0 for the full image, the sampler's default), bit for bit."""
   off = np.full(3, -((canvas - resolution) // 2))
   expected = patches.coord_grid(off, off, canvas, resolution)
-  np.testing.assert_array_equal(generate.canvas_grid(3, canvas, resolution), expected)
   np.testing.assert_array_equal(sampling.canvas_grid(3, canvas, resolution), expected)
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from conftest import ADM_TINY, DDPMPP_TINY
 from test_train import tiny_config, watch_compiles
-from patchdiff import checkpoint, config_lib, evaluation, patches, pretrained, train
+from patchdiff import checkpoint, config_lib, generate, patches, pretrained, train
 from patchdiff.nn import edm, models, torch_io
 from patchdiff.weights import files
 
@@ -92,7 +92,7 @@ def test_edm_network_is_the_same_function_for_any_coordinates(reference, file):
 def _randomised(cfg: dict, seed: int):
   """A patch denoiser of `cfg` whose every weight is random (also those a fresh network starts
   at zero or 1e-5), so that the coordinates and every layer count in its output."""
-  graphdef, state = models.init_state(cfg, seed=seed)
+  graphdef, state = models.init_denoiser_state(cfg, seed=seed)
   rng = np.random.default_rng(seed)
   return graphdef, jax.tree_util.tree_map(
       lambda x: jnp.asarray(x + 0.2 * rng.standard_normal(x.shape), jnp.float32), state)
@@ -345,6 +345,6 @@ def test_fine_tuning_an_edm_network(reference, tmp_path, caplog):
   conv = weights.values["model.enc.16x16_conv.weight"]
   assert not np.array_equal(conv, params.model.enc["16x16_conv"].weight[...])
 
-  _, images = evaluation.sample_from_checkpoint(cfg, str(workdir), seeds=[0, 1, 2],
-                                                keep_all=True)
+  _, images = generate.sample_from_checkpoint(cfg, str(workdir), seeds=[0, 1, 2],
+                                              keep_all=True)
   assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchdiff import config_lib, data, encode_latents, evaluation, generate, patches, train
+from patchdiff import config_lib, data, encode_latents, generate, patches, train
 from patchdiff.data import decode, latents as latent_files, sources
 from patchdiff.nn import vae
 
@@ -148,8 +148,8 @@ def test_latent_training_and_decoded_samples(latents, vae_dir, tmp_path):
   # The training grid is decoded to pixels by the VAE (4x the latent size).
   grid = np.asarray(Image.open(next(tmp_path.glob("samples_*.png"))))
   assert grid.ndim == 3 and grid.shape[-1] == 3 and min(grid.shape[:2]) >= 2 * RES
-  outdir, images = evaluation.sample_from_checkpoint(cfg, str(tmp_path), seeds=[0, 1, 2],
-                                                        class_idx=1)
+  outdir, images = generate.sample_from_checkpoint(cfg, str(tmp_path), seeds=[0, 1, 2],
+                                                      class_idx=1)
   assert images.shape == (3, RES, RES, 3) and images.dtype == np.uint8
   pngs = sorted((tmp_path / "samples").rglob("*.png"))
   assert len([p for p in pngs if p.name != "grid.png"]) == 3
@@ -157,8 +157,8 @@ def test_latent_training_and_decoded_samples(latents, vae_dir, tmp_path):
   # --format=npz of a conditional model: the images as ADM's evaluator reads them (arr_0) and
   # each one's class (arr_1), the class the sampler drew for its seed.
   seeds = list(range(10, 18))
-  evaluation.sample_from_checkpoint(cfg, str(tmp_path), seeds=seeds, fmt="npz",
-                                    outdir=str(tmp_path / "npz"))
+  generate.sample_from_checkpoint(cfg, str(tmp_path), seeds=seeds, fmt="npz",
+                                  outdir=str(tmp_path / "npz"))
   with np.load(tmp_path / "npz" / "samples.npz") as f:
     assert f.files == ["arr_0", "arr_1", "seeds"]
     assert f["arr_0"].shape == (8, RES, RES, 3) and f["arr_0"].dtype == np.uint8
@@ -167,7 +167,7 @@ def test_latent_training_and_decoded_samples(latents, vae_dir, tmp_path):
   # Without the VAE a latent model's samples cannot become PNGs: a clear error first.
   cfg.vae.path = None
   with pytest.raises(Exception, match="set --config.vae.path"):
-    evaluation.sample_from_checkpoint(cfg, str(tmp_path), seeds=[0])
+    generate.sample_from_checkpoint(cfg, str(tmp_path), seeds=[0])
 
 
 def test_encode_latents_command_line(vae_dir, image_zip, tmp_path):

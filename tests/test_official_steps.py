@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from conftest import reference_dir
-from patchdiff import config_lib, patches, pretrained, train, train_step
+from patchdiff import config_lib, patches, pretrained, programs, train, train_step
 from patchdiff.data import pipeline
 from patchdiff.nn import edm, models, torch_io
 
@@ -142,7 +142,7 @@ def test_replays_the_official_loop_step_for_step(path, reference):
   assert not zeroed and not fresh
   state = run.init_state(values)
   assert set(official(state["params"], run, state)) >= set(init)
-  apply = run.update_program()
+  apply = programs.Programs(run).update_program()
   steps = int(fixture["steps"])
   sizes = [int(z[f"s{s}_patch_size"]) for s in range(steps)]
   counted = official_nimg(fixture, sizes)

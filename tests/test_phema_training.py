@@ -23,7 +23,7 @@ from absl.testing import flagsaver
 from flax import nnx
 from PIL import Image
 
-from patchdiff import checkpoint, config_lib, phema, posthoc, train, train_step
+from patchdiff import checkpoint, config_lib, phema, posthoc, programs, train, train_step
 from patchdiff import main as entry
 from patchdiff.nn import models
 from test_train import _Scale, _restore_train, tiny_config, watch_compiles
@@ -54,8 +54,8 @@ def straight(tmp_path_factory):
   """The uninterrupted run, its parameters after every step and the [lr, ema_beta, betas...] it
   gave each step, and its programs."""
   workdir = tmp_path_factory.mktemp("phema") / "run"
-  trajectory, hypers, programs = [], [], []
-  call, compile_steps = train.Step.__call__, train.Run.compile_steps
+  trajectory, hypers, compiled = [], [], []
+  call, compile_steps = programs.Step.__call__, programs.Programs.compile_steps
 
   def recording(self, state, batch, hyper):
     out = call(self, state, batch, hyper)
@@ -65,16 +65,16 @@ def straight(tmp_path_factory):
 
   def kept(self):
     out = compile_steps(self)
-    programs.append(out[0])
+    compiled.append(out[0])
     return out
 
   cfg = phema_config()
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(train.Step, "__call__", recording)
-    patch.setattr(train.Run, "compile_steps", kept)
+    patch.setattr(programs.Step, "__call__", recording)
+    patch.setattr(programs.Programs, "compile_steps", kept)
     train.train_and_evaluate(cfg, str(workdir))
   return dict(cfg=cfg, workdir=workdir, trajectory=trajectory, hypers=np.asarray(hypers),
-              programs=programs)
+              programs=compiled)
 
 
 def snapshot_arrays(workdir, cfg) -> dict[int, dict]:
@@ -144,7 +144,7 @@ def test_the_update_moves_each_phema_by_its_beta():
   tcfg = tiny_config().train
   opt = train_step.make_optimizer(tcfg)
   graphdef, variables = nnx.split(_Scale())
-  state = train_step.init_train_state(graphdef, variables, opt, phema_count=2)
+  state = train_step.train_state_of(graphdef, variables, opt, phema_count=2)
   assert len(state["phema"]) == 2
   state["phema"] = [jax.tree_util.tree_map(lambda x, v=v: jnp.full_like(x, v), state["params"])
                     for v in (3.0, -1.0)]

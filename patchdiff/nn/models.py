@@ -126,8 +126,9 @@ def initializer(model_config: Mapping[str, Any], seed: int = 0):
   return graphdef, init
 
 
-def init_state(model_config: Mapping[str, Any], seed: int = 0, out_shardings=None):
-  """(graphdef, state) of a freshly initialised denoiser, made by one small jitted program;
+def init_denoiser_state(model_config: Mapping[str, Any], seed: int = 0, out_shardings=None):
+  """(graphdef, state) of a freshly initialised denoiser (its variables only: the training
+  state around them is `train_step.train_state_of`), made by one small jitted program;
   `out_shardings` places the state."""
   graphdef, init = initializer(model_config, seed)
   return graphdef, xla_options.jit(init, out_shardings=out_shardings)()
@@ -139,7 +140,7 @@ def _is_variable(x) -> bool:
 
 def create_denoiser(model_config: Mapping[str, Any], seed: int = 0) -> edm.Denoiser:
   """The preconditioned denoiser D(x, sigma, pos, labels) with freshly initialised weights."""
-  return nnx.merge(*init_state(model_config, seed))
+  return nnx.merge(*init_denoiser_state(model_config, seed))
 
 
 # Our layouts of the official tensors; names are the official ones (`model.enc.16x16_conv.weight`).

@@ -42,7 +42,7 @@ def _scaled_init(uniform, normal, mode: str, fan_in: int, fan_out: int, scale: f
 
 def _param(rngs: nnx.Rngs, shape, mode, fan_in, fan_out, scale, cls=nnx.Param):
   """A variable initialised by EDM's rule; the rule is kept as `init_spec` metadata so that
-  `init_variables` can re-draw a whole model in one small program (see models.init_state)."""
+  `init_variables` can re-draw a whole model in one small program (see models.init_denoiser_state)."""
   spec = ("zeros",) if scale == 0 else (mode, fan_in, fan_out, float(scale))
   if scale == 0:
     value = jnp.zeros(shape, jnp.float32)
