@@ -166,3 +166,19 @@ def run_on_eight_devices(script: str, timeout: int) -> dict:
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
   assert proc.returncode == 0 and lines, proc.stderr[-4000:]
   return json.loads(lines[0][len("RESULTS "):])
+
+
+def main_in_process(*args):
+  """`python -m patchdiff.main ARGS`, in this process: the entry point's own flag parsing and
+  dispatch, without a new interpreter (for what a subprocess would prove nothing more about:
+  flag errors, bad inputs, more samples from a checkpoint)."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from unittest import mock  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+  from patchdiff import main as entry  # pylint: disable=import-outside-toplevel
+  argv = ["patchdiff.main", *args]
+  # The config flag reads its --config.KEY overrides from sys.argv.
+  with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
+    flags.FLAGS.unparse_flags()
+    entry.main(flags.FLAGS(argv))
