@@ -56,9 +56,9 @@ def user_xla_flags(monkeypatch):
 
 # The files that take minutes (end-to-end runs), longest first: handed out first, they keep both
 # xdist workers busy to the end instead of leaving one to run a long file alone.
-LONGEST_FIRST = ("test_main.py", "test_accumulation.py", "test_train.py", "test_init_from.py",
+LONGEST_FIRST = ("test_main.py", "test_eight_devices.py", "test_train.py", "test_init_from.py",
                  "test_phema_training.py", "test_configs.py", "test_multihost.py",
-                 "test_fid_cli.py", "test_sharding.py", "test_latent.py", "test_compile.py",
+                 "test_fid_cli.py", "test_accumulation.py", "test_latent.py", "test_compile.py",
                  "test_latent_stream.py", "test_convert.py", "test_official_pkl.py")
 
 
@@ -166,3 +166,19 @@ def run_on_eight_devices(script: str, timeout: int) -> dict:
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
   assert proc.returncode == 0 and lines, proc.stderr[-4000:]
   return json.loads(lines[0][len("RESULTS "):])
+
+
+def main_in_process(*args):
+  """`python -m patchdiff.main ARGS`, in this process: the entry point's own flag parsing and
+  dispatch, without a new interpreter (for what a subprocess would prove nothing more about:
+  flag errors, bad inputs, more samples from a checkpoint)."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from unittest import mock  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+  from patchdiff import main as entry  # pylint: disable=import-outside-toplevel
+  argv = ["patchdiff.main", *args]
+  # The config flag reads its --config.KEY overrides from sys.argv.
+  with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
+    flags.FLAGS.unparse_flags()
+    entry.main(flags.FLAGS(argv))

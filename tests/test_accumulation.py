@@ -1,5 +1,5 @@
 """Gradient accumulation (train.batch_per_device): the rounds per bucket, the accumulated gradient
-and step against the unsplit ones (on one device and, in a subprocess, on 8 fake CPU devices), the
+and step against the unsplit ones on one device (on 8 fake CPU devices: test_eight_devices.py), the
 program's single scan. (The exact resume of an accumulating run is test_train.py's resume test,
 whose 4 px bucket runs in 2 rounds.)"""
 import jax
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ADM_TINY, run_on_eight_devices
+from conftest import ADM_TINY
 from patchdiff import accumulation, config_lib, patches, programs, train, train_step
 from patchdiff.nn import edm, models
 from test_train import tiny_config, watch_compiles
@@ -201,37 +201,3 @@ def test_the_program_holds_one_scan_over_the_rounds(param_sharding):
   assert len(_eqns(split.jaxpr, "conv_general_dilated")) == convs
   flops = programs.jaxpr_flops(plain)
   np.testing.assert_allclose(programs.jaxpr_flops(split), flops, rtol=1e-9)
-
-
-# ---------------------------------------------------------------------------------------------
-# 8 fake CPU devices (a subprocess: the device count is fixed when JAX starts).
-
-@pytest.fixture(scope="module")
-def eight_devices():
-  return run_on_eight_devices("accumulation_worker.py", timeout=900)
-
-
-@pytest.mark.parametrize("layout", ["data8"])
-def test_sharded_accumulated_step_matches_the_unsplit_step(eight_devices, layout):
-  r = eight_devices
-  assert r[f"{layout}_rounds"] == 2 and r[f"{layout}_step"] == [2, 2]
-  assert r[f"{layout}_param_rel_err"] < 1e-4
-  assert r[f"{layout}_ema_rel_err"] < 1e-4
-  assert r[f"{layout}_update_rel_err"] < 1e-3
-  assert r[f"{layout}_loss_rel_err"] < 1e-5
-
-
-def test_micro_batches_move_no_batch_data_between_devices(eight_devices):
-  """Each device slices its micro-batches from its own rows: the accumulated program holds no
-  all-to-all, collective-permute or all-gather that the unsplit one does not. With the state
-  replicated, the devices sum their rounds' gradients locally and all-reduce once, after the
-  loop (one all-reduce in the entry computation, none in the loop body)."""
-  r = eight_devices
-  for layout in ("data8",):
-    got, ref = r[f"{layout}_collectives"], r[f"{layout}_plain_collectives"]
-    for op in ("all-to-all", "collective-permute", "all-gather"):
-      total = lambda c: c[f"{op}_entry"] + c[f"{op}_nested"]  # noqa: E731
-      assert total(got) <= total(ref), (layout, op, got, ref)
-  data8 = r["data8_collectives"]
-  assert data8["all-reduce_nested"] == 0 and data8["all-reduce_entry"] >= 1, data8
-  assert sum(v for k, v in data8.items() if not k.startswith("all-reduce")) == 0, data8

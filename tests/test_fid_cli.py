@@ -10,11 +10,11 @@ import sys
 
 import numpy as np
 import pytest
-from flax import nnx
+from absl import app
 
-from conftest import REPO
-from patchdiff import checkpoint, config_lib, evaluation, metrics, train
-from patchdiff.nn import inception
+from conftest import REPO, main_in_process
+from patchdiff import checkpoint, config_lib, evaluation, generate, metrics
+from patchdiff.nn import inception, models
 
 # 8 training images and at most 8 samples a set: the reference and the samples run through one
 # Inception program (small sets are padded to 8), compiled once and then read from the cache.
@@ -34,6 +34,10 @@ def run_main(*args, check=True):
   return proc
 
 
+def in_process(*args):
+  main_in_process("--config=configs/demo.py", *FLAGS, *args)
+
+
 def demo_config():
   spec = importlib.util.spec_from_file_location("demo", REPO / "configs" / "demo.py")
   demo = importlib.util.module_from_spec(spec)
@@ -46,10 +50,7 @@ def setup(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("fid")
   np.savez(tmp / "inception.npz", **inception.state_dict(inception.create(seed=0)))
   cfg = demo_config()
-  run = train.Run(cfg)
-  state = run.init_state()
-  checkpoint.save_weights(str(tmp / "run"), nnx.merge(run.graphdef, state["ema"], state["buffers"]),
-                          cfg)
+  checkpoint.save_weights(str(tmp / "run"), models.create_denoiser(cfg.model), cfg)
   return tmp
 
 
@@ -72,17 +73,23 @@ def test_reference_statistics_then_fid_over_seed_sets(setup, user_xla_flags):
   assert np.isfinite(result["kid"])
 
 
-def test_bad_fid_inputs_fail_before_sampling(setup):
+def test_bad_fid_inputs_fail_before_sampling(setup, monkeypatch):
+  """In this process (the entry point's flags and dispatch), with sampling made to fail: each
+  bad input is named before anything is sampled."""
   tmp = setup
+
+  def no_sampling(*args, **kwargs):
+    raise AssertionError("sampled before the FID inputs were checked")
+  monkeypatch.setattr(generate, "sample_from_checkpoint", no_sampling)
   np.savez(tmp / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
-  bad = run_main(f"--workdir={tmp / 'run'}", "--mode=eval", f"--inception={tmp / 'inception.npz'}",
-                 f"--ref={tmp / 'small.npz'}", check=False)
-  assert bad.returncode != 0 and "64-d features, expected 2048" in bad.stderr
-  bad = run_main(f"--workdir={tmp / 'run'}", "--mode=eval", f"--inception={tmp / 'nope.npz'}",
-                 f"--ref={tmp / 'small.npz'}", check=False)
-  assert bad.returncode != 0 and "nope.npz" in bad.stderr
-  bad = run_main(f"--workdir={tmp / 'run'}", "--mode=fid_ref", check=False)
-  assert bad.returncode != 0 and "--mode=fid_ref needs --ref" in bad.stderr
+  for args, message in (
+      ([f"--inception={tmp / 'inception.npz'}", f"--ref={tmp / 'small.npz'}"],
+       "64-d features, expected 2048"),
+      ([f"--inception={tmp / 'nope.npz'}", f"--ref={tmp / 'small.npz'}"], "nope.npz")):
+    with pytest.raises((ValueError, OSError, app.UsageError), match=message):
+      in_process(f"--workdir={tmp / 'run'}", "--mode=eval", *args)
+  with pytest.raises(app.UsageError, match="--mode=fid_ref needs --ref"):
+    in_process(f"--workdir={tmp / 'run'}", "--mode=fid_ref")
 
 
 def test_inception_defaults_to_the_installed_weights(setup, monkeypatch):

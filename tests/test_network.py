@@ -5,12 +5,10 @@ import os
 
 import numpy as np
 import pytest
-from absl import app, flags
-from absl.testing import flagsaver
+from absl import app
 
-from conftest import ADM_TINY, DDPMPP_TINY
+from conftest import ADM_TINY, DDPMPP_TINY, main_in_process
 from patchdiff import checkpoint, config_lib, convert, metrics, pretrained
-from patchdiff import main as entry
 from patchdiff.nn import models
 
 SNAPSHOTS = {"ddpmpp_tiny": DDPMPP_TINY, "adm_tiny_cond": dict(ADM_TINY, label_dim=5),
@@ -21,11 +19,7 @@ PAPER_SAMPLER = {"ddpmpp": (50, 0.0, 0.0, float("inf"), 1.0), "adm": (256, 40.0,
 SAMPLE = ["--seeds=0-2", "--steps=4", "--format=npz"]
 
 
-def run_main(*args):
-  """`python -m patchdiff.main ARGS`, in this process."""
-  with flagsaver.flagsaver():
-    flags.FLAGS.unparse_flags()
-    entry.main(flags.FLAGS(["patchdiff.main", *args]))
+run_main = main_in_process
 
 
 def snapshot(reference, name):

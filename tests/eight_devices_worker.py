@@ -1,0 +1,166 @@
+"""Run by test_eight_devices.py in a process with 8 fake CPU devices; prints one JSON line of
+results. One interpreter for every 8-device check, so JAX starts and compiles once for them all.
+
+1. The same global batches (dropout on) through the train step on 1 device, on 8 (data layout,
+   replicated state) and on 8 with the state split along fsdp: the parameters agree.
+2. The same on 8 devices accumulated over micro-batches (train.batch_per_device=1: 2 rounds)
+   against the unsplit 8-device step, and the collectives of the two gradient programs, to show
+   that slicing the micro-batches moves no batch data between devices.
+3. The fsdp-layout state, checkpointed, restores on 1 device and on a 4-device data layout
+   (training and sampling targets) with the same values.
+4. Sampling sharded over 8 devices gives each seed the image one device gives it.
+"""
+import json
+import os
+import re
+import sys
+import tempfile
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_train import tiny_config  # pylint: disable=wrong-import-position
+
+# pylint: disable-next=wrong-import-position
+from patchdiff import checkpoint, generate, patches, programs, train
+
+SIZE = 8  # one bucket, the R/2 one: batch 8 x 2 = 16, 2 per device (batch_per_device=1: 2 rounds)
+STEPS = 3
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def batches(cfg):
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(STEPS):
+    b = cfg.train.batch_size * patches.batch_mul(SIZE, cfg.model.img_resolution)
+    offsets = rng.integers(0, cfg.model.img_resolution - SIZE + 1, (b, 2))
+    pos = patches.coord_grid(offsets[:, 0], offsets[:, 1], SIZE, cfg.model.img_resolution)
+    out.append(dict(image=rng.integers(0, 256, (b, SIZE, SIZE, 3), dtype=np.uint8), pos=pos))
+  return out
+
+
+def layout(data, fsdp, param_sharding, **overrides):
+  return tiny_config(**{"mesh.data": data, "mesh.fsdp": fsdp,
+                        "mesh.param_sharding": param_sharding, "train.batch_size": 8,
+                        "train.lr": 1e-3, "model.dropout": 0.2, **overrides})
+
+
+def train_steps(cfg, devices, state0):
+  """STEPS steps of `cfg` on `devices` from `state0`: the Run, its compiled step, the state and
+  the losses."""
+  run = train.Run(cfg, devices)
+  state = jax.device_put(state0, run.state_shardings)
+  compiled = programs.Programs(run).compile_step(SIZE)
+  losses = []
+  for step, batch in enumerate(batches(cfg)):
+    state, metrics = compiled(state, run.to_device(batch), run.hyper(step, SIZE))
+    losses.append(float(metrics["loss"]))
+  return run, compiled, state, losses
+
+
+def max_rel(a, b):
+  errs = jax.tree_util.tree_map(
+      lambda x, y: float(np.linalg.norm(np.asarray(x, np.float64) - np.asarray(y, np.float64))
+                         / max(np.linalg.norm(np.asarray(y, np.float64)), 1e-12)), a, b)
+  return max(jax.tree_util.tree_leaves(errs))
+
+
+def collectives(hlo: str) -> dict[str, int]:
+  """How many of each collective op the optimised HLO text holds (async pairs counted once),
+  as `OP_entry` in the entry computation and `OP_nested` in the others (loop bodies)."""
+  out = {f"{op}_{where}": 0 for op in COLLECTIVES for where in ("entry", "nested")}
+  where = "nested"
+  for line in hlo.splitlines():
+    if line.endswith("{") and not line.startswith(" "):
+      where = "entry" if line.startswith("ENTRY") else "nested"
+    for op in COLLECTIVES:
+      if re.search(rf"\s{op}(-start)?\(", line):
+        out[f"{op}_{where}"] += 1
+  return out
+
+
+def compare(results, name, state, ref, state0):
+  """The parameters, EMA and updates (params - params0, which the rounding matters most for) of
+  `state` against `ref`, as NAME_*_rel_err."""
+  got, ref = jax.device_get(state), jax.device_get(ref)
+  results[f"{name}_param_rel_err"] = max_rel(got["params"], ref["params"])
+  results[f"{name}_ema_rel_err"] = max_rel(got["ema"], ref["ema"])
+  delta = lambda p: jax.tree_util.tree_map(lambda x, x0: np.asarray(x) - x0, p,  # noqa: E731
+                                           state0["params"])
+  results[f"{name}_update_rel_err"] = max_rel(delta(got["params"]), delta(ref["params"]))
+  results[f"{name}_step"] = int(got["step"])
+
+
+def main():
+  devices = jax.devices()
+  assert len(devices) == 8, devices
+  results = {}
+  single = train.Run(layout(1, 1, "replicated"), devices[:1])
+  state0 = jax.device_get(single.init_state())
+  _, _, ref, _ = train_steps(layout(1, 1, "replicated"), devices[:1], state0)
+  states = {}
+  for name, cfg in {"data8": layout(8, 1, "replicated"),
+                    "data2_fsdp4": layout(2, 4, "fsdp")}.items():
+    states[name] = train_steps(cfg, devices, state0)
+    compare(results, name, states[name][2], ref, state0)
+
+  # Accumulated over micro-batches on 8 devices, against the unsplit 8-device step.
+  _, plain, plain_state, plain_losses = states["data8"]
+  acc_run, acc, acc_state, losses = train_steps(
+      layout(8, 1, "replicated", **{"train.batch_per_device": 1}), devices, state0)
+  results["accumulated_rounds"] = acc_run.rounds[SIZE]
+  compare(results, "accumulated", acc_state, plain_state, state0)
+  results["accumulated_loss_rel_err"] = max(abs(a - b) / abs(b)
+                                            for a, b in zip(losses, plain_losses))
+  results["accumulated_collectives"] = collectives(acc.grad.as_text())
+  results["plain_collectives"] = collectives(plain.grad.as_text())
+
+  # How the fsdp layout splits the state: the biggest tensors are sharded, not replicated.
+  run, _, state, _ = states["data2_fsdp4"]
+  leaves = jax.tree_util.tree_leaves(state["params"])
+  sharded = [x for x in leaves if not x.sharding.is_fully_replicated]
+  results["data2_fsdp4_sharded_fraction"] = (sum(x.size for x in sharded)
+                                             / sum(x.size for x in leaves))
+  big = max(leaves, key=lambda x: x.size)
+  results["data2_fsdp4_biggest_shard_shape"] = list(big.addressable_shards[0].data.shape)
+  results["data2_fsdp4_biggest_shape"] = list(big.shape)
+
+  # Save the fsdp state; restore on 1 device and on a 4-device data layout.
+  with tempfile.TemporaryDirectory() as tmp:
+    mgr = checkpoint.manager(tmp)
+    train._save(mgr, STEPS, run, state, 0.0)  # pylint: disable=protected-access
+    mgr.wait_until_finished()
+    saved = jax.device_get(state)
+    for name, cfg, devs in (("restore_1", layout(1, 1, "replicated"), devices[:1]),
+                            ("restore_data4", layout(4, 1, "replicated"), devices[:4])):
+      target = train.Run(cfg, devs)
+      got, progress = checkpoint.restore_state(mgr, STEPS, target.abstract_state)
+      results[f"{name}_train_err"] = max_rel(jax.device_get(got["params"]), saved["params"])
+      results[f"{name}_opt_err"] = max_rel(jax.device_get(got["opt_state"]), saved["opt_state"])
+      results[f"{name}_ema_err"] = max_rel(jax.device_get(got["ema"]), saved["ema"])
+      results[f"{name}_devices"] = sorted(
+          {d.id for x in jax.tree_util.tree_leaves(got["params"]) for d in x.sharding.device_set})
+      results[f"{name}_progress"] = progress
+      # Sampling restores the EMA denoiser alone, without the trainer.
+      denoiser, _ = checkpoint.load_ema(tmp, target.cfg, STEPS,
+                                        NamedSharding(target.mesh, PartitionSpec()))
+      results[f"{name}_sample_ema_err"] = max_rel(
+          jax.device_get(nnx.state(denoiser, nnx.Param)), saved["ema"])
+      if name == "restore_1":
+        one_device = generate.Sampler(denoiser, target.model_cfg, target.cfg.sample,
+                                      mesh=target.mesh).sample(list(range(8)), batch_size=3)
+    mgr.close()
+  # Sampling sharded over 8 devices (with the fsdp-split EMA) draws the same images per seed.
+  eight = generate.Sampler(nnx.merge(run.graphdef, state["ema"], state["buffers"]), run.model_cfg,
+                           run.cfg.sample, mesh=run.mesh).sample(list(range(8)), batch_size=8)
+  results["sample_8_vs_1_max_abs"] = float(np.abs(eight - one_device).max())
+  results["sample_distinct_seeds"] = float(np.abs(eight[0] - eight[1]).mean())
+  print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+  main()
