@@ -182,3 +182,27 @@ def main_in_process(*args):
   with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
     flags.FLAGS.unparse_flags()
     entry.main(flags.FLAGS(argv))
+
+
+@pytest.fixture
+def stub_inception(monkeypatch):
+  """The FID Inception replaced by a cheap stand-in, for tests of the FID plumbing rather than its
+  numbers (the real network has its own tests in test_inception.py, and test_main.py's eval runs
+  it as a user does): its features are 16 fixed random projections of the pixels, zero-padded to
+  2048, and the Frechet distance is taken over those 16 (its matrix square roots would take
+  minutes at 2048). Returns the feature function."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from patchdiff import evaluation  # pylint: disable=import-outside-toplevel
+  distance = evaluation.metrics.frechet_distance
+  monkeypatch.setattr(evaluation.metrics, "frechet_distance", lambda m1, s1, m2, s2: distance(
+      m1[:16], s1[:16, :16], m2[:16], s2[:16, :16]))
+  rng, projections = np.random.default_rng(0), {}
+
+  def features(_, images):
+    x = np.asarray(images, np.float64).reshape(len(images), -1)
+    x = x @ projections.setdefault(x.shape[1], rng.standard_normal((x.shape[1], 16)))
+    return np.concatenate([x, np.zeros((len(x), 2048 - x.shape[1]))], axis=1)
+  monkeypatch.setattr(evaluation, "load_inception", lambda path: "stub")
+  monkeypatch.setattr(evaluation.inception, "features", features)
+  monkeypatch.setattr(evaluation.inception, "default_weights_path", lambda: "stub")
+  return features

@@ -123,17 +123,11 @@ def test_a_state_dict_as_network_asks_for_convert_and_a_config(reference, tmp_pa
              f"--outdir={tmp_path}")
 
 
-def test_eval_of_a_snapshot_scores_its_samples_against_ref(reference, tmp_path, monkeypatch,
+def test_eval_of_a_snapshot_scores_its_samples_against_ref(reference, tmp_path, stub_inception,
                                                           capsys):
-  """The plumbing of `--mode=eval --network`: the Inception is a stub (the real one has its own
-  tests), so FID here is the Frechet distance of pixel features; there is no SWD (no data)."""
-  from patchdiff import evaluation  # pylint: disable=import-outside-toplevel
-
-  def pixels(_, images):
-    x = np.asarray(images, np.float64).reshape(len(images), -1)
-    return np.concatenate([x, np.zeros((len(x), 2048 - x.shape[1]))], axis=1)
-  monkeypatch.setattr(evaluation, "load_inception", lambda path: "stub")
-  monkeypatch.setattr(evaluation.inception, "features", pixels)
+  """The plumbing of `--mode=eval --network`: the Inception is a stub (conftest's
+  `stub_inception`), so FID here is the Frechet distance of pixel features; there is no SWD (no
+  data)."""
   path, out = snapshot(reference, "ddpmpp_tiny"), tmp_path / "eval"
   with pytest.raises(app.UsageError, match="--ref"):
     run_main("--mode=eval", f"--network={path}", f"--outdir={out}", *SAMPLE)
@@ -145,7 +139,7 @@ def test_eval_of_a_snapshot_scores_its_samples_against_ref(reference, tmp_path, 
   with open(out / "eval.json", encoding="utf-8") as f:
     result = json.load(f)
   with np.load(out / "samples.npz") as f:
-    mu, sigma = metrics.feature_statistics(pixels(None, f["arr_0"]))
+    mu, sigma = metrics.feature_statistics(stub_inception(None, f["arr_0"]))
   assert result["num_images"] == 3 and not any(k.startswith("swd") for k in result)
   assert result["fid"] == pytest.approx(metrics.frechet_distance(mu, sigma, np.zeros(2048),
                                                                  np.eye(2048)))

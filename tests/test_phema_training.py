@@ -249,24 +249,10 @@ def test_phema_reconstructs_tracked_lengths_and_sample_reads_them(straight, caps
     assert f["arr_0"].shape == (2, 16, 16, 3) and f["seeds"].tolist() == [0, 1]
 
 
-def test_eval_reports_each_length_with_a_table_and_a_plot(straight, capsys, monkeypatch):
+def test_eval_reports_each_length_with_a_table_and_a_plot(straight, capsys, stub_inception):
   """`--mode=eval --ema_std=A,B`: each length reconstructed where missing and evaluated (FID
   against the run's WORKDIR/fid_ref.npz, made once); the table and the plot name the best.
-  The Inception is a stub (the real one has its own tests): its features are 16 random
-  projections of the pixels (zero-padded to 2048), and the Frechet distance is of those 16
-  (its matrix roots would take minutes at 2048)."""
-  from patchdiff import evaluation, metrics  # pylint: disable=import-outside-toplevel
-  distance = metrics.frechet_distance
-  monkeypatch.setattr(evaluation.metrics, "frechet_distance", lambda m1, s1, m2, s2: distance(
-      m1[:16], s1[:16, :16], m2[:16], s2[:16, :16]))
-  projection = np.random.default_rng(0).standard_normal((16 * 16 * 3, 16))
-
-  def pixels(_, images):
-    x = np.asarray(images, np.float64).reshape(len(images), -1) @ projection
-    return np.concatenate([x, np.zeros((len(x), 2048 - x.shape[1]))], axis=1)
-  monkeypatch.setattr(evaluation, "load_inception", lambda path: "stub")
-  monkeypatch.setattr(evaluation.inception, "features", pixels)
-  monkeypatch.setattr(evaluation.inception, "default_weights_path", lambda: "stub")
+  The Inception is a stub (conftest's `stub_inception`)."""
   workdir = str(straight["workdir"])
   run_main("--mode=eval", f"--workdir={workdir}", "--ema_std=0.1,0.03", "--seeds=0-2")
   out = capsys.readouterr().out
@@ -276,7 +262,7 @@ def test_eval_reports_each_length_with_a_table_and_a_plot(straight, capsys, monk
   fids = {r["std"]: r["fid"] for r in table["rows"]}
   assert table["best_std"] == min(fids, key=fids.get) and fids[0.1] != fids[0.03]
   assert all(r["num_images"] == 3 and r["swd_mean"] > 0 for r in table["rows"])
-  assert f"EMA std 0.0300 (residual" in out and "best fid: EMA std" in out
+  assert "EMA std 0.0300 (residual" in out and "best fid: EMA std" in out
   assert os.path.isfile(os.path.join(workdir, "fid_ref.npz"))
   assert not os.path.exists(os.path.join(posthoc.weights_dir(workdir, 0.03), "fid_ref.npz"))
   plot = np.asarray(Image.open(os.path.join(workdir, "phema_ema", "eval_00000010.png")))

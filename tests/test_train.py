@@ -419,8 +419,9 @@ def _scalars(workdir) -> dict[str, dict[int, float]]:
   return out
 
 
-def test_fid_during_training_with_the_real_weights(tmp_path, inception_weights):
-  # Full images only: one train program to compile (the buckets are tested elsewhere).
+def test_fid_during_training(tmp_path, stub_inception):
+  """The plumbing of train.fid_every, with conftest's stub Inception (the real one has its own
+  tests). Full images only: one train program to compile (the buckets are tested elsewhere)."""
   cfg = tiny_config(**{"train.steps": 4, "train.fid_every": 2, "train.fid_samples": 4,
                        "train.log_every": 2, "data.limit": 8, "sample.grid_size": 4,
                        "patch.real_p": 1.0})
@@ -433,10 +434,8 @@ def test_fid_during_training_with_the_real_weights(tmp_path, inception_weights):
   assert 0 < seconds[2] < seconds[4]
   # The reference: the Inception statistics of the 8 training images, made once and kept.
   from patchdiff import evaluation, metrics
-  from patchdiff.nn import inception
   mu, sigma = metrics.load_statistics(tmp_path / "fid_ref.npz", feature_dim=2048, resolution=16)
-  feats = inception.features(inception.load_weights(inception_weights),
-                             evaluation.reference_images(cfg))
+  feats = stub_inception(None, evaluation.reference_images(cfg))
   np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-5, atol=1e-6)
   assert sigma.shape == (2048, 2048)
 
