@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from patchdiff import data, encode_latents, patches
-from patchdiff.data import decode, latents, sources
+from patchdiff.data import decode, latent_shards, latents, sources
 from patchdiff.nn import vae
 
 RES = 16
@@ -308,7 +308,7 @@ def test_rerun_removes_temporary_files_and_encodes_damaged_shards_again(encoded,
 
 
 def test_temporary_json_removed_before_its_rename_is_written_again(tmp_path, monkeypatch):
-  link, calls = encode_latents.os.link, []
+  link, calls = latent_shards.os.link, []
 
   def removed_first(src, dst):  # another process's start removes the temporary file
     calls.append(src)
@@ -316,9 +316,8 @@ def test_temporary_json_removed_before_its_rename_is_written_again(tmp_path, mon
       src.unlink()
     return link(src, dst)
 
-  monkeypatch.setattr(encode_latents.os, "link", removed_first)
-  publish = encode_latents._publish_json  # pylint: disable=protected-access
-  publish(tmp_path / "spec.json", {"a": 1}, replace=False)
+  monkeypatch.setattr(latent_shards.os, "link", removed_first)
+  latent_shards.publish_json(tmp_path / "spec.json", {"a": 1}, replace=False)
   assert len(calls) == 2 and json.loads((tmp_path / "spec.json").read_text()) == {"a": 1}
   assert [p.name for p in tmp_path.iterdir()] == ["spec.json"]
 

@@ -3,9 +3,10 @@ iterator of patch batches the trainer consumes.
 
 Sources (`data.source`; the keys and defaults are `config_lib.DATA_DEFAULTS`):
   twemoji    the embedded Twemoji set (`twemoji.py`: PIL, decoded once and cached as .npz).
-  folder, zip, tfds  encoded images (`sources.py`, `zip_index.py`; `decode.py`, `uncached.py`), decoded once (data.cache=True) or every step.
+  folder, zip, tfds  encoded images (`sources.py`, `zip_index.py`; `decode.py`, `uncached.py`),
+             decoded once (data.cache=True) or every step.
   latents    precomputed latents, .npy or .npz or a folder of shards from `encode_latents`
-             (`latents.py`), float, used as stored.
+             (`latents.py` reads them, `latent_shards.py` writes them), float, used as stored.
   synthetic  `limit` (default 256) random arrays N(0, 0.5^2) of `channels` channels (and random
              labels), a pure function of the seed: for smoke runs and benchmarks, never for science.
   none       no data: the config of a network read from a file, which samples but cannot train.
