@@ -15,7 +15,8 @@ run (`fid_vs_length.png`, matplotlib) and a grid of each run at its best length.
 
 The recipe, seed and step count are the ablation's; tracking the post-hoc EMAs does not change
 the training trajectory. Runs go two at a time, each pinned to one core; a repeated command
-skips what is done.
+skips what is done, and resumes an interrupted training from its last checkpoint (every eighth
+of the run).
 """
 from __future__ import annotations
 
@@ -88,11 +89,12 @@ def train_all(args) -> None:
       while subprocess.run(["pgrep", "-f", f"workdir={workdir}( |$)"],
                            capture_output=True, check=False).returncode == 0:
         time.sleep(30)  # a training of this run started by an earlier command is still going
-      if os.path.isdir(os.path.join(workdir, "checkpoints", str(steps))):
+      if os.path.isfile(os.path.join(workdir, "samples_%08d.png" % steps)):  # the run's end
         open(os.path.join(workdir, "phema_done"), "w", encoding="utf-8").close()
       if not os.path.isfile(os.path.join(workdir, "phema_done")):
         run(main + [f"--config={CONFIG}:{arg}", f"--workdir={workdir}",
-                    f"--config.train.steps={steps}", f"--config.train.checkpoint_every={steps}",
+                    f"--config.train.steps={steps}",
+                    f"--config.train.checkpoint_every={-(-steps // 8)}",
                     "--config.train.keep_checkpoints=1", f"--config.train.log_every={steps // 8}",
                     "--config.train.phema.stds=(" + ",".join(map(str, TRACKED)) + ")",
                     f"--config.train.phema.every_kimg={every}"], log, core)
