@@ -32,6 +32,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ablation import run  # pylint: disable=wrong-import-position  (taskset, log, check)
 CONFIG = os.path.join(REPO, "configs", "demo.py")
 # name -> (config argument, what it is), as benchmarks/ablation.py names them
 RUNS = {"edm": ("edm", "p = 1.0 (EDM: full images only)"),
@@ -41,15 +43,6 @@ RUNS = {"edm": ("edm", "p = 1.0 (EDM: full images only)"),
 ABLATION = os.path.join(REPO, "docs", "ablation_smileys", "results.json")
 TRACKED = (0.05, 0.10)
 SNAPSHOTS = 20
-
-
-def run(cmd: list[str], log: str, core: int | None) -> None:
-  if core is not None:
-    cmd = ["taskset", "-c", str(core)] + cmd
-  with open(log, "a", encoding="utf-8") as f:
-    f.write(f"\n$ {' '.join(cmd)}\n")
-    f.flush()
-    subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
 
 
 def plan() -> dict[str, tuple[int, float]]:
