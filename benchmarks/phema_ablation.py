@@ -46,7 +46,8 @@ SNAPSHOTS = 20
 
 
 def plan() -> dict[str, tuple[int, float]]:
-  """name -> (steps, kimg) of the run in the Smileys ablation."""
+  """name -> (steps, kimg) of the run in the Smileys ablation (its kimg as counted then, before
+  the count became the official loop's whole images a step)."""
   with open(ABLATION, encoding="utf-8") as f:
     done = json.load(f)
   return {name: (done[name]["steps"][-1], done[name]["kimg"][-1]) for name in RUNS}
@@ -122,7 +123,7 @@ def report(args) -> None:
     with open(post_path, encoding="utf-8") as f:
       post = json.load(f)
     best = min(post["rows"], key=lambda r: r["fid"])
-    rows[name] = dict(about=about, steps=steps_of[name][0], kimg=steps_of[name][1],
+    rows[name] = dict(about=about, steps=steps_of[name][0], kimg=post["nimg"] / 1000,
                       edm1_fid=standard["fid"], edm1_swd=standard["swd_mean"],
                       lengths=[dict(std=r["std"], fid=r["fid"], swd=r["swd_mean"],
                                     residual=r["residual"]) for r in post["rows"]],
