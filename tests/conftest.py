@@ -57,7 +57,7 @@ def user_xla_flags(monkeypatch):
 # The files that take minutes (end-to-end runs), longest first: handed out first, they keep both
 # xdist workers busy to the end instead of leaving one to run a long file alone.
 LONGEST_FIRST = ("test_main.py", "test_eight_devices.py", "test_train.py", "test_init_from.py",
-                 "test_phema_training.py", "test_configs.py", "test_multihost.py",
+                 "test_phema_training.py", "test_configs.py",
                  "test_fid_cli.py", "test_accumulation.py", "test_latent.py", "test_compile.py",
                  "test_latent_stream.py", "test_convert.py", "test_official_pkl.py")
 
@@ -112,8 +112,9 @@ def state_dict_shapes(path) -> dict[str, tuple[int, ...]]:
 
 
 # The configs of the two parity fixtures (see reference/README.md).
-DDPMPP_TINY = dict(arch="ddpmpp", img_resolution=16, img_channels=3, model_channels=16,
-                   channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0)
+import tiny  # pylint: disable=wrong-import-position  (after XLA_FLAGS: it imports the package)
+
+DDPMPP_TINY = tiny.MODEL  # the network of the tiny run every test shares (tests/tiny.py)
 ADM_TINY = dict(arch="adm", img_resolution=16, img_channels=3, model_channels=32,
                 channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0, label_dim=5)
 FIXTURES = {"ddpmpp_tiny": DDPMPP_TINY, "adm_tiny_cond": ADM_TINY}
@@ -152,8 +153,8 @@ def vae_dir(reference, tmp_path_factory):
   return folder
 
 
-def run_on_eight_devices(script: str, timeout: int) -> dict:
-  """Runs `tests/<script>` on 8 fake CPU devices and returns the JSON it prints after
+def run_on_eight_devices(script: str, timeout: int, *args: str) -> dict:
+  """Runs `tests/<script> ARGS` on 8 fake CPU devices and returns the JSON it prints after
   `RESULTS `."""
   import json  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
@@ -161,7 +162,7 @@ def run_on_eight_devices(script: str, timeout: int) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
              PYTHONPATH=str(REPO))
-  proc = subprocess.run([sys.executable, f"tests/{script}"], cwd=REPO, env=env,
+  proc = subprocess.run([sys.executable, f"tests/{script}", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
   assert proc.returncode == 0 and lines, proc.stderr[-4000:]

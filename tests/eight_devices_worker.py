@@ -9,8 +9,12 @@ results. One interpreter for every 8-device check, so JAX starts and compiles on
 3. The fsdp-layout state, checkpointed, restores on 1 device and on a 4-device data layout
    (training and sampling targets) with the same values.
 4. Sampling sharded over 8 devices gives each seed the image one device gives it.
+5. The reference of tests/test_eight_devices.py's multi-host test: the run that two processes x
+   4 devices train there (`MULTIHOST`), trained here by one process on 8 devices into the
+   workdir given as the first argument. Its 8 px programs are those of check 1's data8 layout.
 """
 import json
+import logging
 import os
 import re
 import sys
@@ -18,11 +22,12 @@ import tempfile
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_train import tiny_config  # pylint: disable=wrong-import-position
+from tiny import tiny_config  # pylint: disable=wrong-import-position
 
 # pylint: disable-next=wrong-import-position
 from patchdiff import checkpoint, generate, patches, programs, train
@@ -47,6 +52,25 @@ def layout(data, fsdp, param_sharding, **overrides):
   return tiny_config(**{"mesh.data": data, "mesh.fsdp": fsdp,
                         "mesh.param_sharding": param_sharding, "train.batch_size": 8,
                         "train.lr": 1e-3, "model.dropout": 0.2, **overrides})
+
+
+# The multi-host run: the data8 layout's config, trained from data for 6 steps of the 8 and 16 px
+# buckets (a global batch of 8: one full-size sample per device).
+MULTIHOST = {"mesh.data": 8, "mesh.fsdp": 1, "mesh.param_sharding": "replicated",
+             "train.batch_size": 8, "train.lr": 1e-3, "model.dropout": 0.2,
+             "patch.sizes": (8, 16), "patch.probs": (0.5, 0.5), "train.steps": 6,
+             "train.log_every": 3, "train.checkpoint_every": 6, "sample.grid_size": 0}
+
+
+class _Lines(logging.Handler):
+  """Keeps the messages logged while it is attached."""
+
+  def __init__(self):
+    super().__init__()
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())
 
 
 def train_steps(cfg, devices, state0):
@@ -159,6 +183,14 @@ def main():
                            run.cfg.sample, mesh=run.mesh).sample(list(range(8)), batch_size=8)
   results["sample_8_vs_1_max_abs"] = float(np.abs(eight - one_device).max())
   results["sample_distinct_seeds"] = float(np.abs(eight[0] - eight[1]).mean())
+
+  # The multi-host test's reference run, and the bucket plan it logged.
+  lines, logger = _Lines(), logging.getLogger("absl")
+  absl_logging.set_verbosity(absl_logging.INFO)
+  logger.addHandler(lines)
+  train.train_and_evaluate(tiny_config(**MULTIHOST), sys.argv[1])
+  logger.removeHandler(lines)
+  results["multihost_plans"] = [l for l in lines.lines if "schedule digest" in l]
   print("RESULTS " + json.dumps(results))
 
 

@@ -11,7 +11,8 @@ from flax import nnx
 from conftest import ADM_TINY
 from patchdiff import accumulation, config_lib, patches, programs, train, train_step
 from patchdiff.nn import edm, models
-from test_train import tiny_config, watch_compiles
+from test_train import watch_compiles
+from tiny import tiny_config
 
 
 def _rel(a, b) -> float:

@@ -5,7 +5,7 @@ import jax
 import pytest
 
 from patchdiff import config_lib, train
-from test_train import tiny_config
+from tiny import tiny_config
 
 
 class CacheEvents:

@@ -1,15 +1,31 @@
 """Every check that needs 8 fake CPU devices, run by one subprocess (the device count is fixed
 when JAX starts): sharded steps against one device, the fsdp split, checkpoints of the fsdp
 layout restored on other topologies, sharded sampling, and gradient accumulation on 8 devices
-against the unsplit step (tests/eight_devices_worker.py)."""
+against the unsplit step (tests/eight_devices_worker.py); and the multi-host test: two processes
+x 4 CPU devices on 127.0.0.1, joined by jax.distributed (launch/local.sh), train the same run as
+the worker's one process x 8 devices."""
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
 import pytest
 
-from conftest import run_on_eight_devices
+import tiny
+from conftest import REPO, run_on_eight_devices
+from eight_devices_worker import MULTIHOST
+from patchdiff import checkpoint, train
 
 
 @pytest.fixture(scope="module")
-def eight_devices():
-  return run_on_eight_devices("eight_devices_worker.py", timeout=900)
+def eight_devices(tmp_path_factory):
+  """The worker's results; its multi-host reference run is in results["multihost_workdir"]."""
+  workdir = tmp_path_factory.mktemp("eight_devices") / "1x8"
+  results = run_on_eight_devices("eight_devices_worker.py", 900, str(workdir))
+  return dict(results, multihost_workdir=workdir)
 
 
 @pytest.mark.parametrize("layout", ["data8", "data2_fsdp4"])
@@ -67,3 +83,44 @@ def test_micro_batches_move_no_batch_data_between_devices(eight_devices):
     assert total(got) <= total(ref), (op, got, ref)
   assert got["all-reduce_nested"] == 0 and got["all-reduce_entry"] >= 1, got
   assert sum(v for k, v in got.items() if not k.startswith("all-reduce")) == 0, got
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def restore_params(workdir, cfg):
+  run = train.Run(cfg)  # this process: 1 device, whatever layout wrote the checkpoint
+  mgr = checkpoint.manager(str(workdir), create=False)
+  state, _ = checkpoint.restore_state(mgr, 6, run.abstract_state)
+  mgr.close()
+  return jax.device_get(state["params"]), jax.device_get(state["ema"])
+
+
+def test_two_processes_train_the_same_run_as_one(eight_devices, tmp_path):
+  """The worker's 1 x 8 run, here trained by 2 processes x 4 devices: the same bucket sequence
+  (its digest is also checked across the processes) and the same parameters at the end."""
+  multi = tmp_path / "2x4"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, PORT=str(free_port()),
+             DEVICES_PER_PROCESS="4")
+  proc = subprocess.run(["bash", "launch/local.sh", "2", "tests/tiny.py", str(multi),
+                         *tiny.flags(**MULTIHOST)], cwd=REPO, env=env, timeout=600, check=False)
+  logs = [(multi / f"process_{i}.log").read_text() for i in range(2)]
+  assert proc.returncode == 0, "\n".join(log[-3000:] for log in logs)
+  for i, log in enumerate(logs):
+    assert f"process {i} of 2, 8 cpu device(s) in all" in log
+  assert "step 6/6" in logs[0]  # process 0 writes the metrics
+
+  # Every process ran the reference's bucket sequence.
+  pattern = r"steps 0\.\.6, per bucket (\{.*?\}), schedule digest (\w+)"
+  plans = [re.search(pattern, text).groups() for text in (*logs, *eight_devices["multihost_plans"])]
+  assert len(plans) == 3 and plans[0] == plans[1] == plans[2], plans
+  assert set(eval(plans[0][0])) == {8, 16}  # pylint: disable=eval-used
+
+  cfg = tiny.tiny_config(**dict(MULTIHOST, **{"mesh.data": -1}))  # restored on this 1 device
+  single = eight_devices["multihost_workdir"]
+  for a, b in zip(restore_params(multi, cfg), restore_params(single, cfg)):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                           a, b)

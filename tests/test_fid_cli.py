@@ -2,7 +2,6 @@
 numbers): --mode=fid_ref writes EDM-format statistics, --mode=eval scores seed sets against them;
 --inception defaults to the installed weights. (--mode=eval without --ref, with the installed
 weights: tests/test_main.py.)"""
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,54 +11,46 @@ import numpy as np
 import pytest
 from absl import app
 
+import tiny
 from conftest import REPO, main_in_process
 from patchdiff import checkpoint, config_lib, evaluation, generate, metrics
 from patchdiff.nn import inception, models
 
-# 8 training images and at most 8 samples a set: the reference and the samples run through one
-# Inception program (small sets are padded to 8), compiled once and then read from the cache.
-OVERRIDES = {"data.limit": 8, "data.resolution": 16, "model.img_resolution": 16,
-             "model.channel_mult": (1, 2), "model.model_channels": 16, "model.num_blocks": 1,
-             "model.attn_resolutions": (),
-             "sample.num_steps": 2, "sample.batch_size": 4, "sample.grid_size": 0}
-FLAGS = [f"--config.{k}={v}".replace(" ", "") for k, v in OVERRIDES.items()]
+# The tiny run's config (tests/tiny.py) with 8 training images and at most 8 samples a set: the
+# reference and the samples run through one Inception program (small sets are padded to 8),
+# compiled once and then read from the cache.
+OVERRIDES = {"data.limit": 8, "sample.grid_size": 0}
+FLAGS = ["--config=tests/tiny.py", *tiny.flags(**OVERRIDES)]
 
 
 def run_main(*args, check=True):
-  proc = subprocess.run([sys.executable, "-m", "patchdiff.main", "--config=configs/demo.py",
-                         *args, *FLAGS], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run([sys.executable, "-m", "patchdiff.main", *FLAGS, *args], cwd=REPO,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                        timeout=600)
   if check and proc.returncode:
     raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
   return proc
 
 
 def in_process(*args):
-  main_in_process("--config=configs/demo.py", *FLAGS, *args)
-
-
-def demo_config():
-  spec = importlib.util.spec_from_file_location("demo", REPO / "configs" / "demo.py")
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  return config_lib.override(demo.get_config(), OVERRIDES)
+  main_in_process(*FLAGS, *args)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("fid")
   np.savez(tmp / "inception.npz", **inception.state_dict(inception.create(seed=0)))
-  cfg = demo_config()
+  cfg = tiny.tiny_config(**OVERRIDES)
   checkpoint.save_weights(str(tmp / "run"), models.create_denoiser(cfg.model), cfg)
   return tmp
 
 
 def test_reference_statistics_then_fid_over_seed_sets(setup, user_xla_flags):
   """--mode=fid_ref and --mode=eval as a user runs them: compiled with the package's CPU options
-  (`user_xla_flags`)."""
+  (`user_xla_flags`), fid_ref in this process and eval in a new interpreter."""
   tmp = setup
-  run_main(f"--workdir={tmp / 'run'}", "--mode=fid_ref", f"--inception={tmp / 'inception.npz'}",
-           f"--ref={tmp / 'ref.npz'}")
+  in_process(f"--workdir={tmp / 'run'}", "--mode=fid_ref", f"--inception={tmp / 'inception.npz'}",
+             f"--ref={tmp / 'ref.npz'}")
   mu, sigma = metrics.load_statistics(tmp / "ref.npz", feature_dim=2048)
   assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
   assert np.allclose(sigma, sigma.T) and np.abs(mu).sum() > 0
@@ -116,7 +107,7 @@ def test_workdir_statistics_are_remade_for_other_data(tmp_path, monkeypatch):
     made.append(cfg.data.limit)
     return np.full(2048, float(cfg.data.limit)), np.eye(2048)
   monkeypatch.setattr(evaluation, "training_set_statistics", fake_statistics)
-  cfg = demo_config()
+  cfg = tiny.tiny_config(**OVERRIDES)
   path = str(tmp_path / "fid_ref.npz")
   assert evaluation.reference_statistics(cfg, None, path)[0][0] == 8
   assert evaluation.reference_statistics(cfg, None, path)[0][0] == 8 and made == [8]

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from conftest import ADM_TINY, DDPMPP_TINY
-from test_train import tiny_config, watch_compiles
+from test_train import watch_compiles
+from tiny import tiny_config
 from patchdiff import checkpoint, config_lib, generate, patches, pretrained, train
 from patchdiff.nn import edm, models, torch_io
 from patchdiff.weights import files

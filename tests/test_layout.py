@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import tiny
 from conftest import REPO
 
 PACKAGE = REPO / "patchdiff"
@@ -87,19 +88,14 @@ def test_only_the_input_path_imports_tensorflow():
 
 
 def test_sampling_from_a_checkpoint_does_not_import_tensorflow(tmp_path):
-  from patchdiff import checkpoint, config_lib  # pylint: disable=import-outside-toplevel
+  from patchdiff import checkpoint  # pylint: disable=import-outside-toplevel
   from patchdiff.nn import models  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("demo", REPO / "configs" / "demo.py")
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  overrides = {"model.model_channels": 16, "model.num_blocks": 1, "model.channel_mult": (1, 2),
-               "model.attn_resolutions": (), "sample.num_steps": 2, "sample.grid_size": 2}
-  cfg = config_lib.override(demo.get_config(), overrides)
+  cfg = tiny.tiny_config(**{"sample.grid_size": 2})
   checkpoint.save_weights(str(tmp_path), models.create_denoiser(cfg.model), cfg, step=5)
-  flags = [f"--config.{k}={v}".replace(" ", "") for k, v in overrides.items()]
+  flags = tiny.flags(**{"sample.grid_size": 2})
   script = (
       "import runpy, sys\n"
-      f"sys.argv = ['main', '--config=configs/demo.py', '--workdir={tmp_path}', '--mode=sample',"
+      f"sys.argv = ['main', '--config=tests/tiny.py', '--workdir={tmp_path}', '--mode=sample',"
       f" '--seeds=0-1', *{flags!r}]\n"
       "try:\n  runpy.run_module('patchdiff.main', run_name='__main__')\n"
       "except SystemExit as e:\n  assert not e.code, e.code\n"

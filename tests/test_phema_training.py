@@ -26,7 +26,8 @@ from PIL import Image
 from patchdiff import checkpoint, config_lib, phema, posthoc, programs, train, train_step
 from patchdiff import main as entry
 from patchdiff.nn import models
-from test_train import _Scale, _restore_train, tiny_config, watch_compiles
+from test_train import _Scale, _restore_train, watch_compiles
+from tiny import tiny_config
 
 STDS = (0.05, 0.10)
 SNAPSHOT_STEPS = [3, 5, 8, 10]

@@ -4,36 +4,10 @@ import os
 import numpy as np
 import jax
 import jax.numpy as jnp
-import ml_collections
 import pytest
 
 from patchdiff import checkpoint, config_lib, patches, programs, train, train_step
-
-
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  c = config_lib.base_config()
-  c.data.source = "twemoji"
-  c.data.resolution = 16
-  c.data.limit = 40
-  c.model.arch = "ddpmpp"
-  c.model.img_resolution = 16
-  c.model.img_channels = 3
-  c.model.model_channels = 16
-  c.model.channel_mult = (1, 2)
-  c.model.num_blocks = 1
-  c.model.attn_resolutions = (8,)
-  c.model.dropout = 0.0
-  c.train.batch_size = 4
-  c.train.steps = 40
-  c.train.lr = 1e-3
-  c.train.lr_rampup_kimg = 0.1
-  c.train.log_every = 10
-  c.train.checkpoint_every = 1000
-  c.sample.num_steps = 2
-  c.sample.batch_size = 4
-  c.sample.grid_size = 4
-  c.sample.num_images = 4
-  return config_lib.override(c, overrides)
+from tiny import tiny_config
 
 
 def test_learning_rate_ramps_up_linearly_from_zero():

@@ -11,7 +11,7 @@ from flax import nnx
 from conftest import module_programs
 from patchdiff import checkpoint, programs, sampling, train, xla_options
 from patchdiff.nn import inception, models, vae
-from test_train import tiny_config
+from tiny import tiny_config
 
 
 def test_options_by_platform_and_xla_flags(monkeypatch):
