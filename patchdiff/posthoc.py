@@ -288,10 +288,13 @@ def reconstruct(cfg: ml_collections.ConfigDict, workdir: str, stds: Sequence[flo
           used[i]["step"], used[i]["index"], params_target))
       buffer_values = snaps.load_buffers(target, buffers_target)
       directory = weights_dir(workdir, std)
-      mgr = checkpoint.manager(directory, max_to_keep=None, async_save=False)
-      if target in mgr.all_steps():  # a reconstruction from other snapshots: made again
-        mgr.delete(target)
-      mgr.close()
+      if os.path.isdir(os.path.join(directory, checkpoint.CHECKPOINT_DIR)):
+        # create=False: a manager that creates also clears temporary folders in the background,
+        # which close() does not wait for; it could remove the one that save_weights makes next.
+        mgr = checkpoint.manager(directory, max_to_keep=None, async_save=False, create=False)
+        if target in mgr.all_steps():  # a reconstruction from other snapshots: made again
+          mgr.delete(target)
+        mgr.close()
       checkpoint.save_weights(directory, nnx.merge(graphdef, tree, buffer_values), cfg, target)
       del tree
       fit["seconds"] = time.perf_counter() - t0
