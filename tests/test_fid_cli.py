@@ -3,16 +3,13 @@ numbers): --mode=fid_ref writes EDM-format statistics, --mode=eval scores seed s
 --inception defaults to the installed weights. (--mode=eval without --ref, with the installed
 weights: tests/test_main.py.)"""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from absl import app
 
 import tiny
-from conftest import REPO, main_in_process
+from conftest import main_in_process
 from patchdiff import checkpoint, config_lib, evaluation, generate, metrics
 from patchdiff.nn import inception, models
 
@@ -21,15 +18,6 @@ from patchdiff.nn import inception, models
 # compiled once and then read from the cache.
 OVERRIDES = {"data.limit": 8, "sample.grid_size": 0}
 FLAGS = ["--config=tests/tiny.py", *tiny.flags(**OVERRIDES)]
-
-
-def run_main(*args, check=True):
-  proc = subprocess.run([sys.executable, "-m", "patchdiff.main", *FLAGS, *args], cwd=REPO,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                        timeout=600)
-  if check and proc.returncode:
-    raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
-  return proc
 
 
 def in_process(*args):
@@ -45,9 +33,9 @@ def setup(tmp_path_factory):
   return tmp
 
 
-def test_reference_statistics_then_fid_over_seed_sets(setup, user_xla_flags):
-  """--mode=fid_ref and --mode=eval as a user runs them: compiled with the package's CPU options
-  (`user_xla_flags`), fid_ref in this process and eval in a new interpreter."""
+def test_reference_statistics_then_fid_over_seed_sets(setup, user_xla_flags, capsys):
+  """--mode=fid_ref and --mode=eval as a user runs them, compiled with the package's CPU options
+  (`user_xla_flags`), in this process (test_main.py runs --mode=eval in a new interpreter)."""
   tmp = setup
   in_process(f"--workdir={tmp / 'run'}", "--mode=fid_ref", f"--inception={tmp / 'inception.npz'}",
              f"--ref={tmp / 'ref.npz'}")
@@ -55,9 +43,11 @@ def test_reference_statistics_then_fid_over_seed_sets(setup, user_xla_flags):
   assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
   assert np.allclose(sigma, sigma.T) and np.abs(mu).sum() > 0
 
-  proc = run_main(f"--workdir={tmp / 'run'}", "--mode=eval", "--seeds=0-3", "--fid_sets=2",
-                  f"--inception={tmp / 'inception.npz'}", f"--ref={tmp / 'ref.npz'}")
-  assert "FID " in proc.stdout and "min over 2 seed sets" in proc.stdout
+  capsys.readouterr()
+  in_process(f"--workdir={tmp / 'run'}", "--mode=eval", "--seeds=0-3", "--fid_sets=2",
+             f"--inception={tmp / 'inception.npz'}", f"--ref={tmp / 'ref.npz'}")
+  out = capsys.readouterr().out
+  assert "FID " in out and "min over 2 seed sets" in out
   result = json.load(open(tmp / "run" / "samples" / "step_00000000" / "eval.json"))
   assert len(result["fid_sets"]) == 2 and result["fid"] == min(result["fid_sets"]) > 0
   assert result["fid_sets"][0] != result["fid_sets"][1]  # different seeds, different samples
