@@ -32,6 +32,10 @@ SHAPE_KEYS = ("arch", "img_resolution", "img_channels", "out_channels", "label_d
 
 def manager(workdir: str, max_to_keep: int | None = 3, async_save: bool = True,
             create: bool = True) -> ocp.CheckpointManager:
+  """The orbax manager of WORKDIR/checkpoints. With `create` it makes the folder and clears
+  temporary folders of unfinished saves in the background: its own save() waits for that, but
+  close() does not, so a manager that only reads or deletes is opened with create=False (else
+  its clean-up can remove the temporary folder of a save another manager starts next)."""
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                          cleanup_tmp_directories=create,

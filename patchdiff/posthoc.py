@@ -289,8 +289,7 @@ def reconstruct(cfg: ml_collections.ConfigDict, workdir: str, stds: Sequence[flo
       buffer_values = snaps.load_buffers(target, buffers_target)
       directory = weights_dir(workdir, std)
       if os.path.isdir(os.path.join(directory, checkpoint.CHECKPOINT_DIR)):
-        # create=False: a manager that creates also clears temporary folders in the background,
-        # which close() does not wait for; it could remove the one that save_weights makes next.
+        # It only reads and deletes: create=False (see checkpoint.manager).
         mgr = checkpoint.manager(directory, max_to_keep=None, async_save=False, create=False)
         if target in mgr.all_steps():  # a reconstruction from other snapshots: made again
           mgr.delete(target)

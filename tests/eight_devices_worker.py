@@ -48,18 +48,20 @@ def batches(cfg):
   return out
 
 
+def layout_overrides(data, fsdp, param_sharding) -> dict:
+  return {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.param_sharding": param_sharding,
+          "train.batch_size": 8, "train.lr": 1e-3, "model.dropout": 0.2}
+
+
 def layout(data, fsdp, param_sharding, **overrides):
-  return tiny_config(**{"mesh.data": data, "mesh.fsdp": fsdp,
-                        "mesh.param_sharding": param_sharding, "train.batch_size": 8,
-                        "train.lr": 1e-3, "model.dropout": 0.2, **overrides})
+  return tiny_config(**layout_overrides(data, fsdp, param_sharding), **overrides)
 
 
 # The multi-host run: the data8 layout's config, trained from data for 6 steps of the 8 and 16 px
 # buckets (a global batch of 8: one full-size sample per device).
-MULTIHOST = {"mesh.data": 8, "mesh.fsdp": 1, "mesh.param_sharding": "replicated",
-             "train.batch_size": 8, "train.lr": 1e-3, "model.dropout": 0.2,
-             "patch.sizes": (8, 16), "patch.probs": (0.5, 0.5), "train.steps": 6,
-             "train.log_every": 3, "train.checkpoint_every": 6, "sample.grid_size": 0}
+MULTIHOST = {**layout_overrides(8, 1, "replicated"), "patch.sizes": (8, 16),
+             "patch.probs": (0.5, 0.5), "train.steps": 6, "train.log_every": 3,
+             "train.checkpoint_every": 6, "sample.grid_size": 0}
 
 
 class _Lines(logging.Handler):

@@ -105,7 +105,7 @@ def test_two_processes_train_the_same_run_as_one(eight_devices, tmp_path):
   multi = tmp_path / "2x4"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, PORT=str(free_port()),
              DEVICES_PER_PROCESS="4")
-  proc = subprocess.run(["bash", "launch/local.sh", "2", "tests/tiny.py", str(multi),
+  proc = subprocess.run(["bash", "launch/local.sh", "2", tiny.PATH, str(multi),
                          *tiny.flags(**MULTIHOST)], cwd=REPO, env=env, timeout=600, check=False)
   logs = [(multi / f"process_{i}.log").read_text() for i in range(2)]
   assert proc.returncode == 0, "\n".join(log[-3000:] for log in logs)
@@ -115,7 +115,8 @@ def test_two_processes_train_the_same_run_as_one(eight_devices, tmp_path):
 
   # Every process ran the reference's bucket sequence.
   pattern = r"steps 0\.\.6, per bucket (\{.*?\}), schedule digest (\w+)"
-  plans = [re.search(pattern, text).groups() for text in (*logs, *eight_devices["multihost_plans"])]
+  texts = (*logs, *eight_devices["multihost_plans"])
+  plans = [re.search(pattern, text).groups() for text in texts]
   assert len(plans) == 3 and plans[0] == plans[1] == plans[2], plans
   assert set(eval(plans[0][0])) == {8, 16}  # pylint: disable=eval-used
 

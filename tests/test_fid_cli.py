@@ -17,7 +17,7 @@ from patchdiff.nn import inception, models
 # reference and the samples run through one Inception program (small sets are padded to 8),
 # compiled once and then read from the cache.
 OVERRIDES = {"data.limit": 8, "sample.grid_size": 0}
-FLAGS = ["--config=tests/tiny.py", *tiny.flags(**OVERRIDES)]
+FLAGS = [f"--config={tiny.PATH}", *tiny.flags(**OVERRIDES)]
 
 
 def in_process(*args):

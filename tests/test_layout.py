@@ -95,7 +95,7 @@ def test_sampling_from_a_checkpoint_does_not_import_tensorflow(tmp_path):
   flags = tiny.flags(**{"sample.grid_size": 2})
   script = (
       "import runpy, sys\n"
-      f"sys.argv = ['main', '--config=tests/tiny.py', '--workdir={tmp_path}', '--mode=sample',"
+      f"sys.argv = ['main', '--config={tiny.PATH}', '--workdir={tmp_path}', '--mode=sample',"
       f" '--seeds=0-1', *{flags!r}]\n"
       "try:\n  runpy.run_module('patchdiff.main', run_name='__main__')\n"
       "except SystemExit as e:\n  assert not e.code, e.code\n"

@@ -9,10 +9,11 @@ import pytest
 from absl import app
 from PIL import Image
 
+import tiny
 from conftest import REPO, main_in_process
 
-CONFIG = "--config=tests/tiny.py"  # the tiny run the tests share (its programs are cached)
-TINY = ["--config.train.steps=6", "--config.train.log_every=3", "--config.train.checkpoint_every=3"]
+CONFIG = f"--config={tiny.PATH}"  # the tiny run the tests share (its programs are cached)
+TINY = tiny.flags(**{"train.steps": 6, "train.log_every": 3, "train.checkpoint_every": 3})
 
 
 def in_process(*args):

@@ -12,6 +12,8 @@ import ml_collections
 
 from patchdiff import config_lib
 
+PATH = "tests/tiny.py"  # this file, for --config (relative to the repository root)
+
 # The ddpmpp_tiny parity fixture's network (conftest.DDPMPP_TINY is this).
 MODEL = dict(arch="ddpmpp", img_resolution=16, img_channels=3, model_channels=16,
              channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0)
