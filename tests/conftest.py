@@ -8,12 +8,16 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# XLA's CPU backend spends most of a test's time compiling; without LLVM's optimisations the
-# programs compile ~30% faster (and run a little slower, which the tiny test models don't feel).
-# Subprocesses inherit it. With a level in XLA_FLAGS the package passes no compile options
-# (`xla_options`): the tests that run the package as a user does take `user_xla_flags`.
+# XLA's CPU backend spends most of a test's time compiling. The suite compiles with two settings
+# of its own (`SUITE_FLAGS`, in XLA_FLAGS; subprocesses inherit them): LLVM's optimisations off
+# (level 0, ~30% faster compiles), and XLA's older elemental emitters for fused loops instead of
+# its MLIR fusion emitters (half the compile time of a tiny train step's programs; they run ~10%
+# slower, which the tiny test models don't feel). With a level in XLA_FLAGS the package passes no
+# compile options (`xla_options`): the tests that run the package as a user does take
+# `user_xla_flags`.
 LEVEL_FLAG = "--xla_backend_optimization_level="
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {LEVEL_FLAG}0").strip()
+SUITE_FLAGS = (f"{LEVEL_FLAG}0", "--xla_cpu_use_fusion_emitters=false")
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *SUITE_FLAGS]).strip()
 
 # A module-level program that xla_options jits: `NAME = xla_options.jit(` or `lazy_jit(`, or a
 # top-level function under `@xla_options.jit` / `@xla_options.lazy_jit`.
@@ -33,19 +37,24 @@ def module_programs() -> dict[tuple[str, str], object]:
 
 
 def user_flags() -> str:
-  """XLA_FLAGS without the suite's level, as a user runs the package: its programs compile with
-  the package's own options."""
+  """XLA_FLAGS without the suite's own settings (`SUITE_FLAGS`), as a user runs the package: its
+  programs compile with the package's own options."""
   return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                  if not f.startswith(LEVEL_FLAG))
+                  if f.split("=")[0] not in {g.split("=")[0] for g in SUITE_FLAGS})
 
 
 @pytest.fixture
 def user_xla_flags(monkeypatch):
   """XLA_FLAGS set to `user_flags()` for the test (`xla_options` reads XLA_FLAGS at each call, so
-  an in-process test compiles the user's programs; subprocesses inherit it). The module-level
-  programs' caches are emptied before and after, so that the test makes them under its own
-  flags whatever ran before it in the process."""
+  an in-process test compiles the user's programs; subprocesses inherit it). XLA read the suite's
+  settings when this process started, so the package's programs are also given XLA's default
+  fusion emitters back as a compile option. The module-level programs' caches are emptied before
+  and after, so that the test makes them under its own flags whatever ran before it in the
+  process."""
+  from patchdiff import xla_options  # pylint: disable=import-outside-toplevel
   monkeypatch.setenv("XLA_FLAGS", user_flags())
+  monkeypatch.setattr(xla_options, "CPU_OPTIONS",
+                      dict(xla_options.CPU_OPTIONS, xla_cpu_use_fusion_emitters=True))
   programs = module_programs().values()
   for program in programs:
     program.program.cache_clear()

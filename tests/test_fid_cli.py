@@ -1,7 +1,7 @@
 """FID end to end with Inception weights the test makes (random ones: the plumbing, not the
-numbers): --mode=fid_ref writes EDM-format statistics, --mode=eval scores seed sets against them;
---inception defaults to the installed weights. (--mode=eval without --ref, with the installed
-weights: tests/test_main.py.)"""
+numbers): --mode=fid_ref writes EDM-format statistics (as a user runs it), --mode=eval scores
+seed sets against them (the Inception stubbed); --inception defaults to the installed weights.
+(--mode=eval without --ref, with the installed weights, in a new interpreter: tests/test_main.py.)"""
 import json
 
 import numpy as np
@@ -33,9 +33,9 @@ def setup(tmp_path_factory):
   return tmp
 
 
-def test_reference_statistics_then_fid_over_seed_sets(setup, user_xla_flags, capsys):
-  """--mode=fid_ref and --mode=eval as a user runs them, compiled with the package's CPU options
-  (`user_xla_flags`), in this process (test_main.py runs --mode=eval in a new interpreter)."""
+def test_reference_statistics_as_a_user_makes_them(setup, user_xla_flags):
+  """--mode=fid_ref as a user runs it, compiled with the package's CPU options
+  (`user_xla_flags`), in this process: EDM-format statistics of the training images' features."""
   tmp = setup
   in_process(f"--workdir={tmp / 'run'}", "--mode=fid_ref", f"--inception={tmp / 'inception.npz'}",
              f"--ref={tmp / 'ref.npz'}")
@@ -43,9 +43,17 @@ def test_reference_statistics_then_fid_over_seed_sets(setup, user_xla_flags, cap
   assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
   assert np.allclose(sigma, sigma.T) and np.abs(mu).sum() > 0
 
+
+def test_fid_over_seed_sets_against_reference_statistics(setup, stub_inception, capsys):
+  """--mode=fid_ref, then --mode=eval scoring two seed sets against its statistics, with the
+  Inception stubbed (`stub_inception`: this is the plumbing; test_main.py's eval runs the real
+  network and 2048-d distances as a user does)."""
+  tmp = setup
+  in_process(f"--workdir={tmp / 'run'}", "--mode=fid_ref", f"--inception={tmp / 'inception.npz'}",
+             f"--ref={tmp / 'stub_ref.npz'}")
   capsys.readouterr()
   in_process(f"--workdir={tmp / 'run'}", "--mode=eval", "--seeds=0-3", "--fid_sets=2",
-             f"--inception={tmp / 'inception.npz'}", f"--ref={tmp / 'ref.npz'}")
+             f"--inception={tmp / 'inception.npz'}", f"--ref={tmp / 'stub_ref.npz'}")
   out = capsys.readouterr().out
   assert "FID " in out and "min over 2 seed sets" in out
   result = json.load(open(tmp / "run" / "samples" / "step_00000000" / "eval.json"))
