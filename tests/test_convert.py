@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from PIL import Image
 
-from conftest import DDPMPP_TINY, REPO
+from conftest import DDPMPP_TINY, REPO, main_in_process
 from patchdiff import checkpoint, config_lib, convert, images_io, sampling
 from patchdiff.nn import models, torch_io
 
@@ -31,13 +31,15 @@ def _run(module, *args):
 
 def test_convert_cli_then_sample_reproduces_the_official_network(reference, tmp_path,
                                                                   user_xla_flags):
-  """The two commands as a user runs them: compiled with the package's CPU options
-  (`user_xla_flags`), as is the sampler run here."""
+  """The two commands as a user runs them, compiled with the package's CPU options
+  (`user_xla_flags`): the converter in a new interpreter, then --mode=sample in this one (the
+  entry point's own flags and dispatch; test_layout.py samples in a new interpreter)."""
   weights = reference / "parity" / "ddpmpp_tiny_weights.npz"
   workdir = str(tmp_path / "converted")
   out = _run("patchdiff.convert", f"--input={weights}", f"--output={workdir}", *TINY_FLAGS)
   assert "wrote" in out.stdout and os.path.isdir(os.path.join(workdir, "checkpoints", "0"))
-  _run("patchdiff.main", f"--workdir={workdir}", "--mode=sample", *TINY_FLAGS)
+  main_in_process("--config=configs/demo.py", f"--workdir={workdir}", "--mode=sample",
+                  *TINY_FLAGS)
 
   # The PNG of seed 6 is the sampler's output for that seed's latents with the official weights.
   denoiser = convert.load_torch_state_dict(convert.read_state_dict(str(weights)), DDPMPP_TINY)
