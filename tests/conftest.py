@@ -1,4 +1,5 @@
 """Shared test setup: where the reference fixtures live, and small configs."""
+import gc
 import importlib
 import os
 import pathlib
@@ -122,8 +123,13 @@ def state_dict_shapes(path) -> dict[str, tuple[int, ...]]:
 
 # The configs of the two parity fixtures (see reference/README.md).
 import tiny  # pylint: disable=wrong-import-position  (after XLA_FLAGS: it imports the package)
+from patchdiff import main as entry_point  # pylint: disable=wrong-import-position
 
 DDPMPP_TINY = tiny.MODEL  # the network of the tiny run every test shares (tests/tiny.py)
+
+# The collector thresholds that the entry point sets for users, here from the start (a test that
+# calls the entry point in-process sets them anyway).
+gc.set_threshold(*entry_point.GC_THRESHOLDS)
 ADM_TINY = dict(arch="adm", img_resolution=16, img_channels=3, model_channels=32,
                 channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0, label_dim=5)
 FIXTURES = {"ddpmpp_tiny": DDPMPP_TINY, "adm_tiny_cond": ADM_TINY}

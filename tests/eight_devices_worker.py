@@ -13,6 +13,7 @@ results. One interpreter for every 8-device check, so JAX starts and compiles on
    4 devices train there (`MULTIHOST`), trained here by one process on 8 devices into the
    workdir given as the first argument. Its 8 px programs are those of check 1's data8 layout.
 """
+import gc
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from tiny import tiny_config  # pylint: disable=wrong-import-position
 
 # pylint: disable-next=wrong-import-position
 from patchdiff import checkpoint, generate, patches, programs, train
+from patchdiff import main as entry_point  # pylint: disable=wrong-import-position
 
 SIZE = 8  # one bucket, the R/2 one: batch 8 x 2 = 16, 2 per device (batch_per_device=1: 2 rounds)
 STEPS = 3
@@ -122,6 +124,7 @@ def compare(results, name, state, ref, state0):
 
 
 def main():
+  gc.set_threshold(*entry_point.GC_THRESHOLDS)  # the entry point's, as a user's run has them
   devices = jax.devices()
   assert len(devices) == 8, devices
   results = {}
