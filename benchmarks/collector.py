@@ -11,9 +11,11 @@ run a fresh workdir; with JAX_COMPILATION_CACHE_DIR set to a folder that earlier
 the run loads its programs instead of compiling them, and the collector's share is larger.
 """
 import gc
+import os
 import sys
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 T0 = time.perf_counter()
 SPENT = {"seconds": 0.0, "passes": [0, 0, 0], "start": 0.0}
 
@@ -27,8 +29,8 @@ def _timed(phase, info):
 
 
 def run():
-  default = "--default" in sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else False
-  args = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
+  split = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
+  default, args = "--default" in sys.argv[1:split], sys.argv[split + 1:]
   gc.callbacks.append(_timed)
   from absl import app  # pylint: disable=import-outside-toplevel
   from patchdiff import main  # pylint: disable=import-outside-toplevel

@@ -40,8 +40,9 @@ def module_programs() -> dict[tuple[str, str], object]:
 def user_flags() -> str:
   """XLA_FLAGS without the suite's own settings (`SUITE_FLAGS`), as a user runs the package: its
   programs compile with the package's own options."""
+  suite = {f.split("=")[0] for f in SUITE_FLAGS}
   return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                  if f.split("=")[0] not in {g.split("=")[0] for g in SUITE_FLAGS})
+                  if f.split("=")[0] not in suite)
 
 
 @pytest.fixture
@@ -126,13 +127,13 @@ import tiny  # pylint: disable=wrong-import-position  (after XLA_FLAGS: it impor
 from patchdiff import main as entry_point  # pylint: disable=wrong-import-position
 
 DDPMPP_TINY = tiny.MODEL  # the network of the tiny run every test shares (tests/tiny.py)
+ADM_TINY = dict(arch="adm", img_resolution=16, img_channels=3, model_channels=32,
+                channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0, label_dim=5)
+FIXTURES = {"ddpmpp_tiny": DDPMPP_TINY, "adm_tiny_cond": ADM_TINY}
 
 # The collector thresholds that the entry point sets for users, here from the start (a test that
 # calls the entry point in-process sets them anyway).
 gc.set_threshold(*entry_point.GC_THRESHOLDS)
-ADM_TINY = dict(arch="adm", img_resolution=16, img_channels=3, model_channels=32,
-                channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0, label_dim=5)
-FIXTURES = {"ddpmpp_tiny": DDPMPP_TINY, "adm_tiny_cond": ADM_TINY}
 
 
 @pytest.fixture(scope="session", autouse=True)
