@@ -58,7 +58,9 @@ class Run:
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, sharding.BATCH)
     self.optimizer = train_step.make_optimizer(cfg.train)
-    self._init_graphdef, self._init_fn = models.initializer(self.model_cfg, seed=cfg.seed)
+    self._fresh_state = train_step.make_fresh_state(
+        *models.initializer(self.model_cfg, seed=cfg.seed), self.optimizer,
+        cfg.train.loss_scale, len(self.phema_stds))
     # The step's graphdef splits trainable params from buffers (constants such as Fourier freqs).
     self.graphdef = nnx.split(models.abstract_denoiser(self.model_cfg), nnx.Param, ...)[0]
     shapes = jax.eval_shape(self._fresh_state)
@@ -66,13 +68,6 @@ class Run:
     self.abstract_state = jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
         self.state_shardings)
-
-  def _fresh_state(self, weights=None):
-    variables = self._init_fn()
-    if weights:
-      variables = models.set_variables(self._init_graphdef, variables, weights)
-    return train_step.train_state_of(self._init_graphdef, variables, self.optimizer,
-                                     self.cfg.train.loss_scale, len(self.phema_stds))
 
   def init_state(self, weights: dict[str, np.ndarray] | None = None):
     """A freshly initialised training state, laid out on the mesh. `weights` ({official tensor

@@ -16,6 +16,7 @@ parameters (`patchdiff.phema`), one per std, each moved by its own beta of `hype
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -27,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from patchdiff import phema
-from patchdiff.nn import edm
+from patchdiff.nn import edm, models
 
 
 def learning_rate(tcfg: ml_collections.ConfigDict, nimg: int) -> float:
@@ -54,8 +55,29 @@ def step_hyperparameters(tcfg: ml_collections.ConfigDict, schedule, nimg: int,
   return learning_rate(tcfg, nimg), ema_beta(tcfg, nimg, schedule.ema_images(size))
 
 
+# The train-config fields that each half of the step (and the optimizer) reads. They are memoised
+# on these fields and their other arguments, so runs whose configs differ elsewhere (steps,
+# logging, data) get the same function, which JAX's caches recognise: a second trainer in one
+# process (a resumed run, a notebook's next run) neither traces nor compiles the step again. The
+# functions are given these fields only: reading another is an error, never a stale program.
+ADAM_FIELDS = ("adam_b1", "adam_b2", "adam_eps")
+GRAD_FIELDS = ("p_mean", "p_std")
+APPLY_FIELDS = ("loss_scaling", "loss_scale_period")
+_MEMO = 64  # functions of each kind kept
+
+
+def _fields(tcfg, names: tuple[str, ...]) -> ml_collections.FrozenConfigDict:
+  return ml_collections.FrozenConfigDict({k: tcfg[k] for k in names})
+
+
 def make_optimizer(tcfg: ml_collections.ConfigDict):
-  """Adam's update direction; the step scales it by the learning rate of the images counted."""
+  """Adam's update direction; the step scales it by the learning rate of the images counted.
+  Equal Adam settings give the same optimizer object."""
+  return _optimizer(_fields(tcfg, ADAM_FIELDS))
+
+
+@functools.lru_cache(maxsize=_MEMO)
+def _optimizer(tcfg: ml_collections.FrozenConfigDict):
   return optax.scale_by_adam(b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps)
 
 
@@ -81,6 +103,25 @@ def train_state_of(graphdef, variables, optimizer, loss_scale: float = 1.0,
   if phema_count:
     state["phema"] = [jax.tree_util.tree_map(jnp.copy, params) for _ in range(phema_count)]
   return state
+
+
+def make_fresh_state(init_graphdef, init: Callable, optimizer, loss_scale: float = 1.0,
+                     phema_count: int = 0) -> Callable:
+  """fresh_state(weights=None) -> the training state (`train_state_of`) of a fresh denoiser
+  (`models.initializer`'s graphdef and init), `weights` ({official tensor name: array}) in place
+  of the fresh values they name; trace it inside a jit. Equal arguments give the same
+  function."""
+  return _fresh_state(init_graphdef, init, optimizer, float(loss_scale), int(phema_count))
+
+
+@functools.lru_cache(maxsize=_MEMO)
+def _fresh_state(init_graphdef, init, optimizer, loss_scale, phema_count) -> Callable:
+  def fresh_state(weights=None):
+    variables = init()
+    if weights:
+      variables = models.set_variables(init_graphdef, variables, weights)
+    return train_state_of(init_graphdef, variables, optimizer, loss_scale, phema_count)
+  return fresh_state
 
 
 def _all_finite(tree):
@@ -197,7 +238,13 @@ def make_grad_step(graphdef, tcfg: ml_collections.ConfigDict, seed: int, rounds:
   bucket (its batch shape and accumulation rounds). `grads` is the gradient of
   `state["loss_scale"]` times the batch's mean per-sample loss (still scaled), `loss` that mean;
   the step's key is folded from (seed, step). See `make_grad_fn` for `rounds`, `shards` and
-  `mesh`."""
+  `mesh`. Equal arguments (of `tcfg`, its `GRAD_FIELDS`) give the same function."""
+  return _grad_step(graphdef, _fields(tcfg, GRAD_FIELDS), seed, rounds, shards, mesh)
+
+
+@functools.lru_cache(maxsize=_MEMO)
+def _grad_step(graphdef, tcfg: ml_collections.FrozenConfigDict, seed: int, rounds: int,
+               shards: int, mesh: Mesh | None) -> Callable:
   base_key = jax.random.key(seed)
   grad_fn = make_grad_fn(graphdef, tcfg, rounds, shards, mesh)
 
@@ -223,8 +270,14 @@ def make_apply_step(optimizer, tcfg: ml_collections.ConfigDict) -> Callable:
   EDM's guard (NaN -> 0, inf -> 1e5). Dynamic scaling divides them by the scale, skips a step
   whose gradients overflowed, halves the scale, and doubles it after `loss_scale_period` finite
   steps. Adam's update is scaled by lr, and the EMA moves to beta * ema + (1 - beta) * params.
-  The `grad_norm` metric is the unscaled gradient's.
+  The `grad_norm` metric is the unscaled gradient's. Equal arguments (of `tcfg`, its
+  `APPLY_FIELDS`) give the same function.
   """
+  return _apply_step(optimizer, _fields(tcfg, APPLY_FIELDS))
+
+
+@functools.lru_cache(maxsize=_MEMO)
+def _apply_step(optimizer, tcfg: ml_collections.FrozenConfigDict) -> Callable:
   dynamic = tcfg.loss_scaling == "dynamic"
 
   def apply_step(state, grads, loss, hyper):

@@ -35,10 +35,11 @@ class CacheEvents:
 
 @pytest.fixture
 def no_process_cache():
-  """The process without a persistent cache (as a fresh `python -m patchdiff.main`); the
-  session's cache comes back afterwards."""
+  """The process without a persistent cache, and without the programs that earlier tests left in
+  memory (as a fresh `python -m patchdiff.main`); the session's cache comes back afterwards."""
   before = jax.config.jax_compilation_cache_dir
   jax.config.update("jax_compilation_cache_dir", None)
+  jax.clear_caches()
   yield
   train.use_compilation_cache(before, "unused")
 
@@ -51,7 +52,9 @@ def test_a_restart_loads_every_bucket_from_the_workdir_cache(tmp_path, no_proces
   train.train_and_evaluate(cfg, str(tmp_path))
   entries = list((tmp_path / "xla_cache").iterdir())
   assert len(entries) >= 3, entries  # at least the three programs of the step
-  # The restart compiles the programs one at a time: the same programs, found in the cache.
+  # The restart (a new process: nothing in memory) compiles the programs one at a time: the same
+  # programs, found in the cache.
+  jax.clear_caches()
   restart = CacheEvents()
   train.train_and_evaluate(config_lib.override(cfg, {"train.steps": 4,
                                                      "train.compile_threads": 1}), str(tmp_path))

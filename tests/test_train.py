@@ -66,7 +66,11 @@ _COMPILES: list[list[str]] = []  # the lists of the watchers alive; one listener
 
 
 def watch_compiles() -> list[str]:
-  """A list that from now on collects an entry per XLA compilation of this process."""
+  """A list that from now on collects an entry per XLA compilation of this process (a load from
+  the persistent cache included). JAX's in-memory caches are emptied first, so that the list
+  sees every program run from now on, as in a fresh process: the trainer's step functions are
+  memoised, and a program an earlier test left in memory would run without compiling."""
+  jax.clear_caches()
   if not _COMPILES:
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, *a, **k: [w.append(name) for w in _COMPILES] if "backend_compile" in name
@@ -79,6 +83,21 @@ def test_the_compile_watcher_sees_compilations():
   compiles = watch_compiles()
   jax.jit(lambda x: x * 3 + 1)(np.arange(7.0)).block_until_ready()
   assert len(compiles) == 1
+
+
+def test_a_second_trainer_of_the_same_step_compiles_nothing():
+  """The step's functions are memoised on what their programs read: a run that differs only in
+  steps, logging, data or learning rate (an input of the update) gets the programs already in
+  memory; another noise distribution, new gradient programs and the same update program."""
+  compiles = watch_compiles()
+  first = programs.Programs(train.Run(tiny_config())).compile_steps()[0]
+  assert sorted(first) == [4, 8, 16] and len(compiles) >= 4
+  before = len(compiles)
+  programs.Programs(train.Run(tiny_config(**{
+      "train.steps": 7, "train.log_every": 1, "train.lr": 0.5, "data.limit": 9}))).compile_steps()
+  assert len(compiles) == before
+  programs.Programs(train.Run(tiny_config(**{"train.p_mean": 0.3}))).compile_steps()
+  assert len(compiles) == before + len(first)  # the gradient programs; the update is the same
 
 
 def test_checkpoint_from_another_model_is_refused():

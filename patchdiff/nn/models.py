@@ -121,9 +121,15 @@ def initializer(model_config: Mapping[str, Any], seed: int = 0):
   """(graphdef, init) where init() draws a fresh denoiser state; trace it inside a jit.
 
   The module is built abstractly; every variable carries its EDM init rule (`init_spec`), which
-  `networks.init_variables` applies to two random draws.
+  `networks.init_variables` applies to two random draws. Equal configs and seeds give the same
+  pair (so JAX's caches recognise `init`).
   """
-  graphdef, abstract = nnx.split(abstract_denoiser(model_config))
+  return _initializer(tuple(sorted(resolve(model_config).items())), seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _initializer(config: tuple[tuple[str, Any], ...], seed: int):
+  graphdef, abstract = nnx.split(abstract_denoiser(dict(config)))
   leaves, treedef = jax.tree_util.tree_flatten(abstract, is_leaf=_is_variable)
   specs = [v.get_metadata()["init_spec"] for v in leaves]
   shapes = [tuple(v.shape) for v in leaves]
