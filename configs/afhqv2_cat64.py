@@ -13,7 +13,7 @@ EDM's --xflip).
 
   python -m patchdiff.main --config=configs/afhqv2_cat64.py --workdir=runs/afhqv2_cat64 \
       --config.data.path=datasets/afhqv2-cat-64x64.zip
-Arguments (presets.VARIANT_HELP): `:smoke` (a few CPU steps on synthetic data), `:p=F` (the
+Arguments (presets.VARIANT_HELP): `:smoke` (a few CPU steps on Twemoji), `:p=F` (the
 full-image ratio ablation), `:schedule=progressive`, `:edm` (the EDM baseline, p=1), combined with
 commas, e.g. `--config=configs/afhqv2_cat64.py:p=0.25`.
 """

@@ -12,7 +12,7 @@ flips, as published (--config.data.hflip=True for EDM's --xflip).
 
   python -m patchdiff.main --config=configs/celeba64.py --workdir=runs/celeba64 \
       --config.data.path=datasets/celeba-64x64.zip
-Arguments (presets.VARIANT_HELP): `:smoke` (a few CPU steps on synthetic data), `:p=F` (the
+Arguments (presets.VARIANT_HELP): `:smoke` (a few CPU steps on Twemoji), `:p=F` (the
 full-image ratio ablation), `:schedule=progressive`, `:edm` (the EDM baseline, p=1), combined with
 commas, e.g. `--config=configs/celeba64.py:p=0.25`.
 """

@@ -12,7 +12,7 @@ cannot be restored. Paper FID 3.11; EDM 2.60. Data: the zip of EDM's dataset_too
 
   python -m patchdiff.main --config=configs/ffhq64.py --workdir=runs/ffhq64 \
       --config.data.path=datasets/ffhq-64x64.zip
-Arguments (presets.VARIANT_HELP): `:smoke` (a few CPU steps on synthetic data), `:p=F` (the
+Arguments (presets.VARIANT_HELP): `:smoke` (a few CPU steps on Twemoji), `:p=F` (the
 full-image ratio ablation), `:schedule=progressive`, `:edm` (the EDM baseline, p=1), combined with
 commas, e.g. `--config=configs/ffhq64.py:p=0.25`.
 """

@@ -64,7 +64,7 @@ def latent256(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 VARIANT_HELP = """Config arguments (`--config=configs/NAME.py:ARG,ARG`):
-  smoke                 a tiny model on synthetic data for a few steps (CPU)
+  smoke                 a tiny model for a few steps (CPU), on Twemoji or synthetic latents
   p=F                   the full-image ratio real_p (paper ablation: 0, 0.1, 0.25, 0.5, 0.75, 1)
   schedule=S            stochastic (paper) or progressive (ablation)
   edm                   the EDM baseline: full images only (p=1)"""
@@ -100,34 +100,36 @@ def apply_args(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.
 
 def _smoke(c: ml_collections.ConfigDict) -> None:
   """Shrinks `c` to seconds on a CPU, keeping its kind: backbone, pixel or latent, channels,
-  labels, patch schedule, precision and sampler settings."""
+  labels, patch schedule, precision and sampler settings. Pixel configs train on the embedded
+  Twemoji set (uint8 pixels, as real image data reaches the step); latent ones on synthetic
+  latents."""
   latent = c.patch.latent
-  r = 16
-  c.data.source = "synthetic"
+  r = 8 if latent else 16
+  c.data.source = "synthetic" if latent else "twemoji"
   c.data.path = None
   c.data.resolution = r
   c.data.limit = 64
   c.data.latent_scale = None
   c.vae.path = None
   c.model.img_resolution = r
-  c.model.model_channels = 64 if c.model.arch == "adm" else 32  # ADM: 64 channels per head
+  c.model.model_channels = 64 if c.model.arch == "adm" else 16  # ADM: 64 channels per head
   c.model.channel_mult = (1, 2)
   c.model.num_blocks = 1
   c.model.attn_resolutions = (r // 2,)
   # Values that differ between configs of one kind only as constants are made equal, so that
   # smoke runs of, e.g., every 64 px config are one program (and one persistent-cache entry).
-  c.model.dropout = 0.1
+  c.model.dropout = 0.0
   c.train.lr = 1e-3
   c.train.ema_mimg = 0.001
   c.patch.sizes = None if latent else (4, 8, 16)
-  c.train.batch_size = 8
+  c.train.batch_size = 4
   c.train.steps = 3
   c.train.duration_mimg = None
   c.train.lr_rampup_kimg = 0.1
   c.train.log_every = 1
   c.train.checkpoint_every = 3
   c.train.sample_every = 0
-  c.sample.num_steps = 3
+  c.sample.num_steps = 2
   c.sample.batch_size = 4
   c.sample.grid_size = 4
   c.sample.num_images = 4

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchdiff import config_lib, data, encode_latents, generate, patches, train
+from patchdiff import data, encode_latents, generate, patches, train
 from patchdiff.data import decode, latents as latent_files, sources
 from patchdiff.nn import vae
+from test_configs import load
 
 RES = 32  # pixels; the tiny VAE downsamples 4x: 8x8 latents
 CLASSES = 3
@@ -107,35 +108,18 @@ def test_encode_latents_bad_input(vae_dir, image_zip, tmp_path):
 
 
 def latent_config(latent_path, vae_path):
-  c = config_lib.base_config()
+  """ImageNet-256's smoke run (a class-conditional latent ADM in float16 with a static loss scale
+  of 100 and 1000 classes, sampled with guidance 1.3: the config and programs that
+  test_configs.py's smoke run trains) on the encoded latents, decoded by the tiny VAE."""
+  c = load("imagenet256", "smoke")
   c.data.source = "latents"
   c.data.path = str(latent_path)
-  c.data.resolution = 8
-  c.data.labels = True
   c.data.latent_scale = 0.18215
   c.vae.path = str(vae_path)
-  c.model.arch = "adm"
-  c.model.img_resolution = 8
-  c.model.img_channels = 4
-  c.model.model_channels = 64
-  c.model.channel_mult = (1, 2)
-  c.model.num_blocks = 1
-  c.model.attn_resolutions = (4,)
-  c.model.label_dim = CLASSES
-  c.model.label_dropout = 0.1
-  c.model.dtype = "float16"  # ImageNet-256's recipe: float16 with a static loss scale of 100
-  c.patch.latent = True
-  c.train.loss_scale = 100.0
-  c.train.batch_size = 4
   c.train.steps = 2
-  c.train.lr_rampup_kimg = 0.01
-  c.train.log_every = 1
   c.train.checkpoint_every = 2
-  c.sample.num_steps = 2
-  c.sample.guidance = 1.3
-  c.sample.batch_size = 4
-  c.sample.grid_size = 4
-  c.sample.num_images = 4
+  assert (c.model.arch, c.model.dtype, c.train.loss_scale, c.sample.guidance, c.data.resolution,
+          c.model.img_channels) == ("adm", "float16", 100.0, 1.3, RES // 4, 4)
   return c
 
 
@@ -162,7 +146,7 @@ def test_latent_training_and_decoded_samples(latents, vae_dir, tmp_path):
   with np.load(tmp_path / "npz" / "samples.npz") as f:
     assert f.files == ["arr_0", "arr_1", "seeds"]
     assert f["arr_0"].shape == (8, RES, RES, 3) and f["arr_0"].dtype == np.uint8
-    np.testing.assert_array_equal(f["arr_1"], generate.seed_classes(seeds, CLASSES))
+    np.testing.assert_array_equal(f["arr_1"], generate.seed_classes(seeds, 1000))
     assert f["seeds"].tolist() == seeds
   # Without the VAE a latent model's samples cannot become PNGs: a clear error first.
   cfg.vae.path = None
