@@ -12,6 +12,10 @@ results. One interpreter for every 8-device check, so JAX starts and compiles on
 5. The reference of tests/test_eight_devices.py's multi-host test: the run that two processes x
    4 devices train there (`MULTIHOST`), trained here by one process on 8 devices into the
    workdir given as the first argument.
+
+Every run here has the one-level network (tiny.ONE_LEVEL): programs for 8 devices (or for the
+first 1 or 4 of them) are this process's own, shared with no other test, and this network's
+compile in half the time; no check here depends on the network's depth.
 """
 import gc
 import json
@@ -28,7 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny import tiny_config  # pylint: disable=wrong-import-position
+from tiny import ONE_LEVEL, tiny_config  # pylint: disable=wrong-import-position
 
 # pylint: disable-next=wrong-import-position
 from patchdiff import checkpoint, generate, patches, programs, train
@@ -52,7 +56,7 @@ def batches(cfg):
 
 def layout_overrides(data, fsdp, param_sharding) -> dict:
   return {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.param_sharding": param_sharding,
-          "train.batch_size": 8, "train.lr": 1e-3, "model.dropout": 0.2}
+          "train.batch_size": 8, "train.lr": 1e-3, "model.dropout": 0.2, **ONE_LEVEL}
 
 
 def layout(data, fsdp, param_sharding, **overrides):
@@ -60,12 +64,10 @@ def layout(data, fsdp, param_sharding, **overrides):
 
 
 # The multi-host run: the data8 layout's config, trained from data for 6 steps of the 8 and 16 px
-# buckets (a global batch of 8: one full-size sample per device). Its network is the tiny one at
-# one level, without attention: the processes of a multi-host run cannot share compiled programs
-# (each one's topology enters the persistent cache's key), so both compile every program, and
-# this network's compile in half the time; what the test checks does not depend on the network.
-MULTIHOST = {**layout_overrides(8, 1, "replicated"), "model.channel_mult": (1,),
-             "model.attn_resolutions": (), "patch.sizes": (8, 16),
+# buckets (a global batch of 8: one full-size sample per device). Its 8 px programs are those of
+# check 1's data8 layout. (Its two processes compile every program each: a process's topology
+# enters the persistent cache's key.)
+MULTIHOST = {**layout_overrides(8, 1, "replicated"), "patch.sizes": (8, 16),
              "patch.probs": (0.5, 0.5), "train.steps": 6, "train.log_every": 3,
              "train.checkpoint_every": 6, "sample.grid_size": 0}
 

@@ -5,7 +5,7 @@ import jax
 import pytest
 
 from patchdiff import config_lib, train
-from tiny import tiny_config
+from tiny import ONE_LEVEL, tiny_config
 
 
 class CacheEvents:
@@ -46,9 +46,9 @@ def no_process_cache():
 
 def test_a_restart_loads_every_bucket_from_the_workdir_cache(tmp_path, no_process_cache):
   # Two buckets (8 and 16 px; a gradient program each) and the update program, compiled at once
-  # on the first start.
+  # on the first start (of the one-level network: compiled without the session's cache).
   cfg = tiny_config(**{"train.steps": 2, "sample.grid_size": 0, "train.checkpoint_every": 2,
-                       "patch.sizes": (8, 16), "patch.probs": (0.5, 0.5)})
+                       "patch.sizes": (8, 16), "patch.probs": (0.5, 0.5), **ONE_LEVEL})
   train.train_and_evaluate(cfg, str(tmp_path))
   entries = list((tmp_path / "xla_cache").iterdir())
   assert len(entries) >= 3, entries  # at least the three programs of the step
