@@ -46,17 +46,22 @@ def small_config(**overrides):
                         "model.attn_resolutions": (16,), **overrides})
 
 
-def test_cpu_gradient_program_matches_the_default_level(monkeypatch):
+def xla_defaults() -> dict:
+  """XLA's own CPU settings as compile options: its default level, and every other option the
+  package passes (under `user_xla_flags`, XLA's default fusion emitters) as it is."""
+  return dict(xla_options.CPU_OPTIONS, **DEFAULT_LEVEL)
+
+
+def test_cpu_gradient_program_matches_the_default_level(user_xla_flags):
   # Dropout (the hashed masks), GroupNorm, attention and the loss: the whole gradient program,
-  # compiled by the trainer (level 1) and at XLA's default level, on one batch. (The suite
-  # itself runs at level 0, set in XLA_FLAGS by conftest.py; unset here.)
-  monkeypatch.delenv("XLA_FLAGS")
+  # compiled by the trainer as a user's run compiles it (level 1; the suite's own settings are
+  # undone by `user_xla_flags`) and with XLA's defaults, on one batch.
   run = train.Run(small_config(**{"model.dropout": 0.2}))
   state = run.init_state()
   step_programs = programs.Programs(run)
   batch = run.to_device(step_programs.random_batch(8, np.random.default_rng(0)))
   ours = step_programs.trace_grad(8).lower().compile()
-  plain = jax.jit(run.grad_step_fn(8), compiler_options=DEFAULT_LEVEL,
+  plain = jax.jit(run.grad_step_fn(8), compiler_options=xla_defaults(),
                   out_shardings=(run.state_shardings["params"], run.replicated))
   grads, loss = ours(state, batch)
   assert float(loss) > 0
@@ -67,7 +72,7 @@ def test_training_from_a_checkpoint_as_a_user_runs_it(tmp_path, user_xla_flags):
   """Training with train.init_from as a user runs it: compiled with the package's CPU options
   (`user_xla_flags`; in-process, the programs of a subprocess with a clean XLA_FLAGS, without
   its start). The previous test's network and 8 px bucket, whose initialisation and gradient
-  programs the persistent cache holds; one step."""
+  programs it compiled (the same programs: the trainer's functions are memoised); one step."""
   cfg = small_config(**{"model.dropout": 0.2, "patch.sizes": (8,), "patch.probs": (1.0,),
                         "train.steps": 1, "train.log_every": 1, "sample.grid_size": 0})
   run = train.Run(cfg)
@@ -91,23 +96,15 @@ def _assert_equal_leaves(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.fixture
-def fresh_sampler_program():
-  """The sampler's program compiled anew under this test's XLA_FLAGS, and again after it."""
-  sampling._heun_jit.program.cache_clear()  # pylint: disable=protected-access
-  yield
-  sampling._heun_jit.program.cache_clear()  # pylint: disable=protected-access
-
-
-def test_cpu_sampler_matches_the_default_level(monkeypatch, fresh_sampler_program):
-  monkeypatch.delenv("XLA_FLAGS")
+def test_cpu_sampler_matches_the_default_level(user_xla_flags):
+  # (`user_xla_flags` empties the sampler's program cache: it is compiled anew here.)
   cfg = small_config()
   graphdef, state = models.init_denoiser_state(models.resolve(cfg.model), seed=1)
   latents = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   ours = sampling.heun_sample(nnx.merge(graphdef, state), latents, num_steps=3)
   plain = jax.jit(sampling._heun_program,  # pylint: disable=protected-access
                   static_argnames=("graphdef", "t_steps", "gammas", "s_noise", "guidance"),
-                  compiler_options=DEFAULT_LEVEL)
+                  compiler_options=xla_defaults())
   t_steps = sampling.noise_levels(3, 0.002, 80.0, 7.0)
   gammas = sampling.churn_gammas(t_steps, 3, 0.0, 0.0, float("inf"))
   expected = plain(graphdef, state, latents, sampling.canvas_grid(2, 16, 16), None, None, None,
