@@ -30,13 +30,30 @@ def run_main(*args, check=True):
   return proc
 
 
+class _Lines(logging.Handler):
+  """Keeps the messages logged while it is attached."""
+
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A workdir trained for 6 steps with checkpoints at 3 and 6 (shared: training compiles)."""
+  """A workdir trained for 6 steps with checkpoints at 3 and 6 (shared: training compiles), by
+  the entry point in this process (the SIGTERM test trains in a new interpreter), and its log."""
   workdir = str(tmp_path_factory.mktemp("main") / "run")
-  proc = run_main(f"--workdir={workdir}", *TINY)
+  absl_logger, lines = logging.getLogger("absl"), _Lines()
+  absl_logger.addHandler(lines)
+  try:
+    in_process(f"--workdir={workdir}", "--verbosity=0")  # absl's INFO
+  finally:
+    absl_logger.removeHandler(lines)
   with open(os.path.join(workdir, "train_log.txt"), "w", encoding="utf-8") as f:
-    f.write(proc.stderr)
+    f.write("\n".join(lines.lines))
   return workdir
 
 
