@@ -37,7 +37,7 @@ PER_STEP = 6  # int(batch 4 x mean batch_mul 1.5)
 def phema_config(**overrides):
   cfg = tiny_config(**{"train.steps": 10, "train.log_every": 5, "train.checkpoint_every": 4,
                        "sample.grid_size": 0, "patch.sizes": (8, 16), "patch.probs": (0.5, 0.5),
-                       "sample.num_images": 2, "sample.batch_size": 2, **overrides})
+                       **overrides})
   cfg.train.phema.stds = STDS
   cfg.train.phema.every_kimg = 0.015
   return cfg
