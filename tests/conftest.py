@@ -9,15 +9,17 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# XLA's CPU backend spends most of a test's time compiling. The suite compiles with two settings
-# of its own (`SUITE_FLAGS`, in XLA_FLAGS; subprocesses inherit them): LLVM's optimisations off
-# (level 0, ~30% faster compiles), and XLA's older elemental emitters for fused loops instead of
-# its MLIR fusion emitters (half the compile time of a tiny train step's programs; they run ~10%
-# slower, which the tiny test models don't feel). With a level in XLA_FLAGS the package passes no
-# compile options (`xla_options`): the tests that run the package as a user does take
-# `user_xla_flags`.
+# XLA's CPU backend spends most of a test's time compiling. The suite compiles with settings of
+# its own (`SUITE_FLAGS`, in XLA_FLAGS; subprocesses inherit them): LLVM's optimisations off
+# (level 0, ~30% faster compiles), XLA's older elemental emitters for fused loops instead of its
+# MLIR fusion emitters (half the compile time of a tiny train step's programs; they run ~10%
+# slower, which the tiny test models don't feel), and each program's code generated in one piece
+# rather than split over threads (on two busy cores the split only adds work: ~15% less CPU per
+# compile). With a level in XLA_FLAGS the package passes no compile options (`xla_options`): the
+# tests that run the package as a user does take `user_xla_flags`.
 LEVEL_FLAG = "--xla_backend_optimization_level="
-SUITE_FLAGS = (f"{LEVEL_FLAG}0", "--xla_cpu_use_fusion_emitters=false")
+SUITE_FLAGS = (f"{LEVEL_FLAG}0", "--xla_cpu_use_fusion_emitters=false",
+               "--xla_cpu_parallel_codegen_split_count=1")
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *SUITE_FLAGS]).strip()
 
 # A module-level program that xla_options jits: `NAME = xla_options.jit(` or `lazy_jit(`, or a
@@ -50,7 +52,8 @@ def user_xla_flags(monkeypatch):
   """XLA_FLAGS set to `user_flags()` for the test (`xla_options` reads XLA_FLAGS at each call, so
   an in-process test compiles the user's programs; subprocesses inherit it). XLA read the suite's
   settings when this process started, so the package's programs are also given XLA's default
-  fusion emitters back as a compile option. The module-level programs' caches are emptied before
+  fusion emitters back as a compile option (the codegen split stays: it divides the same work
+  differently, and changes no instruction). The module-level programs' caches are emptied before
   and after, so that the test makes them under its own flags whatever ran before it in the
   process."""
   from patchdiff import xla_options  # pylint: disable=import-outside-toplevel
