@@ -10,8 +10,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # NumPy's BLAS on one thread (before numpy loads; subprocesses inherit it): the suite runs two
-# workers on two cores, where a second BLAS thread only competes with the other worker (a
-# 2048-feature Frechet distance: 5.7 s of CPU on one thread, 7.0 s on two).
+# workers on two cores, where a second BLAS thread only competes with the other worker.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # XLA's CPU backend spends most of a test's time compiling. The suite compiles with settings of
