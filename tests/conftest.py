@@ -73,9 +73,11 @@ def user_xla_flags(monkeypatch):
 
 
 # The files that take minutes (end-to-end runs), longest first: handed out first, they keep both
-# xdist workers busy to the end instead of leaving one to run a long file alone.
-LONGEST_FIRST = ("test_main.py", "test_eight_devices.py", "test_train.py", "test_init_from.py",
-                 "test_phema_training.py", "test_configs.py",
+# xdist workers busy to the end instead of leaving one to run a long file alone. test_configs.py
+# goes early: its ImageNet smoke run compiles the programs that test_latent.py's training then
+# finds in the persistent cache (run at the same time, both would compile them).
+LONGEST_FIRST = ("test_main.py", "test_eight_devices.py", "test_configs.py", "test_train.py",
+                 "test_init_from.py", "test_phema_training.py",
                  "test_fid_cli.py", "test_accumulation.py", "test_latent.py", "test_compile.py",
                  "test_latent_stream.py", "test_convert.py", "test_official_pkl.py")
 

@@ -1,7 +1,8 @@
-"""FID end to end with Inception weights the test makes (random ones: the plumbing, not the
-numbers): --mode=fid_ref writes EDM-format statistics (as a user runs it), --mode=eval scores
-seed sets against them (the Inception stubbed); --inception defaults to the installed weights.
-(--mode=eval without --ref, with the installed weights, in a new interpreter: tests/test_main.py.)"""
+"""FID end to end: --mode=fid_ref writes EDM-format statistics (as a user runs it, with the
+installed weights), --mode=eval scores seed sets against them (the Inception stubbed: the
+plumbing, not the numbers); --inception defaults to the installed weights, and reads weights
+the test makes (random ones). (--mode=eval without --ref, with the installed weights:
+tests/test_main.py.)"""
 import json
 
 import numpy as np
@@ -33,11 +34,13 @@ def setup(tmp_path_factory):
   return tmp
 
 
-def test_reference_statistics_as_a_user_makes_them(setup, user_xla_flags):
-  """--mode=fid_ref as a user runs it, compiled with the package's CPU options
-  (`user_xla_flags`), in this process: EDM-format statistics of the training images' features."""
+def test_reference_statistics_as_a_user_makes_them(setup, inception_weights, user_xla_flags):
+  """--mode=fid_ref as a user runs it, with the installed weights (NVIDIA's network), compiled
+  with the package's CPU options (`user_xla_flags`), in this process: EDM-format statistics of
+  the training images' features. (Its Inception program, 8 images at a time, is the one
+  test_main.py's eval compiles.)"""
   tmp = setup
-  in_process(f"--workdir={tmp / 'run'}", "--mode=fid_ref", f"--inception={tmp / 'inception.npz'}",
+  in_process(f"--workdir={tmp / 'run'}", "--mode=fid_ref", f"--inception={inception_weights}",
              f"--ref={tmp / 'ref.npz'}")
   mu, sigma = metrics.load_statistics(tmp / "ref.npz", feature_dim=2048)
   assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
