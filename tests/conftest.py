@@ -197,17 +197,24 @@ def run_on_eight_devices(script: str, timeout: int, *args: str) -> dict:
 def main_in_process(*args):
   """`python -m patchdiff.main ARGS`, in this process: the entry point's own flag parsing and
   dispatch, without a new interpreter (for what a subprocess would prove nothing more about:
-  flag errors, bad inputs, more samples from a checkpoint)."""
+  flag errors, bad inputs, more samples from a checkpoint). The flags and absl's log level (which
+  parsing --verbosity sets) are as before afterwards."""
+  import logging  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   from unittest import mock  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
   from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
   from patchdiff import main as entry  # pylint: disable=import-outside-toplevel
   argv = ["patchdiff.main", *args]
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
   # The config flag reads its --config.KEY overrides from sys.argv.
-  with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
-    flags.FLAGS.unparse_flags()
-    entry.main(flags.FLAGS(argv))
+  try:
+    with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
+      flags.FLAGS.unparse_flags()
+      entry.main(flags.FLAGS(argv))
+  finally:
+    absl_logger.setLevel(level)
 
 
 @pytest.fixture

@@ -325,7 +325,7 @@ def test_fine_tuning_an_edm_network(reference, tmp_path, caplog):
   # Resumed with more steps: init_from is ignored (here it names no file at all) and logged.
   cfg.train.steps = 6
   cfg.train.init_from = str(tmp_path / "gone.pkl")
-  with caplog.at_level(logging.INFO, logger="absl"):  # whatever verbosity earlier tests left
+  with caplog.at_level(logging.INFO):
     metrics = train.train_and_evaluate(cfg, str(workdir))
   assert ("is ignored: the workdir holds a checkpoint, the run resumes from its step 1"
           in caplog.text)

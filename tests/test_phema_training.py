@@ -18,13 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import app, flags
-from absl.testing import flagsaver
+from absl import app
 from flax import nnx
 from PIL import Image
 
+from conftest import main_in_process
 from patchdiff import checkpoint, config_lib, phema, posthoc, programs, train, train_step
-from patchdiff import main as entry
 from patchdiff.nn import models
 from test_train import _Scale, _restore_train, watch_compiles
 from tiny import tiny_config
@@ -41,13 +40,6 @@ def phema_config(**overrides):
   cfg.train.phema.stds = STDS
   cfg.train.phema.every_kimg = 0.015
   return cfg
-
-
-def run_main(*args):
-  """`python -m patchdiff.main ARGS`, in this process."""
-  with flagsaver.flagsaver():
-    flags.FLAGS.unparse_flags()
-    entry.main(flags.FLAGS(["patchdiff.main", *args]))
 
 
 @pytest.fixture(scope="module")
@@ -217,10 +209,10 @@ def test_phema_reconstructs_tracked_lengths_and_sample_reads_them(straight, caps
   weights without reconstructing them again."""
   workdir, cfg = str(straight["workdir"]), straight["cfg"]
   snaps = snapshot_arrays(workdir, cfg)
-  run_main("--mode=phema", f"--workdir={workdir}", "--ema_std=0.05,0.1,0.07")
+  main_in_process("--mode=phema", f"--workdir={workdir}", "--ema_std=0.05,0.1,0.07")
   out = capsys.readouterr().out
   assert "EMA std 0.0700 at step 10 (0.06 kimg): relative residual" in out
-  run_main("--mode=phema", f"--workdir={workdir}", "--ema_std=0.1", "--step=5")
+  main_in_process("--mode=phema", f"--workdir={workdir}", "--ema_std=0.1", "--step=5")
   for std, step, index in ((0.05, 10, 0), (0.1, 10, 1), (0.1, 5, 1)):
     directory = posthoc.weights_dir(workdir, std)
     denoiser, got_step = checkpoint.load_ema(directory, cfg, step)
@@ -241,7 +233,7 @@ def test_phema_reconstructs_tracked_lengths_and_sample_reads_them(straight, caps
 
   record_file = os.path.join(posthoc.weights_dir(workdir, 0.05), "reconstruction_00000010.json")
   made = os.stat(record_file).st_mtime_ns
-  run_main("--mode=sample", f"--workdir={workdir}", "--ema_std=0.05", "--seeds=0-1",
+  main_in_process("--mode=sample", f"--workdir={workdir}", "--ema_std=0.05", "--seeds=0-1",
            "--format=npz")
   assert os.stat(record_file).st_mtime_ns == made  # read, not made again
   outdir = os.path.join(posthoc.weights_dir(workdir, 0.05), "samples", "step_00000010")
@@ -255,7 +247,7 @@ def test_eval_reports_each_length_with_a_table_and_a_plot(straight, capsys, stub
   against the run's WORKDIR/fid_ref.npz, made once); the table and the plot name the best.
   The Inception is a stub (conftest's `stub_inception`)."""
   workdir = str(straight["workdir"])
-  run_main("--mode=eval", f"--workdir={workdir}", "--ema_std=0.1,0.03", "--seeds=0-2")
+  main_in_process("--mode=eval", f"--workdir={workdir}", "--ema_std=0.1,0.03", "--seeds=0-2")
   out = capsys.readouterr().out
   with open(os.path.join(workdir, "phema_ema", "eval_00000010.json")) as f:
     table = json.load(f)
@@ -326,4 +318,4 @@ def test_ema_std_errors_are_clear(straight, tmp_path):
        "--ema_std is a phema/sample/eval flag, not one of --mode=train"),
   ]:
     with pytest.raises(app.UsageError, match=match):
-      run_main(*args)
+      main_in_process(*args)

@@ -67,9 +67,10 @@ _COMPILES: list[list[str]] = []  # the lists of the watchers alive; one listener
 
 def watch_compiles() -> list[str]:
   """A list that from now on collects the program name of each XLA compilation of this process
-  (a load from the persistent cache included). JAX's in-memory caches are emptied first, so that the list
-  sees every program run from now on, as in a fresh process: the trainer's step functions are
-  memoised, and a program an earlier test left in memory would run without compiling."""
+  (a load from the persistent cache included). JAX's in-memory caches are emptied first, so that
+  the list sees every program run from now on, as in a fresh process: the trainer's step
+  functions are memoised, and a program an earlier test left in memory would run without
+  compiling."""
   jax.clear_caches()
   if not _COMPILES:
     jax.monitoring.register_event_duration_secs_listener(

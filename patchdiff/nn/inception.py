@@ -57,7 +57,6 @@ preprocessing.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Any
@@ -68,7 +67,7 @@ import numpy as np
 from flax import nnx
 
 from patchdiff import xla_options
-from patchdiff.nn import torch_io
+from patchdiff.nn import networks, torch_io
 from patchdiff.weights import files, torch_pickle
 
 RESOLUTION = 299
@@ -288,22 +287,12 @@ class InceptionV3(nnx.Module):
 
 def _abstract(preprocessing: str = PYTORCH_FID) -> InceptionV3:
   """The network's structure, its variables holding shapes only (to be set before use): a new
-  module each call, from `_abstract_parts`."""
-  return nnx.merge(*_abstract_parts(preprocessing), copy=True)
+  module each call, its construction traced once per process (~1 s)."""
+  return _abstract_network(preprocessing)
 
 
-@functools.lru_cache(maxsize=2)
-def _abstract_parts(preprocessing: str) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, abstract state) of the network: tracing its construction takes ~1 s, once per
-  process and preprocessing."""
-  return nnx.split(nnx.eval_shape(
-      lambda: InceptionV3(preprocessing=preprocessing, rngs=nnx.Rngs(0))))
-
-
-@functools.lru_cache(maxsize=1)
-def _structure() -> InceptionV3:
-  """One shared `_abstract()` network, read (never changed) by the weight-file checks."""
-  return _abstract()
+_abstract_network = networks.abstract_builder(
+    lambda preprocessing: InceptionV3(preprocessing=preprocessing, rngs=nnx.Rngs(0)), maxsize=2)
 
 
 def create(seed: int = 0, preprocessing: str = PYTORCH_FID) -> InceptionV3:
@@ -503,7 +492,7 @@ def _from_nvidia(state: dict[str, Any], prefix: str,
            for suffix, torch_suffix in NVIDIA_TENSORS.items()}
   renamed = {nv: ours for ours, nv in names.items()}
   out = {}
-  ones = {name: np.ones(s.shape, np.float32) for name, s in state_dict(_structure()).items()
+  ones = {name: np.ones(s.shape, np.float32) for name, s in state_dict(_abstract()).items()
           if name.endswith(".bn.weight")}
   for name, value in state.items():
     ours = renamed.get(name, name)
@@ -534,7 +523,7 @@ def _check_nvidia_structure(root: Any, where: str) -> None:
       node = node.attributes[step]
     return node
 
-  model = _structure()
+  model = _abstract()
   problems = []
   for theirs, ours in NVIDIA_CONVS.items():
     node, layer = find(theirs), model

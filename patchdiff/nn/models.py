@@ -105,16 +105,12 @@ def _build(c: dict[str, Any], rngs: nnx.Rngs) -> edm.Denoiser:
 
 def abstract_denoiser(model_config: Mapping[str, Any]) -> edm.Denoiser:
   """The denoiser with ShapeDtypeStructs in place of arrays: no memory is allocated. A new module
-  each call (its variables are the caller's to set), built from `_abstract_parts`."""
-  return nnx.merge(*_abstract_parts(tuple(sorted(resolve(model_config).items()))), copy=True)
+  each call; a trainer, a checkpoint restore and a sampler of one config trace its construction
+  once (`networks.abstract_builder`)."""
+  return _abstract_denoiser(tuple(sorted(resolve(model_config).items())))
 
 
-@functools.lru_cache(maxsize=16)
-def _abstract_parts(config: tuple[tuple[str, Any], ...]) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, abstract state) of the denoiser of a resolved config (as sorted items). Building
-  the modules abstractly traces every initializer (~0.2 s for a tiny network, seconds for the
-  paper's): a trainer, a checkpoint restore and a sampler of one config build it once."""
-  return nnx.split(nnx.eval_shape(lambda: _build(dict(config), nnx.Rngs(0))))
+_abstract_denoiser = networks.abstract_builder(lambda config: _build(dict(config), nnx.Rngs(0)))
 
 
 def initializer(model_config: Mapping[str, Any], seed: int = 0):

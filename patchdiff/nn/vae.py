@@ -409,17 +409,13 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def abstract_vae(config: Mapping[str, Any], dtype=jnp.float32) -> AutoencoderKL:
-  """The VAE of `config` with ShapeDtypeStructs in place of arrays: no memory is allocated."""
-  return nnx.merge(*_abstract_parts(tuple(sorted(resolve_config(config).items())),
-                                   jnp.dtype(dtype)), copy=True)
+  """The VAE of `config` with ShapeDtypeStructs in place of arrays: no memory is allocated. A new
+  module each call, its construction traced once per process and config."""
+  return _abstract_vae(tuple(sorted(resolve_config(config).items())), jnp.dtype(dtype))
 
 
-@functools.lru_cache(maxsize=4)
-def _abstract_parts(config: tuple[tuple[str, Any], ...], dtype) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, abstract state) of the VAE of a resolved config (as sorted items), built once per
-  process: tracing the construction of every layer takes a second or more."""
-  return nnx.split(nnx.eval_shape(
-      lambda: AutoencoderKL(**dict(config), rngs=nnx.Rngs(0), dtype=dtype)))
+_abstract_vae = networks.abstract_builder(
+    lambda config, dtype: AutoencoderKL(**dict(config), rngs=nnx.Rngs(0), dtype=dtype), maxsize=4)
 
 
 def create(config: Mapping[str, Any], seed: int = 0, dtype=jnp.float32) -> AutoencoderKL:
