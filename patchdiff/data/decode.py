@@ -95,7 +95,8 @@ def decode_all(enc: Encoded, resolution: int, skip_corrupt: bool = True,
       x = decode_image_tf(tf.gather(blobs, i), res)
       return (i, x) if keep_pixels else (i, tf.reduce_max(x))
 
-    ds = ds.map(dec, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(pipeline.as_written(tf, dec), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
     ds = ds.ignore_errors().batch(512).prefetch(2)
     for idx, x in ds.as_numpy_iterator():
       ok[readable[idx]] = True

@@ -192,6 +192,13 @@ def crop_patches(tf, source, box_ind, oi, oj, flip, s, res):
                                   method="nearest")
 
 
+def as_written(tf, fn):
+  """`fn` for `Dataset.map`, traced into a graph as written: without AutoGraph's conversion of its
+  Python source (and of every function it calls), which would make a third of building a
+  pipeline's graph. The functions here branch on Python values only, so the graph is the same."""
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
 def host_tensor(tf, array: np.ndarray):
   """A large array as a host-memory (CPU) tf.Variable for tf.data functions to capture.
 
@@ -335,7 +342,7 @@ def build_patch_pipeline(fetch, num_examples: int, resolution: int, is_uint8: bo
   if num_parallel_calls is None:
     num_parallel_calls = tf.data.AUTOTUNE
   ds = tf.data.Dataset.range(start_step, total_steps)
-  ds = ds.map(fn, num_parallel_calls=num_parallel_calls, deterministic=True)
+  ds = ds.map(as_written(tf, fn), num_parallel_calls=num_parallel_calls, deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 

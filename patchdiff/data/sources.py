@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from patchdiff.data import pipeline
 from patchdiff.data.zip_index import ZipIndex, _decoded, _names_array
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -319,11 +320,12 @@ def _open_tfds(cfg: Mapping[str, Any], use_labels: bool) -> _TfdsSplit:
 def _read_tfds(t: _TfdsSplit, split: str, limit: int | None = None
                ) -> tuple[list[bytes], np.ndarray | None]:
   """The encoded images (and labels) of `split` (a split name or a slice of one, "train[0:8]")."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
   ds = t.builder.as_dataset(split=split, shuffle_files=False,
                             decoders={t.keys[0]: tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: {k: ex[k] for k in t.keys})
+  ds = ds.map(pipeline.as_written(tf, lambda ex: {k: ex[k] for k in t.keys}))
   if limit is not None:
     ds = ds.take(int(limit))
   blobs: list[bytes] = []

@@ -482,17 +482,17 @@ def _nvidia_prefix(names) -> str | None:
   return None
 
 
-def _from_nvidia(state: dict[str, Any], prefix: str,
-                 where: str) -> tuple[dict[str, Any], dict[str, str]]:
+def _from_nvidia(state: dict[str, Any], prefix: str, where: str,
+                 model: InceptionV3) -> tuple[dict[str, Any], dict[str, str]]:
   """NVIDIA's tensors under pytorch-fid names, with the batch-norm scale (which NVIDIA's file
-  has not) at ones; and pytorch-fid name -> NVIDIA name, for the messages. Raises
-  TorchPickleError (naming `where`) where two of the file's tensors would take one name."""
+  has not) at ones (shaped as `model`'s); and pytorch-fid name -> NVIDIA name, for the messages.
+  Raises TorchPickleError (naming `where`) where two of the file's tensors would take one name."""
   names = {f"{ours}.{torch_suffix}": f"{prefix}{theirs}.{suffix}"
            for theirs, ours in NVIDIA_CONVS.items()
            for suffix, torch_suffix in NVIDIA_TENSORS.items()}
   renamed = {nv: ours for ours, nv in names.items()}
   out = {}
-  ones = {name: np.ones(s.shape, np.float32) for name, s in state_dict(_abstract()).items()
+  ones = {name: np.ones(s.shape, np.float32) for name, s in state_dict(model).items()
           if name.endswith(".bn.weight")}
   for name, value in state.items():
     ours = renamed.get(name, name)
@@ -617,7 +617,7 @@ def load_weights(path: str | os.PathLike) -> InceptionV3:
   model = _abstract(NVIDIA if prefix else PYTORCH_FID)  # load_state_dict sets every variable
   names = None
   if prefix:
-    state, names = _from_nvidia(state, prefix, path)
+    state, names = _from_nvidia(state, prefix, path, model)
   load_state_dict(model, state, where=path, names=names)
   if prefix:
     _check_nvidia_structure(graph, path)
