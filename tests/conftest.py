@@ -17,13 +17,16 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # its own (`SUITE_FLAGS`, in XLA_FLAGS; subprocesses inherit them): LLVM's optimisations off
 # (level 0, ~30% faster compiles), XLA's older elemental emitters for fused loops instead of its
 # MLIR fusion emitters (half the compile time of a tiny train step's programs; they run ~10%
-# slower, which the tiny test models don't feel), and each program's code generated in one piece
+# slower, which the tiny test models don't feel), each program's code generated in one piece
 # rather than split over threads (on two busy cores the split only adds work: ~15% less CPU per
-# compile). With a level in XLA_FLAGS the package passes no compile options (`xla_options`): the
-# tests that run the package as a user does take `user_xla_flags`.
+# compile), and convolutions and matrix products run on the calling thread instead of being split
+# over Eigen's thread pool (the two workers already keep both cores busy: splitting the tiny
+# models' products only adds synchronisation). With a level in XLA_FLAGS the package passes no
+# compile options (`xla_options`): the tests that run the package as a user does take
+# `user_xla_flags`.
 LEVEL_FLAG = "--xla_backend_optimization_level="
 SUITE_FLAGS = (f"{LEVEL_FLAG}0", "--xla_cpu_use_fusion_emitters=false",
-               "--xla_cpu_parallel_codegen_split_count=1")
+               "--xla_cpu_parallel_codegen_split_count=1", "--xla_cpu_multi_thread_eigen=false")
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *SUITE_FLAGS]).strip()
 
 # A module-level program that xla_options jits: `NAME = xla_options.jit(` or `lazy_jit(`, or a
@@ -80,6 +83,14 @@ LONGEST_FIRST = ("test_main.py", "test_eight_devices.py", "test_configs.py", "te
                  "test_init_from.py", "test_phema_training.py",
                  "test_fid_cli.py", "test_accumulation.py", "test_latent.py", "test_compile.py",
                  "test_latent_stream.py", "test_convert.py", "test_official_pkl.py")
+
+
+def pytest_unconfigure(config):  # pylint: disable=unused-argument
+  """Runs before pytest's own clean-up at the end of a session, which collects garbage five times
+  over (to report exceptions raised by finalizers): over the heap that JAX, XLA and TensorFlow
+  leave in a worker, that took seconds. Every object that lives now is moved out of the
+  collector's reach first; the process ends right after."""
+  gc.freeze()
 
 
 def pytest_collection_modifyitems(items):
