@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Callable, Sequence
 
 import jax
@@ -44,7 +45,7 @@ def _param(rngs: nnx.Rngs, shape, mode, fan_in, fan_out, scale, cls=nnx.Param):
   """A variable initialised by EDM's rule; the rule is kept as `init_spec` metadata so that
   `init_variables` can re-draw a whole model in one small program (see models.init_denoiser_state)."""
   spec = ("zeros",) if scale == 0 else (mode, fan_in, fan_out, float(scale))
-  if scale == 0:
+  if scale == 0 or building_abstractly():
     value = jnp.zeros(shape, jnp.float32)
   else:
     key = rngs.params()
@@ -53,14 +54,33 @@ def _param(rngs: nnx.Rngs, shape, mode, fan_in, fan_out, scale, cls=nnx.Param):
   return cls(value, init_spec=spec)
 
 
+_ABSTRACT = threading.local()
+
+
+def building_abstractly() -> bool:
+  """Whether `abstract_builder` is tracing a construction in this thread. Initial values are then
+  never read, only their shapes, so the layers here skip drawing them. A draw advances the RNG
+  stream, and under a trace that update costs in proportion to everything traced before it (NNX
+  reads the new value's `sharding`; for a tracer, JAX's error for that describes its origin by
+  scanning the trace): building the paper's networks took 1 to 2 s, now a fifth of that."""
+  return getattr(_ABSTRACT, "depth", 0) > 0
+
+
+def _traced_abstractly(build, *args):
+  _ABSTRACT.depth = getattr(_ABSTRACT, "depth", 0) + 1
+  try:
+    return nnx.eval_shape(lambda: build(*args))
+  finally:
+    _ABSTRACT.depth -= 1
+
+
 def abstract_builder(build: Callable[..., nnx.Module], maxsize: int = 16
                      ) -> Callable[..., nnx.Module]:
   """`build(*args)` (hashable args) made abstract, its variables ShapeDtypeStructs (no memory
-  allocated). Tracing the construction (`nnx.eval_shape` runs every initializer: ~0.2 s for a
-  tiny network, seconds for the paper's and the Inception) happens once per args in a process;
-  each call returns a new module from it, whose variables are the caller's to set."""
-  parts = functools.lru_cache(maxsize)(
-      lambda *args: nnx.split(nnx.eval_shape(lambda: build(*args))))
+  allocated). Tracing the construction (`nnx.eval_shape`; this module's layers draw no initial
+  values then: `building_abstractly`) happens once per args in a process; each call returns a
+  new module from it, whose variables are the caller's to set."""
+  parts = functools.lru_cache(maxsize)(lambda *args: nnx.split(_traced_abstractly(build, *args)))
 
   def abstract(*args) -> nnx.Module:
     return nnx.merge(*parts(*args), copy=True)

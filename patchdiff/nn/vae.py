@@ -53,6 +53,8 @@ _EPS = 1e-6
 def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> nnx.Param:
   """PyTorch's default conv/linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); real use loads
   weights, so this only has to give a network whose activations stay of order one."""
+  if networks.building_abstractly():  # shapes only (see there)
+    return nnx.Param(jnp.zeros(shape, jnp.float32))
   bound = 1.0 / np.sqrt(fan_in)
   return nnx.Param(jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound))
 
