@@ -61,6 +61,29 @@ def test_parameter_counts_match_the_paper_configs():
   assert models.count_params(models.abstract_denoiser(adm)) == 279_631_108
 
 
+@pytest.mark.parametrize("cfg", [DDPMPP_TINY, ADM_TINY], ids=["ddpmpp", "adm"])
+def test_an_abstract_build_is_the_eager_build_without_its_values(cfg):
+  """The abstract build draws no initial values (`networks.building_abstractly`, for speed); the
+  rest is the eagerly built network's: the graph, and every variable's path, shape, dtype and
+  EDM init rule (which the trainer's init applies)."""
+  abstract = models.abstract_denoiser(cfg)
+  assert not networks.building_abstractly()
+  eager = models._build(models.resolve(cfg), nnx.Rngs(0))  # pylint: disable=protected-access
+  (a_graph, a_state), (e_graph, e_state) = nnx.split(abstract), nnx.split(eager)
+  assert a_graph == e_graph
+  described = lambda state: {  # noqa: E731
+      path: (type(v).__name__, v.get_value().shape, v.get_value().dtype,
+             v.get_metadata().get("init_spec"))
+      for path, v in nnx.to_flat_state(state)}
+  assert described(a_state) == described(e_state)
+  assert all(isinstance(v.get_value(), jax.ShapeDtypeStruct)
+             for _, v in nnx.to_flat_state(a_state))
+  # Eagerly, every variable with a random init rule is drawn (none left at zero).
+  drawn = [v for _, v in nnx.to_flat_state(e_state)
+           if v.get_metadata().get("init_spec", ("zeros",))[0] not in ("zeros", "ones")]
+  assert drawn and all(float(jnp.abs(v.get_value()).max()) > 0 for v in drawn)
+
+
 @pytest.mark.parametrize("txt,cfg", [
     ("ddpmpp_ffhq64_state_dict.txt", dict(arch="ddpmpp", img_resolution=64, img_channels=3,
                                           channel_mult=(1, 2, 2, 2))),
