@@ -156,12 +156,17 @@ FIXTURES = {"ddpmpp_tiny": DDPMPP_TINY, "adm_tiny_cond": ADM_TINY}
 gc.set_threshold(*entry_point.GC_THRESHOLDS)
 
 
+MIN_CACHED_COMPILE_SECS = 0.02
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
   """One persistent XLA cache for the session, shared by the xdist workers and the subprocesses
   the tests start: the end-to-end runs compile the same programs again and again (XLA on CPU
-  takes ~20 s each). An entry read while another process is still writing it fails to load with
-  a warning, and is compiled instead."""
+  takes seconds each). An entry read while another process is still writing it fails to load
+  with a warning, and is compiled instead. Programs that compile in under 20 ms are not kept
+  (thousands of eager operations, whose writing and reading would cost about what compiling
+  them does; every step, sampler and network program of the suite takes longer)."""
   import jax  # pylint: disable=import-outside-toplevel
   if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' temporary folders share a parent
     folder = tmp_path_factory.getbasetemp().parent / "jax_cache"
@@ -169,10 +174,11 @@ def compilation_cache(tmp_path_factory):
     path = str(folder)
   else:
     path = str(tmp_path_factory.mktemp("jax_cache"))
-  os.environ.update(JAX_COMPILATION_CACHE_DIR=path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=path,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(MIN_CACHED_COMPILE_SECS),
                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_CACHED_COMPILE_SECS)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
 
