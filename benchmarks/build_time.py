@@ -2,8 +2,9 @@
 
 1. Each network built abstractly (`models.abstract_denoiser`: shapes only, as the trainer, a
    checkpoint restore and the sampler build it), for the tiny test network and the paper's
-   FFHQ-64 DDPM++ and ImageNet-256 ADM; `--draw` makes the layers draw initial values anyway,
-   as they did before an abstract build skipped them (`networks.building_abstractly`).
+   FFHQ-64 DDPM++ and ImageNet-256 ADM, then the FID Inception; `--draw` makes the layers draw
+   initial values anyway, as they did before an abstract build skipped them
+   (`networks.building_abstractly`).
 2. The patch pipeline's tf.data graph (`pipeline.make_patch_dataset`, 64 images of 16 px),
    built `--pipelines` times; `--autograph` traces its map function through AutoGraph, as it
    was before `pipeline.as_written`.
@@ -40,7 +41,7 @@ def main():
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from patchdiff.data import pipeline  # pylint: disable=import-outside-toplevel
-  from patchdiff.nn import models, networks  # pylint: disable=import-outside-toplevel
+  from patchdiff.nn import inception, models, networks  # pylint: disable=import-outside-toplevel
   from patchdiff.patches import PatchSchedule  # pylint: disable=import-outside-toplevel
   jax.numpy.zeros(1).block_until_ready()  # the backend's start-up, outside the timings
   if args.draw:
@@ -52,6 +53,9 @@ def main():
     t = time.process_time()
     models.abstract_denoiser(cfg)
     print(f"abstract {name}: {time.process_time() - t:.2f} s")
+  t = time.process_time()
+  inception._abstract()  # pylint: disable=protected-access
+  print(f"abstract Inception: {time.process_time() - t:.2f} s")
 
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   if args.autograph:

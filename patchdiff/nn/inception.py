@@ -292,7 +292,8 @@ def _abstract(preprocessing: str = PYTORCH_FID) -> InceptionV3:
 
 
 _abstract_network = networks.abstract_builder(
-    lambda preprocessing: InceptionV3(preprocessing=preprocessing, rngs=nnx.Rngs(0)), maxsize=2)
+    lambda preprocessing: InceptionV3(preprocessing=preprocessing, rngs=networks.init_rngs(0)),
+    maxsize=2)
 
 
 def create(seed: int = 0, preprocessing: str = PYTORCH_FID) -> InceptionV3:

@@ -66,6 +66,24 @@ def building_abstractly() -> bool:
   return getattr(_ABSTRACT, "depth", 0) > 0
 
 
+class _OneKey:
+  """Stands in for `nnx.Rngs` where only `params()` is asked for (flax's layers draw their
+  initial values with it) and the values are never read: one key, no stream to advance."""
+
+  def __init__(self, seed: int):
+    self._key = jax.random.key(seed)
+
+  def params(self):
+    return self._key
+
+
+def init_rngs(seed: int = 0):
+  """`nnx.Rngs(seed)` for a network's construction; inside an abstract build, where initial
+  values are never read, a stand-in that hands flax's layers one key without advancing an RNG
+  stream (see `building_abstractly`)."""
+  return _OneKey(seed) if building_abstractly() else nnx.Rngs(seed)
+
+
 def _traced_abstractly(build, *args):
   _ABSTRACT.depth = getattr(_ABSTRACT, "depth", 0) + 1
   try:
