@@ -110,7 +110,8 @@ def abstract_denoiser(model_config: Mapping[str, Any]) -> edm.Denoiser:
   return _abstract_denoiser(tuple(sorted(resolve(model_config).items())))
 
 
-_abstract_denoiser = networks.abstract_builder(lambda config: _build(dict(config), nnx.Rngs(0)))
+_abstract_denoiser = networks.abstract_builder(
+    lambda config: _build(dict(config), networks.init_rngs(0)))
 
 
 def initializer(model_config: Mapping[str, Any], seed: int = 0):

@@ -59,10 +59,8 @@ _ABSTRACT = threading.local()
 
 def building_abstractly() -> bool:
   """Whether `abstract_builder` is tracing a construction in this thread. Initial values are then
-  never read, only their shapes, so the layers here skip drawing them. A draw advances the RNG
-  stream, and under a trace that update costs in proportion to everything traced before it (NNX
-  reads the new value's `sharding`; for a tracer, JAX's error for that describes its origin by
-  scanning the trace): building the paper's networks took 1 to 2 s, now a fifth of that."""
+  never read, only their shapes: the builds take their keys from `init_rngs`, and `_param` skips
+  its draws altogether."""
   return getattr(_ABSTRACT, "depth", 0) > 0
 
 
@@ -78,9 +76,12 @@ class _OneKey:
 
 
 def init_rngs(seed: int = 0):
-  """`nnx.Rngs(seed)` for a network's construction; inside an abstract build, where initial
-  values are never read, a stand-in that hands flax's layers one key without advancing an RNG
-  stream (see `building_abstractly`)."""
+  """`nnx.Rngs(seed)` for a network's construction; inside an abstract build a stand-in that
+  hands every layer one key. Advancing NNX's RNG stream under a trace costs in proportion to
+  everything traced before it (NNX reads the new count's `sharding`; for a tracer, JAX's error
+  for that describes its origin by scanning the trace), so an abstract build with a real stream
+  took time quadratic in its variable count: 1 to 2 s for the paper's networks and the
+  Inception."""
   return _OneKey(seed) if building_abstractly() else nnx.Rngs(seed)
 
 

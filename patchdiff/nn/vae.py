@@ -53,8 +53,6 @@ _EPS = 1e-6
 def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> nnx.Param:
   """PyTorch's default conv/linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); real use loads
   weights, so this only has to give a network whose activations stay of order one."""
-  if networks.building_abstractly():  # shapes only (see there)
-    return nnx.Param(jnp.zeros(shape, jnp.float32))
   bound = 1.0 / np.sqrt(fan_in)
   return nnx.Param(jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound))
 
@@ -417,7 +415,8 @@ def abstract_vae(config: Mapping[str, Any], dtype=jnp.float32) -> AutoencoderKL:
 
 
 _abstract_vae = networks.abstract_builder(
-    lambda config, dtype: AutoencoderKL(**dict(config), rngs=nnx.Rngs(0), dtype=dtype), maxsize=4)
+    lambda config, dtype: AutoencoderKL(**dict(config), rngs=networks.init_rngs(0), dtype=dtype),
+    maxsize=4)
 
 
 def create(config: Mapping[str, Any], seed: int = 0, dtype=jnp.float32) -> AutoencoderKL:
